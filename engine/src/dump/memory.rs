@@ -1,0 +1,377 @@
+//! Dumping memory: classify the target's VMAs, then save the contents of the
+//! pages that restore cannot get elsewhere. Anonymous memory (private or
+//! shared): present or swapped pages. Private file mappings: only pages that
+//! were written (anonymous copies, pagemap bit 61 clear). Shared file
+//! mappings and the vDSO areas: nothing (the file has the data). Pages that
+//! are all zero are never stored. Pages are read with large
+//! `process_vm_readv` calls into a fixed buffer and streamed to the pages
+//! file, so the dumper's memory does not grow with the target's.
+use super::DumpError;
+use crate::files::regular::file_id;
+use crate::image::PagesWriter;
+
+/// Where dumped pages go: the image's pages file, or the network during a
+/// live migration.
+pub trait PageSink {
+    /// `data` holds whole pages starting at `vaddr`, none of them all-zero.
+    fn add_run(&mut self, vaddr: u64, data: &[u8]) -> Result<(), DumpError>;
+    /// `nr_pages` pages at `vaddr` are zero now (only reported for pages
+    /// that were written since an earlier copy: a full dump never calls it).
+    fn zero_run(&mut self, _vaddr: u64, _nr_pages: u64) -> Result<(), DumpError> {
+        Ok(())
+    }
+    /// A VMA boundary: the next run must not be merged with this one.
+    fn end_run(&mut self) {}
+}
+
+impl PageSink for PagesWriter {
+    fn add_run(&mut self, vaddr: u64, data: &[u8]) -> Result<(), DumpError> {
+        PagesWriter::add_run(self, vaddr, data).map_err(DumpError::from)
+    }
+
+    fn end_run(&mut self) {
+        PagesWriter::end_run(self)
+    }
+}
+use crate::procfs::MapEntry;
+use crate::ptrace;
+use crm_proto::image::{Vma, VmaKind};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+pub const PAGE: u64 = 4096;
+/// Bytes read from the target per batch.
+const BATCH: usize = 8 << 20;
+/// Pagemap entries read per call.
+const PAGEMAP_BATCH: usize = 64 * 1024;
+
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAPPED: u64 = 1 << 62;
+const PM_FILE_OR_SHARED: u64 = 1 << 61;
+
+/// Turns `smaps` entries into image VMAs; refuses mappings that cannot be
+/// restored yet (deleted files, SysV shm, memfd, device mappings).
+pub fn classify(pid: i32, maps: &[MapEntry]) -> Result<Vec<Vma>, DumpError> {
+    let mut out = Vec::with_capacity(maps.len());
+    for m in maps {
+        let unsupported = |what: &str| DumpError::UnsupportedVma {
+            pid,
+            start: m.start,
+            end: m.end,
+            name: m.name.clone(),
+            what: what.to_string(),
+        };
+        let mut file = None;
+        let kind = match m.name.as_str() {
+            "[vdso]" => VmaKind::Vdso,
+            "[vvar]" => VmaKind::Vvar,
+            "[vvar_vclock]" => VmaKind::VvarVclock,
+            "[vsyscall]" => VmaKind::Vsyscall,
+            "[heap]" => VmaKind::Heap,
+            "[stack]" => VmaKind::Stack,
+            "" => VmaKind::Anon,
+            "/dev/zero (deleted)" if m.shared => VmaKind::Anon,
+            n if n.starts_with("[anon:") || n.starts_with("[anon_shmem:") => VmaKind::Anon,
+            n if n.starts_with("/SYSV") => return Err(unsupported("a SysV shared memory segment")),
+            n if n.starts_with("/memfd:") => return Err(unsupported("a memfd mapping")),
+            n if n.ends_with(" (deleted)") => {
+                return Err(unsupported("a mapping of a deleted file"))
+            }
+            n if n.starts_with('/') => {
+                let link = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+                let meta = std::fs::metadata(&link).map_err(|e| DumpError::Io {
+                    pid,
+                    what: format!("stat {link}"),
+                    source: e,
+                })?;
+                if !meta.is_file() {
+                    return Err(unsupported("a mapping of a device or special file"));
+                }
+                file = Some(file_id(n, &meta));
+                VmaKind::File
+            }
+            _ => return Err(unsupported("a special mapping")),
+        };
+        out.push(Vma {
+            start: m.start,
+            end: m.end,
+            prot: m.prot(),
+            shared: m.shared,
+            kind: kind as i32,
+            file,
+            pgoff: m.offset,
+            vm_flags: m.vm_flags.join(" "),
+        });
+    }
+    Ok(out)
+}
+
+/// What to save of a VMA, given a pagemap entry.
+fn wanted(vma: &Vma, entry: u64) -> bool {
+    match vma.kind() {
+        VmaKind::Anon | VmaKind::Heap | VmaKind::Stack => {
+            vma.shared || entry & (PM_PRESENT | PM_SWAPPED) != 0
+        }
+        VmaKind::File if !vma.shared => {
+            entry & PM_SWAPPED != 0 || (entry & PM_PRESENT != 0 && entry & PM_FILE_OR_SHARED == 0)
+        }
+        _ => false,
+    }
+}
+
+fn saves_anything(vma: &Vma) -> bool {
+    matches!(vma.kind(), VmaKind::Anon | VmaKind::Heap | VmaKind::Stack)
+        || (vma.kind() == VmaKind::File && !vma.shared)
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MemStats {
+    pub pages_scanned: u64,
+    pub pages_written: u64,
+    pub zero_pages: u64,
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    let head = u64::from_ne_bytes(page[..8].try_into().expect("page is 4096 bytes"));
+    head == 0
+        && page.chunks_exact(8).fold(0u64, |acc, w| {
+            acc | u64::from_ne_bytes(w.try_into().expect("8 bytes"))
+        }) == 0
+}
+
+/// Writes the contents of the pages worth saving of every VMA.
+pub fn dump_pages(
+    pid: i32,
+    vmas: &[Vma],
+    writer: &mut dyn PageSink,
+) -> Result<MemStats, DumpError> {
+    let io_err = |what: String| move |source| DumpError::Io { pid, what, source };
+    let pagemap = File::open(format!("/proc/{pid}/pagemap"))
+        .map_err(io_err(format!("open /proc/{pid}/pagemap")))?;
+    let mem =
+        File::open(format!("/proc/{pid}/mem")).map_err(io_err(format!("open /proc/{pid}/mem")))?;
+    let mut stats = MemStats::default();
+    let mut pm_buf = vec![0u8; PAGEMAP_BATCH * 8];
+    let mut data = vec![0u8; BATCH];
+    for vma in vmas.iter().filter(|v| saves_anything(v)) {
+        let readable = vma.prot & libc::PROT_READ as u32 != 0;
+        let mut addr = vma.start;
+        while addr < vma.end {
+            let n = (((vma.end - addr) / PAGE) as usize).min(PAGEMAP_BATCH);
+            let buf = &mut pm_buf[..n * 8];
+            pagemap
+                .read_exact_at(buf, addr / PAGE * 8)
+                .map_err(io_err(format!("read /proc/{pid}/pagemap at {addr:#x}")))?;
+            // Runs of wanted pages, read in batches of at most BATCH bytes.
+            let mut i = 0;
+            while i < n {
+                let entry = |k: usize| {
+                    u64::from_ne_bytes(buf[k * 8..k * 8 + 8].try_into().expect("8 bytes"))
+                };
+                if !wanted(vma, entry(i)) {
+                    i += 1;
+                    continue;
+                }
+                let first = i;
+                while i < n && wanted(vma, entry(i)) && (i - first + 1) * PAGE as usize <= BATCH {
+                    i += 1;
+                }
+                let run_addr = addr + first as u64 * PAGE;
+                let len = (i - first) * PAGE as usize;
+                let chunk = &mut data[..len];
+                if readable {
+                    read_fully(pid, run_addr, chunk)?;
+                } else {
+                    mem.read_exact_at(chunk, run_addr)
+                        .map_err(io_err(format!("read /proc/{pid}/mem at {run_addr:#x}")))?;
+                }
+                stats.pages_scanned += (i - first) as u64;
+                write_nonzero(writer, run_addr, chunk, &mut stats, false)?;
+            }
+            addr += n as u64 * PAGE;
+        }
+        writer.end_run();
+    }
+    Ok(stats)
+}
+
+/// Copies the pages of `ranges` (page-aligned, sorted, e.g. written since
+/// the last round) that lie inside VMAs worth saving. Pages that read as
+/// zero are reported with [`PageSink::zero_run`] so that a receiver holding an
+/// older copy drops it.
+pub fn dump_ranges(
+    pid: i32,
+    vmas: &[Vma],
+    ranges: &[(u64, u64)],
+    sink: &mut dyn PageSink,
+) -> Result<MemStats, DumpError> {
+    let mem = File::open(format!("/proc/{pid}/mem")).map_err(|source| DumpError::Io {
+        pid,
+        what: format!("open /proc/{pid}/mem"),
+        source,
+    })?;
+    let mut stats = MemStats::default();
+    let mut data = vec![0u8; BATCH];
+    for vma in vmas.iter().filter(|v| saves_anything(v)) {
+        let readable = vma.prot & libc::PROT_READ as u32 != 0;
+        for &(start, end) in ranges {
+            let (mut from, to) = (start.max(vma.start), end.min(vma.end));
+            while from < to {
+                let len = ((to - from) as usize).min(BATCH);
+                let chunk = &mut data[..len];
+                if readable {
+                    read_fully(pid, from, chunk)?;
+                } else {
+                    mem.read_exact_at(chunk, from)
+                        .map_err(|source| DumpError::Io {
+                            pid,
+                            what: format!("read /proc/{pid}/mem at {from:#x}"),
+                            source,
+                        })?;
+                }
+                stats.pages_scanned += (len as u64) / PAGE;
+                write_nonzero(sink, from, chunk, &mut stats, true)?;
+                from += len as u64;
+            }
+        }
+        sink.end_run();
+    }
+    Ok(stats)
+}
+
+/// Ranges of pages of `vmas` whose contents live in memory now (present or
+/// swapped; for private file mappings only the written copies). A receiver
+/// keeps only these: pages dropped since an earlier copy (`MADV_DONTNEED`,
+/// `munmap`) read as zero or come from the file again.
+pub fn resident_ranges(pid: i32, vmas: &[Vma]) -> Result<Vec<(u64, u64)>, DumpError> {
+    let pagemap = File::open(format!("/proc/{pid}/pagemap")).map_err(|source| DumpError::Io {
+        pid,
+        what: format!("open /proc/{pid}/pagemap"),
+        source,
+    })?;
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut buf = vec![0u8; PAGEMAP_BATCH * 8];
+    for vma in vmas.iter().filter(|v| saves_anything(v)) {
+        let mut addr = vma.start;
+        while addr < vma.end {
+            let n = (((vma.end - addr) / PAGE) as usize).min(PAGEMAP_BATCH);
+            let b = &mut buf[..n * 8];
+            pagemap
+                .read_exact_at(b, addr / PAGE * 8)
+                .map_err(|source| DumpError::Io {
+                    pid,
+                    what: format!("read /proc/{pid}/pagemap at {addr:#x}"),
+                    source,
+                })?;
+            for i in 0..n {
+                let e = u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+                let wanted_here = match vma.kind() {
+                    // Shared anonymous memory has no present bit for swapped
+                    // shmem pages: keep the whole VMA.
+                    _ if vma.shared => true,
+                    _ => wanted(vma, e),
+                };
+                if wanted_here {
+                    let p = addr + i as u64 * PAGE;
+                    match out.last_mut() {
+                        Some(last) if last.1 == p => last.1 = p + PAGE,
+                        _ => out.push((p, p + PAGE)),
+                    }
+                }
+            }
+            addr += n as u64 * PAGE;
+        }
+    }
+    Ok(out)
+}
+
+fn read_fully(pid: i32, addr: u64, buf: &mut [u8]) -> Result<(), DumpError> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = ptrace::read_mem(pid, addr + done as u64, &mut buf[done..]).map_err(|source| {
+            DumpError::Io {
+                pid,
+                what: format!("process_vm_readv at {:#x}", addr + done as u64),
+                source,
+            }
+        })?;
+        if n == 0 {
+            return Err(DumpError::Io {
+                pid,
+                what: format!("process_vm_readv at {:#x}", addr + done as u64),
+                source: std::io::Error::from_raw_os_error(libc::EFAULT),
+            });
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// Splits `chunk` into runs of non-zero pages and appends them.
+fn write_nonzero(
+    writer: &mut dyn PageSink,
+    addr: u64,
+    chunk: &[u8],
+    stats: &mut MemStats,
+    report_zero: bool,
+) -> Result<(), DumpError> {
+    let pages = chunk.len() / PAGE as usize;
+    let mut p = 0;
+    while p < pages {
+        let page = |k: usize| &chunk[k * PAGE as usize..(k + 1) * PAGE as usize];
+        if is_zero(page(p)) {
+            let first = p;
+            while p < pages && is_zero(page(p)) {
+                p += 1;
+            }
+            stats.zero_pages += (p - first) as u64;
+            if report_zero {
+                writer.zero_run(addr + first as u64 * PAGE, (p - first) as u64)?;
+            }
+            continue;
+        }
+        let first = p;
+        while p < pages && !is_zero(page(p)) {
+            p += 1;
+        }
+        writer.add_run(
+            addr + first as u64 * PAGE,
+            &chunk[first * PAGE as usize..p * PAGE as usize],
+        )?;
+        stats.pages_written += (p - first) as u64;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection() {
+        let mut page = vec![0u8; 4096];
+        assert!(is_zero(&page));
+        page[4095] = 1;
+        assert!(!is_zero(&page));
+        page[4095] = 0;
+        page[0] = 1;
+        assert!(!is_zero(&page));
+    }
+
+    #[test]
+    fn private_file_pages_saved_only_when_written() {
+        let vma = Vma {
+            kind: VmaKind::File as i32,
+            ..Default::default()
+        };
+        assert!(!wanted(&vma, PM_PRESENT | PM_FILE_OR_SHARED));
+        assert!(wanted(&vma, PM_PRESENT));
+        assert!(wanted(&vma, PM_SWAPPED));
+        assert!(!wanted(&vma, 0));
+        let shared = Vma {
+            shared: true,
+            ..vma
+        };
+        assert!(!wanted(&shared, PM_PRESENT));
+    }
+}

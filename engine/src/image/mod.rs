@@ -1,0 +1,172 @@
+//! Image directory reading and writing.
+//!
+//! An image directory holds one `inventory.img` and, per task, `core-PID.img`
+//! (`TaskCore`), `mm-PID.img` (`MmCore`), `files-PID.img` (`FilesCore`),
+//! `pages-PID.img` (raw pages) and `pagemap-PID.img` (the `PageRun`s indexing
+//! the pages file). The messages are the prost types of `crm_proto::image`.
+//!
+//! Every `.img` file but the pages file is a record file ([`framing`]): magic,
+//! format version ([`crm_proto::IMAGE_FORMAT_VERSION`], independent of the
+//! tool version), file kind, then length-prefixed, CRC32-checked records; the
+//! pages file ([`pages`]) has a 4 KiB header and CRC32s per run in the
+//! pagemap. Readers trust nothing: lengths and counts are capped before
+//! anything is allocated, checksums are checked before decoding, and every
+//! failure is a typed [`ImageError`] naming the file, never a panic.
+//!
+//! Each file is written atomically (`NAME.tmp`, fsync, rename, fsync of the
+//! directory). [`ImageDir::open`] requires `inventory.img`, so a dump should
+//! write the inventory last: a dump that failed half-way then leaves no
+//! image that opens.
+
+mod bounds;
+mod error;
+pub mod framing;
+pub mod pages;
+pub mod store;
+
+#[cfg(test)]
+mod tests;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crm_proto::image::{FilesCore, Inventory, MmCore, TaskCore};
+use crm_proto::IMAGE_FORMAT_VERSION;
+
+pub use error::{ImageError, ImageErrorKind};
+use framing::FileKind;
+pub use pages::{PagesReader, PagesWriter, PAGE_SIZE};
+
+/// Name of the inventory file.
+pub const INVENTORY_FILE: &str = "inventory.img";
+
+/// An image directory. Holds only its path; every call opens the files it needs.
+#[derive(Clone, Debug)]
+pub struct ImageDir {
+    path: PathBuf,
+}
+
+impl ImageDir {
+    /// Creates the directory (and its parents) if missing. Refuses
+    /// ([`ImageErrorKind::AlreadyExists`]) if it already holds an `inventory.img`.
+    pub fn create(path: &Path) -> Result<ImageDir, ImageError> {
+        fs::create_dir_all(path).map_err(|e| ImageError::io(path, "create directory", e))?;
+        let inventory = path.join(INVENTORY_FILE);
+        match fs::symlink_metadata(&inventory) {
+            Ok(_) => Err(ImageError::new(inventory, ImageErrorKind::AlreadyExists)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ImageDir {
+                path: path.to_owned(),
+            }),
+            Err(e) => Err(ImageError::io(&inventory, "stat", e)),
+        }
+    }
+
+    /// Opens an existing image: reads and checks `inventory.img` (magic, versions, page size).
+    pub fn open(path: &Path) -> Result<ImageDir, ImageError> {
+        let dir = ImageDir {
+            path: path.to_owned(),
+        };
+        dir.read_inventory()?;
+        Ok(dir)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `inventory.img`, with `format_version` set to
+    /// [`IMAGE_FORMAT_VERSION`] whatever `inv` holds.
+    pub fn write_inventory(&self, inv: &Inventory) -> Result<(), ImageError> {
+        let inv = Inventory {
+            format_version: IMAGE_FORMAT_VERSION,
+            ..inv.clone()
+        };
+        framing::write_single(&self.inventory_path(), FileKind::Inventory, &inv)
+    }
+
+    /// Reads `inventory.img`, checking its `format_version` and `page_size`
+    /// (0 or [`PAGE_SIZE`]) besides the file header.
+    pub fn read_inventory(&self) -> Result<Inventory, ImageError> {
+        let path = self.inventory_path();
+        let inv: Inventory = framing::read_single(&path, FileKind::Inventory)?;
+        if inv.format_version != IMAGE_FORMAT_VERSION {
+            return Err(ImageError::new(
+                path,
+                ImageErrorKind::UnsupportedVersion {
+                    found: inv.format_version,
+                    supported: IMAGE_FORMAT_VERSION,
+                },
+            ));
+        }
+        if inv.page_size != 0 && u64::from(inv.page_size) != PAGE_SIZE {
+            return Err(ImageError::invalid(
+                &path,
+                format!(
+                    "page size {} (only {PAGE_SIZE} is supported)",
+                    inv.page_size
+                ),
+            ));
+        }
+        Ok(inv)
+    }
+
+    /// Writes `core-PID.img`.
+    pub fn write_core(&self, pid: i32, core: &TaskCore) -> Result<(), ImageError> {
+        framing::write_single(&self.task_file("core", pid)?, FileKind::Core, core)
+    }
+
+    /// Reads `core-PID.img`.
+    pub fn read_core(&self, pid: i32) -> Result<TaskCore, ImageError> {
+        framing::read_single(&self.task_file("core", pid)?, FileKind::Core)
+    }
+
+    /// Writes `mm-PID.img`.
+    pub fn write_mm(&self, pid: i32, mm: &MmCore) -> Result<(), ImageError> {
+        framing::write_single(&self.task_file("mm", pid)?, FileKind::Mm, mm)
+    }
+
+    /// Reads `mm-PID.img`.
+    pub fn read_mm(&self, pid: i32) -> Result<MmCore, ImageError> {
+        framing::read_single(&self.task_file("mm", pid)?, FileKind::Mm)
+    }
+
+    /// Writes `files-PID.img`.
+    pub fn write_files(&self, pid: i32, f: &FilesCore) -> Result<(), ImageError> {
+        framing::write_single(&self.task_file("files", pid)?, FileKind::Files, f)
+    }
+
+    /// Reads `files-PID.img`.
+    pub fn read_files(&self, pid: i32) -> Result<FilesCore, ImageError> {
+        framing::read_single(&self.task_file("files", pid)?, FileKind::Files)
+    }
+
+    /// Starts writing `pages-PID.img`; [`PagesWriter::finish`] adds `pagemap-PID.img`.
+    pub fn pages_writer(&self, pid: i32) -> Result<PagesWriter, ImageError> {
+        PagesWriter::create(
+            &self.task_file("pages", pid)?,
+            &self.task_file("pagemap", pid)?,
+        )
+    }
+
+    /// Opens `pages-PID.img` through its validated `pagemap-PID.img`.
+    pub fn pages_reader(&self, pid: i32) -> Result<PagesReader, ImageError> {
+        PagesReader::open(
+            &self.task_file("pages", pid)?,
+            &self.task_file("pagemap", pid)?,
+        )
+    }
+
+    fn inventory_path(&self) -> PathBuf {
+        self.path.join(INVENTORY_FILE)
+    }
+
+    /// `PREFIX-PID.img` in the directory; a PID below 1 is refused.
+    pub(crate) fn task_file(&self, prefix: &str, pid: i32) -> Result<PathBuf, ImageError> {
+        let path = self.path.join(format!("{prefix}-{pid}.img"));
+        if pid < 1 {
+            return Err(ImageError::invalid(&path, format!("invalid pid {pid}")));
+        }
+        Ok(path)
+    }
+}

@@ -1,0 +1,26 @@
+//! crm-engine: checkpoint and restore of Linux process trees on this machine.
+//!
+//! The engine knows nothing about networks. [`dump`] freezes a process with
+//! ptrace, collects its state from `/proc`, ptrace and remote syscalls, and
+//! writes an image directory; [`restore`] recreates the process from an image
+//! with `clone3(set_tid)` and the position-independent restorer blob
+//! (`engine/restorer/`).
+//!
+//! Where things live: `freeze` (seize/stop/resume), `ptrace` and `sys` (raw
+//! syscall wrappers), `remote` (syscalls injected into a stopped thread),
+//! `dump::memory` (VMAs and pages), `dump::task` (registers, signals, creds),
+//! `files` (one module per fd kind), `image` (the on-disk format),
+//! `restore::plan` / `child` / `tracer` (the three stages of a restore).
+
+pub mod dirty;
+pub mod dump;
+pub mod features;
+pub mod files;
+pub mod freeze;
+pub mod image;
+pub mod precopy;
+pub mod procfs;
+pub mod ptrace;
+pub mod remote;
+pub mod restore;
+pub mod sys;

@@ -1,0 +1,248 @@
+//! The restoring child: a copy of the restoring process created with the
+//! task's PID by `clone3(set_tid)`. It executes a [`Plan`]: session, premapped
+//! VMAs filled from the pages file, the blob and its argument block, root and
+//! cwd, file descriptors at their numbers; then it jumps into the blob, which
+//! never returns. Errors before the jump are written to the error pipe and
+//! end the child; the tracer reports them.
+use super::abi::*;
+use super::blob;
+use super::plan::{Plan, SessionAction};
+use crate::files::regular;
+use crate::image::PagesReader;
+use crate::sys;
+use crm_proto::image::PageRun;
+use std::io::Write;
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
+
+/// Runs in the child. Never returns.
+pub fn run(plan: &Plan, pages: &PagesReader, runs: &[PageRun], go: OwnedFd, err: OwnedFd) -> ! {
+    let mut byte = [0u8; 1];
+    loop {
+        // SAFETY: reading one byte into a local buffer.
+        let r = unsafe { libc::read(go.as_raw_fd(), byte.as_mut_ptr() as *mut libc::c_void, 1) };
+        if r >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            break;
+        }
+    }
+    drop(go);
+    let err_fd = err.into_raw_fd();
+    let e = match prepare(plan, pages, runs, err_fd) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    };
+    // SAFETY: err_fd is the (possibly moved) error pipe, still open.
+    let mut f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(e.1) };
+    let _ = f.write_all(e.0.as_bytes());
+    sys::exit_now(1)
+}
+
+type ChildErr = (String, RawFd);
+
+fn prepare(
+    plan: &Plan,
+    pages: &PagesReader,
+    runs: &[PageRun],
+    mut err_fd: RawFd,
+) -> Result<std::convert::Infallible, ChildErr> {
+    let fail = |what: String, fd: RawFd| (what, fd);
+    // Nothing may interrupt the restore; the tracer sets the real masks.
+    let full = nix::sys::signal::SigSet::all();
+    nix::sys::signal::sigprocmask(nix::sys::signal::SigmaskHow::SIG_SETMASK, Some(&full), None)
+        .map_err(|e| fail(format!("block signals: {e}"), err_fd))?;
+
+    match plan.session {
+        SessionAction::NewSession => {
+            nix::unistd::setsid().map_err(|e| fail(format!("setsid: {e}"), err_fd))?;
+        }
+        SessionAction::NewGroup => {
+            nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0))
+                .map_err(|e| fail(format!("setpgid: {e}"), err_fd))?;
+        }
+        SessionAction::Inherit => {}
+    }
+
+    for p in &plan.premaps {
+        let fd = match &p.file {
+            Some((path, mode, _)) => {
+                // SAFETY: `path` is a NUL-terminated string.
+                let fd = unsafe { libc::open(path.as_ptr(), mode | libc::O_CLOEXEC) };
+                if fd < 0 {
+                    return Err(fail(
+                        format!(
+                            "open {} to map it at {:#x}: {}",
+                            path.to_string_lossy(),
+                            p.target,
+                            std::io::Error::last_os_error()
+                        ),
+                        err_fd,
+                    ));
+                }
+                fd
+            }
+            None => -1,
+        };
+        let off = p.file.as_ref().map_or(0, |f| f.2);
+        let mapped = sys::mmap_fixed(p.at, p.len, p.fill_prot, p.flags, fd, off);
+        if fd >= 0 {
+            // SAFETY: closing the descriptor opened above; the mapping keeps the file.
+            unsafe { libc::close(fd) };
+        }
+        mapped.map_err(|e| {
+            fail(
+                format!("premap the VMA of {:#x} ({} bytes): {e}", p.target, p.len),
+                err_fd,
+            )
+        })?;
+        for r in &runs[p.runs.clone()] {
+            let off = r.vaddr - p.target;
+            // SAFETY: the run lies inside this premapped VMA (checked by the
+            // plan), which is mapped writable while it is filled and is not
+            // referenced by anything else.
+            let dst = unsafe { sys::mapped_slice(p.at + off, r.nr_pages * crate::dump::PAGE) };
+            pages
+                .read_run_into(r, dst)
+                .map_err(|e| fail(format!("read pages of {:#x}: {e}", r.vaddr), err_fd))?;
+        }
+        if p.fill_prot != p.prot {
+            sys::mprotect(p.at, p.len, p.prot)
+                .map_err(|e| fail(format!("mprotect the VMA of {:#x}: {e}", p.target), err_fd))?;
+        }
+        for &adv in &p.advice {
+            sys::madvise(p.at, p.len, adv).map_err(|e| {
+                fail(
+                    format!("madvise({adv}) the VMA of {:#x}: {e}", p.target),
+                    err_fd,
+                )
+            })?;
+        }
+    }
+
+    blob::load(plan.blob_at).map_err(|e| {
+        fail(
+            format!("load the restorer at {:#x}: {e}", plan.blob_at),
+            err_fd,
+        )
+    })?;
+    sys::mmap_fixed_anon(
+        plan.args_at,
+        plan.args_len,
+        libc::PROT_READ | libc::PROT_WRITE,
+        0,
+    )
+    .map_err(|e| {
+        fail(
+            format!("map the restorer arguments at {:#x}: {e}", plan.args_at),
+            err_fd,
+        )
+    })?;
+    // SAFETY: the args area was just mapped read-write with `args_len` bytes;
+    // the plan's offsets keep every array inside it, and nothing else
+    // references this memory.
+    let args = unsafe {
+        let base = plan.args_at as *mut u8;
+        std::ptr::write(base as *mut RestoreArgs, plan.args);
+        std::ptr::copy_nonoverlapping(
+            plan.unmap.as_ptr(),
+            base.add(plan.unmap_off as usize) as *mut Range,
+            plan.unmap.len(),
+        );
+        std::ptr::copy_nonoverlapping(
+            plan.moves.as_ptr(),
+            base.add(plan.moves_off as usize) as *mut VmaMove,
+            plan.moves.len(),
+        );
+        std::ptr::copy_nonoverlapping(
+            plan.threads.as_ptr(),
+            base.add(plan.threads_off as usize) as *mut ThreadArgs,
+            plan.threads.len(),
+        );
+        std::ptr::copy_nonoverlapping(
+            plan.siginfos.as_ptr(),
+            base.add(plan.siginfo_off as usize),
+            plan.siginfos.len(),
+        );
+        &mut *(base as *mut RestoreArgs)
+    };
+
+    if let Some(root) = &plan.root {
+        nix::unistd::chroot(root.as_c_str())
+            .map_err(|e| fail(format!("chroot {}: {e}", root.to_string_lossy()), err_fd))?;
+    }
+    nix::unistd::chdir(plan.cwd.as_c_str())
+        .map_err(|e| fail(format!("chdir {}: {e}", plan.cwd.to_string_lossy()), err_fd))?;
+
+    // SAFETY: `exe` is NUL-terminated.
+    let exe_fd = unsafe { libc::open(plan.exe.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if exe_fd < 0 {
+        return Err(fail(
+            format!(
+                "open the executable {}: {}",
+                plan.exe.to_string_lossy(),
+                std::io::Error::last_os_error()
+            ),
+            err_fd,
+        ));
+    }
+    // Our own descriptors move above the image's; the blob closes them.
+    let high = |fd: RawFd| -> std::io::Result<RawFd> {
+        // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own.
+        let n = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, plan.close_from) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(n)
+    };
+    let new_err = high(err_fd).map_err(|e| fail(format!("move the error pipe: {e}"), err_fd))?;
+    err_fd = new_err;
+    let new_exe = high(exe_fd).map_err(|e| fail(format!("move the executable fd: {e}"), err_fd))?;
+    args.mm_map.exe_fd = new_exe as u32;
+    // SAFETY: closes every descriptor below close_from: the image's numbers
+    // are reopened next; our own ones were moved above.
+    unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            0u32,
+            (plan.close_from - 1) as u32,
+            0u32,
+        )
+    };
+
+    for (fd, reg) in &plan.fds {
+        let opened = regular::restore(*fd, reg).map_err(|e| fail(e.to_string(), err_fd))?;
+        let raw = opened.into_raw_fd();
+        let cloexec = reg.flags & libc::O_CLOEXEC as u32 != 0;
+        if raw != *fd {
+            // SAFETY: dup3 onto the image's number (free: everything below
+            // close_from was closed and numbers are restored in order), then
+            // close the temporary.
+            let r = unsafe { libc::dup3(raw, *fd, if cloexec { libc::O_CLOEXEC } else { 0 }) };
+            // SAFETY: closing the temporary descriptor we own.
+            unsafe { libc::close(raw) };
+            if r < 0 {
+                return Err(fail(
+                    format!("dup3 to fd {fd}: {}", std::io::Error::last_os_error()),
+                    err_fd,
+                ));
+            }
+        } else if !cloexec {
+            // SAFETY: clearing FD_CLOEXEC on our descriptor.
+            unsafe { libc::fcntl(raw, libc::F_SETFD, 0) };
+        }
+    }
+
+    let stack = plan.threads[0].stack_top;
+    let entry = plan.blob_at + blob::entry();
+    // SAFETY: the blob is loaded and relocated at blob_at, its argument block
+    // and stack are mapped; it never returns, and nothing of this process's
+    // Rust state is used again.
+    unsafe {
+        std::arch::asm!(
+            "mov rsp, {stack}",
+            "jmp {entry}",
+            stack = in(reg) stack,
+            entry = in(reg) entry,
+            in("rdi") plan.args_at,
+            options(noreturn),
+        )
+    }
+}

@@ -1,0 +1,130 @@
+//! `cr-migrate show`: print an image directory in a readable form.
+use anyhow::Context;
+use crm_engine::image::ImageDir;
+use crm_proto::image::VmaKind;
+use std::path::Path;
+
+fn prot(p: u32) -> String {
+    let f = |bit: i32, c: char| if p & bit as u32 != 0 { c } else { '-' };
+    [
+        f(libc::PROT_READ, 'r'),
+        f(libc::PROT_WRITE, 'w'),
+        f(libc::PROT_EXEC, 'x'),
+    ]
+    .iter()
+    .collect()
+}
+
+pub fn run(dir: &Path, show_pages: bool) -> anyhow::Result<i32> {
+    let image = ImageDir::open(dir).with_context(|| format!("opening image {}", dir.display()))?;
+    let inv = image.read_inventory()?;
+    println!(
+        "image {} (format {}, cr-migrate {}, kernel {}, xfeatures {:#x}{})",
+        dir.display(),
+        inv.format_version,
+        inv.tool_version,
+        inv.kernel_release,
+        inv.xfeatures,
+        if inv.shell_job { ", shell job" } else { "" }
+    );
+    for &pid in &inv.pids {
+        let core = image.read_core(pid)?;
+        let mm = image.read_mm(pid)?;
+        let files = image.read_files(pid)?;
+        let pages = image.pages_reader(pid)?;
+        println!(
+            "\nprocess {pid} '{}' ppid {} pgid {} sid {} cwd {} umask {:03o}",
+            core.comm, core.ppid, core.pgid, core.sid, core.cwd, core.umask
+        );
+        if let Some(c) = &core.creds {
+            println!(
+                "  uids {:?} gids {:?} groups {:?} cap_eff {:#x}",
+                c.uids, c.gids, c.groups, c.cap_eff
+            );
+        }
+        println!("  threads:");
+        for t in &core.threads {
+            let r = t.regs.unwrap_or_default();
+            println!(
+                "    {} '{}' rip {:#x} rsp {:#x} fs_base {:#x} blocked {:#x} rseq {:#x} xsave {} bytes, {} pending",
+                t.tid,
+                t.comm,
+                r.rip,
+                r.rsp,
+                r.fs_base,
+                t.blocked_mask,
+                t.rseq.map_or(0, |r| r.abi_pointer),
+                t.xsave.len(),
+                t.pending.len()
+            );
+        }
+        let handled: Vec<String> = core
+            .sigactions
+            .iter()
+            .filter(|a| a.handler > 1)
+            .map(|a| a.signo.to_string())
+            .collect();
+        println!("  signal handlers for: {}", handled.join(" "));
+        for t in core.itimers.iter().filter(|t| t.value_us > 0) {
+            println!(
+                "  itimer {}: {} us left, interval {} us",
+                t.which, t.value_us, t.interval_us
+            );
+        }
+        println!(
+            "  mm: code {:#x}-{:#x} brk {:#x}-{:#x} stack {:#x} exe {}",
+            mm.start_code,
+            mm.end_code,
+            mm.start_brk,
+            mm.brk,
+            mm.start_stack,
+            mm.exe.as_ref().map_or("?", |f| f.path.as_str())
+        );
+        println!("  VMAs:");
+        for v in &mm.vmas {
+            let kind = v.kind();
+            let name = match kind {
+                VmaKind::File => v.file.as_ref().map_or("?".into(), |f| f.path.clone()),
+                other => format!("{other:?}").to_lowercase(),
+            };
+            println!(
+                "    {:012x}-{:012x} {}{} {:>8} KiB {}",
+                v.start,
+                v.end,
+                prot(v.prot),
+                if v.shared { 's' } else { 'p' },
+                (v.end - v.start) / 1024,
+                name
+            );
+        }
+        println!("  files:");
+        for f in &files.fds {
+            match &f.kind {
+                Some(crm_proto::image::fd_entry::Kind::Regular(r)) => println!(
+                    "    fd {} {} flags {:#o} pos {}{}",
+                    f.fd,
+                    r.file.as_ref().map_or("?", |f| f.path.as_str()),
+                    r.flags,
+                    r.pos,
+                    if f.cloexec { " cloexec" } else { "" }
+                ),
+                None => println!("    fd {} (unknown kind)", f.fd),
+            }
+        }
+        println!(
+            "  pages: {} in {} runs ({:.1} MiB)",
+            pages.total_pages(),
+            pages.runs().len(),
+            pages.total_pages() as f64 * 4096.0 / (1 << 20) as f64
+        );
+        if show_pages {
+            for r in pages.runs() {
+                println!(
+                    "    {:012x} {:>6} pages at page {}",
+                    r.vaddr, r.nr_pages, r.page_index
+                );
+            }
+        }
+    }
+    Ok(0)
+}

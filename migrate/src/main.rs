@@ -1,0 +1,245 @@
+//! `cr-migrate`: checkpoint, restore and (soon) live-migrate running Linux
+//! processes. This binary parses the command line, sets up logging and turns
+//! engine errors into messages that name what failed; the work is done by
+//! `crm-engine` (and later the migration modules of this crate).
+mod cmd_check;
+mod cmd_dump;
+mod cmd_receive;
+mod cmd_restore;
+mod cmd_send;
+mod cmd_show;
+mod migration;
+mod transport;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "cr-migrate",
+    version,
+    about = "Checkpoint, restore and live-migrate running Linux processes",
+    long_about = "Checkpoint, restore and live-migrate running Linux processes.\n\n\
+        Typical use:\n  \
+        cr-migrate check                                  # what this kernel supports\n  \
+        cr-migrate dump --pid 1234 --images-dir /tmp/img  # checkpoint (and stop) PID 1234\n  \
+        cr-migrate show /tmp/img                          # inspect the image\n  \
+        cr-migrate restore --images-dir /tmp/img --detach # bring it back, same PID\n  \
+        cr-migrate receive --listen 0.0.0.0:7070 --token-file t   # on the destination\n  \
+        cr-migrate send 1234 dest:7070 --token-file t     # live-migrate PID 1234 there\n\n\
+        Needs root (ptrace, clone3 with set_tid, PR_SET_MM_MAP)."
+)]
+struct Cli {
+    /// More output (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Checkpoint a running process (all its threads) into an image directory.
+    ///
+    /// The process is frozen with ptrace while its state is collected and
+    /// killed once the image is complete, unless --leave-running is given.
+    /// Anything the engine cannot restore (an unsupported file descriptor or
+    /// mapping) makes the dump fail before the process is touched.
+    Dump {
+        /// The process to checkpoint.
+        #[arg(long, short = 'p')]
+        pid: i32,
+        /// Where to write the image (created; must not already hold an image).
+        #[arg(long, short = 'D')]
+        images_dir: PathBuf,
+        /// Resume the process after the dump instead of killing it.
+        #[arg(long)]
+        leave_running: bool,
+        /// Allow a process that shares its session with a shell (started from
+        /// an interactive shell); it will be restored into the session of
+        /// `cr-migrate restore --shell-job`.
+        #[arg(long)]
+        shell_job: bool,
+    },
+    /// Restore a process from an image directory, with its original PID and TIDs.
+    ///
+    /// Without --detach, cr-migrate waits for the restored process and exits
+    /// with its status.
+    Restore {
+        #[arg(long, short = 'D')]
+        images_dir: PathBuf,
+        /// Return as soon as the process runs; it is reparented to our
+        /// nearest child subreaper (or init).
+        #[arg(long, short = 'd')]
+        detach: bool,
+        /// Needed for images dumped with --shell-job: the process joins our session.
+        #[arg(long)]
+        shell_job: bool,
+    },
+    /// Live-migrate a running process to a `cr-migrate receive` on HOST:PORT.
+    ///
+    /// Memory is copied while the process keeps running (iterative pre-copy
+    /// with dirty-page tracking), then the process is frozen for the last
+    /// dirty pages and its state, restored on the destination, and killed
+    /// here only once the destination reports it running. Any failure before
+    /// that (including Ctrl-C) resumes the process here, untouched.
+    Send {
+        /// The process to migrate.
+        pid: i32,
+        /// The destination, e.g. 10.0.0.2:7070 (UDP, QUIC).
+        dest: String,
+        /// File holding the shared secret both sides use to authenticate.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// SHA-256 fingerprint of the destination's certificate (printed by
+        /// `receive`), to authenticate it without or besides a token.
+        #[arg(long)]
+        pin_fingerprint: Option<String>,
+        /// Downtime budget: freeze once the dirty pages would go out within it.
+        #[arg(long, default_value_t = 300)]
+        max_downtime_ms: u64,
+        /// Most pre-copy rounds before freezing regardless.
+        #[arg(long, default_value_t = 10)]
+        max_rounds: u32,
+        /// zstd compression of page batches: auto (only when it makes the
+        /// transfer faster), always or never.
+        #[arg(long, value_enum, default_value_t = CompressArg::Auto)]
+        compress: CompressArg,
+        /// Parallel page streams.
+        #[arg(long, default_value_t = 4)]
+        streams: usize,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Allow a process that shares a shell's session (see `dump --shell-job`).
+        #[arg(long)]
+        shell_job: bool,
+    },
+    /// Accept one live migration from `cr-migrate send` and restore it here.
+    ///
+    /// Refuses to start without --token-file: the destination restores code
+    /// as root, so every peer must authenticate.
+    Receive {
+        /// Address to listen on (UDP), e.g. 0.0.0.0:7070.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// File holding the shared secret (the same file as the sender's).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Where the TLS certificate and key live (created on first use).
+        #[arg(long, default_value = "/var/lib/cr-migrate")]
+        state_dir: PathBuf,
+        /// Where incoming images are assembled.
+        #[arg(long, default_value = "/var/tmp/cr-migrate")]
+        work_dir: PathBuf,
+        /// Keep the assembled image after a successful migration.
+        #[arg(long)]
+        keep_images: bool,
+    },
+    /// Print the contents of an image directory.
+    Show {
+        images_dir: PathBuf,
+        /// Also list every page run.
+        #[arg(long)]
+        pages: bool,
+    },
+    /// Report which kernel features this host has and what each one enables.
+    Check {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CompressArg {
+    Auto,
+    Always,
+    Never,
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let result = match cli.command {
+        Command::Dump {
+            pid,
+            images_dir,
+            leave_running,
+            shell_job,
+        } => cmd_dump::run(pid, &images_dir, leave_running, shell_job),
+        Command::Restore {
+            images_dir,
+            detach,
+            shell_job,
+        } => cmd_restore::run(&images_dir, detach, shell_job),
+        Command::Show { images_dir, pages } => cmd_show::run(&images_dir, pages),
+        Command::Send {
+            pid,
+            dest,
+            token_file,
+            pin_fingerprint,
+            max_downtime_ms,
+            max_rounds,
+            compress,
+            streams,
+            json,
+            shell_job,
+        } => cmd_send::run(cmd_send::Args {
+            pid,
+            dest,
+            token_file,
+            pin: pin_fingerprint,
+            max_downtime_ms,
+            max_rounds,
+            compress: match compress {
+                CompressArg::Auto => transport::Compress::Auto,
+                CompressArg::Always => transport::Compress::Always,
+                CompressArg::Never => transport::Compress::Never,
+            },
+            streams,
+            json,
+            shell_job,
+        }),
+        Command::Receive {
+            listen,
+            token_file,
+            state_dir,
+            work_dir,
+            keep_images,
+        } => cmd_receive::run(cmd_receive::Args {
+            listen,
+            token_file,
+            state_dir,
+            work_dir,
+            keep_images,
+        }),
+        Command::Check { json } => cmd_check::run(json).map(|()| 0),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("cr-migrate: error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            std::process::exit(1);
+        }
+    }
+}

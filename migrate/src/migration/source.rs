@@ -1,0 +1,535 @@
+//! The source side of a live migration (`cr-migrate send`).
+//!
+//! State machine (DESIGN §5): `Connect → Handshake → PreCopy(0..n) → Freeze →
+//! FinalDump → Transfer → [PidsBusy → release] → Restore (remote) →
+//! Commit (kill source) | Abort (resume source)`.
+//!
+//! All ptrace work runs on one dedicated OS thread ([`engine_thread`]), which
+//! owns the [`PreCopy`] and later the frozen process; the async side talks to
+//! it with commands and receives pages and results as [`Event`]s over a
+//! bounded channel (back-pressure keeps memory bounded). Whatever goes wrong
+//! before the destination reports the process running — an error, a dropped
+//! connection, Ctrl-C — ends in `Cmd::Abort`: the engine thread removes the
+//! dirty tracking and resumes the process exactly as it was.
+use super::policy::{self, Decision, Policy, RoundRecord};
+use super::report::{Report, RoundReport};
+use super::{now_unix_us, Progress};
+use crate::transport::{Compress, PageSender, Session};
+use anyhow::{anyhow, bail, Context, Result};
+use crm_engine::dump::{DumpError, DumpOptions, PageSink, TaskState};
+use crm_engine::precopy::{PreCopy, RoundStats};
+use crm_proto::migrate::{control, Control};
+use prost::Message;
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Largest batch handed to the transport.
+const BATCH_BYTES: usize = 1 << 20;
+
+pub struct SendOptions {
+    pub pid: i32,
+    pub policy: Policy,
+    pub compress: Compress,
+    pub streams: usize,
+    pub shell_job: bool,
+}
+
+enum Cmd {
+    Round,
+    Finish,
+    Kill,
+    Abort,
+}
+
+enum Event {
+    Started {
+        tracker: &'static str,
+    },
+    Pages {
+        vaddr: u64,
+        data: Vec<u8>,
+    },
+    Zero {
+        vaddr: u64,
+        nr_pages: u64,
+    },
+    RoundDone(RoundStats),
+    Final {
+        state: Box<TaskState>,
+        resident: Vec<(u64, u64)>,
+        stats: RoundStats,
+        frozen_at_us: u64,
+    },
+    Killed,
+    Resumed,
+    Error(String),
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Pages from the engine thread to the async sender.
+struct ChannelSink {
+    pid: i32,
+    tx: mpsc::Sender<Event>,
+}
+
+impl ChannelSink {
+    fn send(&self, ev: Event) -> Result<(), DumpError> {
+        self.tx.blocking_send(ev).map_err(|_| DumpError::Io {
+            pid: self.pid,
+            what: "hand pages to the migration connection".into(),
+            source: std::io::Error::other("the sender stopped"),
+        })
+    }
+}
+
+impl PageSink for ChannelSink {
+    fn add_run(&mut self, vaddr: u64, data: &[u8]) -> Result<(), DumpError> {
+        for (i, chunk) in data.chunks(BATCH_BYTES).enumerate() {
+            self.send(Event::Pages {
+                vaddr: vaddr + (i * BATCH_BYTES) as u64,
+                data: chunk.to_vec(),
+            })?;
+        }
+        Ok(())
+    }
+
+    fn zero_run(&mut self, vaddr: u64, nr_pages: u64) -> Result<(), DumpError> {
+        self.send(Event::Zero { vaddr, nr_pages })
+    }
+}
+
+/// Owns every ptrace interaction with the migrated process.
+fn engine_thread(
+    pid: i32,
+    opts: DumpOptions,
+    cmds: std_mpsc::Receiver<Cmd>,
+    tx: mpsc::Sender<Event>,
+) {
+    let send = |e: Event| tx.blocking_send(e).is_ok();
+    let mut pre = match PreCopy::start(pid, &opts) {
+        Ok(p) => p,
+        Err(e) => {
+            send(Event::Error(chain(&e)));
+            return;
+        }
+    };
+    if !send(Event::Started {
+        tracker: pre.tracker_name(),
+    }) {
+        return;
+    }
+    let mut sink = ChannelSink {
+        pid,
+        tx: tx.clone(),
+    };
+    loop {
+        match cmds.recv() {
+            Ok(Cmd::Round) => match pre.round(&mut sink) {
+                Ok(st) => {
+                    send(Event::RoundDone(st));
+                }
+                Err(e) => {
+                    send(Event::Error(chain(&e)));
+                    return; // `pre` dropped: tracking removed, process untouched
+                }
+            },
+            Ok(Cmd::Finish) => {
+                let frozen_at_us = now_unix_us();
+                let fin = match pre.finish(&mut sink) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        send(Event::Error(chain(&e)));
+                        return; // frozen process dropped inside: resumed
+                    }
+                };
+                let frozen = fin.frozen;
+                send(Event::Final {
+                    state: Box::new(fin.state),
+                    resident: fin.resident,
+                    stats: fin.last_round,
+                    frozen_at_us,
+                });
+                // Only an explicit Kill ends the process; anything else resumes it.
+                match cmds.recv() {
+                    Ok(Cmd::Kill) => match frozen.kill() {
+                        Ok(()) => send(Event::Killed),
+                        Err(e) => send(Event::Error(format!("killing process {pid}: {e}"))),
+                    },
+                    _ => match frozen.thaw() {
+                        Ok(()) => send(Event::Resumed),
+                        Err(e) => send(Event::Error(format!("resuming process {pid}: {e}"))),
+                    },
+                };
+                return;
+            }
+            Ok(Cmd::Kill) => {}
+            Ok(Cmd::Abort) | Err(_) => {
+                let r = pre.abort();
+                send(match r {
+                    Ok(()) => Event::Resumed,
+                    Err(e) => Event::Error(chain(&e)),
+                });
+                return;
+            }
+        }
+    }
+}
+
+/// This machine's boot id: tells a same-host migration apart.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn ctl(msg: control::Msg) -> Control {
+    Control { msg: Some(msg) }
+}
+
+struct Driver<'a> {
+    session: &'a Session,
+    pages: PageSender,
+    cmds: std_mpsc::Sender<Cmd>,
+    events: mpsc::Receiver<Event>,
+    pid: i32,
+    progress: Progress,
+    report: Report,
+    /// The engine thread reported the process resumed or killed.
+    settled: bool,
+}
+
+impl Driver<'_> {
+    async fn event(&mut self) -> Result<Event> {
+        match self.events.recv().await {
+            Some(Event::Error(e)) => bail!("process {}: {e}", self.pid),
+            Some(ev) => Ok(ev),
+            None => bail!("the engine thread of process {} stopped", self.pid),
+        }
+    }
+
+    /// Forwards pages until the round's end event; returns it.
+    async fn pump(&mut self, round: u32) -> Result<Event> {
+        loop {
+            match self.event().await? {
+                Event::Pages { vaddr, data } => {
+                    self.progress.pages(data.len() as u64);
+                    self.pages
+                        .send_batch(self.pid, round, vaddr, &data)
+                        .await
+                        .with_context(|| format!("sending pages to {}", self.session.peer()))?;
+                }
+                Event::Zero { vaddr, nr_pages } => {
+                    self.session
+                        .send_control(&ctl(control::Msg::ZeroPages(
+                            crm_proto::migrate::ZeroPages {
+                                pid: self.pid,
+                                round,
+                                vaddr,
+                                nr_pages,
+                            },
+                        )))
+                        .await?;
+                }
+                ev @ (Event::RoundDone(_) | Event::Final { .. }) => return Ok(ev),
+                Event::Resumed | Event::Killed => {
+                    self.settled = true;
+                    bail!("process {} was released unexpectedly", self.pid)
+                }
+                Event::Started { .. } | Event::Error(_) => {}
+            }
+        }
+    }
+
+    async fn end_round(
+        &mut self,
+        round: u32,
+        stats: &RoundStats,
+        batches_before: u64,
+        started: Instant,
+    ) -> Result<RoundRecord> {
+        self.pages.flush().await?;
+        let st = self.pages.stats();
+        let batches = st.batches - batches_before;
+        let bytes = stats.mem.pages_written * 4096;
+        self.session
+            .send_control(&ctl(control::Msg::RoundEnd(crm_proto::migrate::RoundEnd {
+                round,
+                pages: stats.mem.pages_written,
+                bytes,
+                batches,
+            })))
+            .await?;
+        let elapsed = started.elapsed();
+        self.report.rounds.push(RoundReport {
+            round,
+            dirty_pages: stats.dirty_pages,
+            pages_sent: stats.mem.pages_written,
+            zero_pages: stats.mem.zero_pages,
+            bytes_sent: bytes,
+            elapsed,
+        });
+        self.progress
+            .round_done(round, bytes, elapsed, stats.dirty_pages);
+        Ok(RoundRecord {
+            round,
+            bytes,
+            elapsed,
+        })
+    }
+
+    async fn wait_killed(&mut self) -> Result<()> {
+        self.cmds
+            .send(Cmd::Kill)
+            .map_err(|_| anyhow!("the engine thread stopped"))?;
+        loop {
+            match self.event().await? {
+                Event::Killed => {
+                    self.settled = true;
+                    return Ok(());
+                }
+                Event::Resumed => {
+                    self.settled = true;
+                    bail!("process {} was resumed instead of killed", self.pid)
+                }
+                _ => {}
+            }
+        }
+    }
+
+    async fn run(&mut self, policy: &Policy) -> Result<()> {
+        match self.event().await? {
+            Event::Started { tracker } => {
+                self.report.tracker = tracker.to_string();
+                tracing::info!(
+                    "migrating process {} to {} (dirty tracking: {tracker})",
+                    self.pid,
+                    self.session.peer()
+                );
+            }
+            _ => bail!("unexpected first event from the engine thread"),
+        }
+        let mut history = Vec::new();
+        let mut round = 0u32;
+        loop {
+            let started = Instant::now();
+            let batches_before = self.pages.stats().batches;
+            self.session
+                .send_control(&ctl(control::Msg::RoundStart(
+                    crm_proto::migrate::RoundStart { round },
+                )))
+                .await?;
+            self.progress.round_start(round);
+            self.cmds
+                .send(Cmd::Round)
+                .map_err(|_| anyhow!("the engine thread stopped"))?;
+            let Event::RoundDone(stats) = self.pump(round).await? else {
+                bail!("unexpected event during round {round}");
+            };
+            history.push(
+                self.end_round(round, &stats, batches_before, started)
+                    .await?,
+            );
+            round += 1;
+            let d = policy::decide(policy, &history);
+            if d != Decision::Continue {
+                self.report.stop_reason = d.reason().to_string();
+                break;
+            }
+        }
+
+        // Freeze and final dump.
+        let started = Instant::now();
+        let batches_before = self.pages.stats().batches;
+        self.session
+            .send_control(&ctl(control::Msg::RoundStart(
+                crm_proto::migrate::RoundStart { round },
+            )))
+            .await?;
+        self.progress.round_start(round);
+        self.cmds
+            .send(Cmd::Finish)
+            .map_err(|_| anyhow!("the engine thread stopped"))?;
+        let Event::Final {
+            state,
+            resident,
+            stats,
+            frozen_at_us,
+        } = self.pump(round).await?
+        else {
+            bail!("unexpected event during the final round");
+        };
+        self.end_round(round, &stats, batches_before, started)
+            .await?;
+        self.report.frozen_at_unix_us = frozen_at_us;
+        let final_state = crm_proto::migrate::FinalState {
+            inventory: state.inventory.encode_to_vec(),
+            core: state.core.encode_to_vec(),
+            mm: state.mm.encode_to_vec(),
+            files: state.files.encode_to_vec(),
+            final_round: round,
+            resident: resident.iter().flat_map(|&(a, b)| [a, b]).collect(),
+            frozen_at_unix_us: frozen_at_us,
+        };
+        self.session
+            .send_control(&ctl(control::Msg::FinalState(final_state)))
+            .await?;
+        self.progress
+            .stage("waiting for the destination to restore");
+
+        let mut killed_early = false;
+        loop {
+            let msg = self.session.recv_control().await.with_context(|| {
+                format!(
+                    "waiting for the restore result from {}",
+                    self.session.peer()
+                )
+            })?;
+            match msg.msg {
+                Some(control::Msg::PidsBusy(busy)) => {
+                    let ours = busy
+                        .pids
+                        .iter()
+                        .all(|&p| state.core.threads.iter().any(|t| t.tid == p));
+                    if busy.boot_id != boot_id() || !ours {
+                        bail!(
+                            "the destination cannot restore: PIDs {:?} are in use there by other processes",
+                            busy.pids
+                        );
+                    }
+                    // Same host: the original must go before its copy can have its PID.
+                    tracing::info!(
+                        "same-host migration: releasing PID {} for the restored copy",
+                        self.pid
+                    );
+                    self.wait_killed().await?;
+                    killed_early = true;
+                    self.session
+                        .send_control(&ctl(control::Msg::PidsReleased(
+                            crm_proto::migrate::PidsReleased {},
+                        )))
+                        .await?;
+                }
+                Some(control::Msg::RestoreResult(r)) if r.ok => {
+                    if !killed_early {
+                        self.wait_killed().await?;
+                    }
+                    self.report.restored_at_unix_us = r.restored_at_unix_us;
+                    self.session
+                        .send_control(&ctl(control::Msg::Commit(crm_proto::migrate::Commit {})))
+                        .await?;
+                    return Ok(());
+                }
+                Some(control::Msg::RestoreResult(r)) => {
+                    if killed_early {
+                        bail!(
+                            "the destination failed to restore process {} after the source was released: {} \
+                             (the complete image is kept at the destination: {})",
+                            self.pid,
+                            r.error,
+                            r.images_dir
+                        );
+                    }
+                    bail!(
+                        "the destination failed to restore process {}: {}",
+                        self.pid,
+                        r.error
+                    );
+                }
+                Some(control::Msg::Abort(a)) => bail!("the destination aborted: {}", a.reason),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Migrates `opts.pid` to the peer of `session`.
+pub async fn send(session: Session, opts: &SendOptions, progress: Progress) -> Result<Report> {
+    let started = Instant::now();
+    let (cmd_tx, cmd_rx) = std_mpsc::channel();
+    let (ev_tx, ev_rx) = mpsc::channel(64);
+    let pid = opts.pid;
+    let dump_opts = DumpOptions {
+        leave_running: true,
+        shell_job: opts.shell_job,
+    };
+    let engine = std::thread::Builder::new()
+        .name(format!("ptrace-{pid}"))
+        .spawn(move || engine_thread(pid, dump_opts, cmd_rx, ev_tx))
+        .context("starting the engine thread")?;
+    let pages = session
+        .page_sender(opts.streams, opts.compress)
+        .await
+        .with_context(|| format!("opening page streams to {}", session.peer()))?;
+    let mut d = Driver {
+        session: &session,
+        pages,
+        cmds: cmd_tx,
+        events: ev_rx,
+        pid,
+        progress,
+        report: Report::default(),
+        settled: false,
+    };
+    let outcome = tokio::select! {
+        r = d.run(&opts.policy) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted (Ctrl-C)")),
+    };
+    d.progress.finish();
+    if let Err(e) = outcome {
+        // Resume the process (or remove tracking) and tell the peer.
+        let _ = d.cmds.send(Cmd::Abort);
+        drop(d.cmds);
+        while let Some(ev) = d.events.recv().await {
+            match ev {
+                Event::Resumed => tracing::info!("process {pid} resumed on this host, as it was"),
+                Event::Killed => tracing::warn!("process {pid} had already been released"),
+                Event::Error(m) => tracing::error!("while resuming process {pid}: {m}"),
+                _ => {}
+            }
+        }
+        let _ = engine.join();
+        let reason = format!("{e:#}");
+        let _ = session
+            .send_control(&ctl(control::Msg::Abort(crm_proto::migrate::Abort {
+                reason: reason.clone(),
+            })))
+            .await;
+        // Let the Abort reach the destination (it closes on it) before closing.
+        let _ = tokio::time::timeout(Duration::from_secs(3), async {
+            while session.recv_control().await.is_ok() {}
+        })
+        .await;
+        session.close_and_flush(&reason).await;
+        return Err(e);
+    }
+    // Every round was flushed and the destination confirmed the restore:
+    // the page streams have nothing left to carry.
+    let stats = d.pages.stats();
+    let mut report = d.report;
+    drop(d.cmds);
+    let _ = engine.join();
+    report.wire_bytes = stats.wire_bytes;
+    report.raw_bytes = stats.raw_bytes;
+    report.compressed_batches = stats.compressed_batches;
+    report.batches = stats.batches;
+    report.total = started.elapsed();
+    // The Commit must reach the destination before we close: wait until it
+    // closes the connection (it exits right after the Commit), 3 s at most.
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        while session.recv_control().await.is_ok() {}
+    })
+    .await;
+    session.close_and_flush("migration committed").await;
+    Ok(report)
+}

@@ -1,0 +1,17 @@
+//! crm-page-server: the destination's page store.
+//!
+//! During a live migration the source sends memory pages in batches — the
+//! whole address space in the first pre-copy round, then only the pages
+//! written since, then the final dump — and the destination must end up with
+//! the newest copy of every page. Lazy restore (post-copy, DESIGN.md §2.5)
+//! then serves the restored process's userfaultfd faults from that copy.
+//!
+//! This crate is that store. [`PageStore`] keeps the newest copy of each
+//! page keyed by (task, page address), in memory up to a byte bound and in an
+//! append-only spill file beyond it. Networking (receiving batches from the
+//! transport) and the userfaultfd fault loop come later and sit on top of it;
+//! this crate knows nothing about QUIC, and nothing about ptrace.
+
+mod store;
+
+pub use store::{PageStore, PageStoreError, StoreStats, TaskId, PAGE_SIZE};

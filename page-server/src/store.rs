@@ -1,0 +1,532 @@
+//! The page store: newest copy of every page, in memory up to a bound, in
+//! an append-only spill file beyond it.
+//!
+//! # Newest copy wins
+//! Every batch carries the pre-copy `round` it was read in (0 for the first
+//! full copy, the final dump last). A page already held from a later round
+//! is kept when an older round's copy arrives — page streams run in
+//! parallel, so a slow round-2 batch may land after round 3's. Within one
+//! round the copy inserted last wins.
+//!
+//! # Memory and spill
+//! Pages are kept in memory while the bytes held stay within `memory_limit`.
+//! A page that does not fit is appended to the spill file (created on first
+//! use, removed when the store is dropped). A newer copy of an in-memory page
+//! overwrites it in place; a newer copy of a spilled page goes to memory if
+//! there is room, else it is appended again and the old copy becomes dead
+//! space ([`StoreStats::spill_file_bytes`] counts it, `bytes_spilled` does
+//! not). The spill file is a scratch file, not an image: it holds page
+//! contents only, page-aligned, and means nothing without the in-memory index.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// Size of every page the store holds (x86-64 base pages).
+pub const PAGE_SIZE: usize = 4096;
+
+/// A task (thread group) of the migrated tree: its PID as dumped.
+pub type TaskId = i32;
+
+/// What can go wrong; every variant names the task, page and file involved.
+#[derive(Debug, thiserror::Error)]
+pub enum PageStoreError {
+    /// A page address not aligned to [`PAGE_SIZE`].
+    #[error("task {task}: address {addr:#x} is not page-aligned")]
+    Unaligned { task: TaskId, addr: u64 },
+    /// A batch whose data is empty or not a whole number of pages.
+    #[error("task {task}: batch at {addr:#x} has {len} bytes, not a whole number of pages")]
+    BadLength { task: TaskId, addr: u64, len: usize },
+    /// A batch that would run past the end of the 64-bit address space.
+    #[error("task {task}: batch at {addr:#x} of {len} bytes wraps the address space")]
+    AddressOverflow { task: TaskId, addr: u64, len: usize },
+    /// The spill file could not be created (it must not exist yet).
+    #[error("cannot create spill file {}", path.display())]
+    CreateSpill {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// Appending a page to the spill file failed.
+    #[error("task {task}: cannot write page {addr:#x} to spill file {} at offset {offset}", path.display())]
+    WriteSpill {
+        task: TaskId,
+        addr: u64,
+        path: PathBuf,
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
+    /// Reading a spilled page back failed.
+    #[error("task {task}: cannot read page {addr:#x} from spill file {} at offset {offset}", path.display())]
+    ReadSpill {
+        task: TaskId,
+        addr: u64,
+        path: PathBuf,
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Counters of a [`PageStore`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoreStats {
+    /// Distinct (task, address) pages held.
+    pub pages: usize,
+    /// Bytes of page data held in memory (never above the memory limit).
+    pub bytes_in_memory: u64,
+    /// Bytes of live page data in the spill file.
+    pub bytes_spilled: u64,
+    /// Size of the spill file, including copies superseded since.
+    pub spill_file_bytes: u64,
+    /// Page copies dropped on arrival because a later round's copy was held.
+    pub stale_copies_dropped: u64,
+}
+
+/// Where the newest copy of one page is.
+#[derive(Debug)]
+enum Location {
+    Memory(Box<[u8]>),
+    /// Byte offset in the spill file.
+    Spilled(u64),
+}
+
+#[derive(Debug)]
+struct Slot {
+    round: u32,
+    location: Location,
+}
+
+/// The append-only spill file, created on first use.
+#[derive(Debug)]
+struct Spill {
+    path: PathBuf,
+    file: Option<File>,
+    len: u64,
+}
+
+impl Spill {
+    fn append(&mut self, task: TaskId, addr: u64, page: &[u8]) -> Result<u64, PageStoreError> {
+        if self.file.is_none() {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&self.path)
+                .map_err(|source| PageStoreError::CreateSpill {
+                    path: self.path.clone(),
+                    source,
+                })?;
+            self.file = Some(file);
+        }
+        let offset = self.len;
+        if let Some(file) = &self.file {
+            file.write_all_at(page, offset)
+                .map_err(|source| PageStoreError::WriteSpill {
+                    task,
+                    addr,
+                    path: self.path.clone(),
+                    offset,
+                    source,
+                })?;
+        }
+        self.len += page.len() as u64;
+        Ok(offset)
+    }
+
+    fn read(&self, task: TaskId, addr: u64, offset: u64) -> Result<Vec<u8>, PageStoreError> {
+        let err = |source| PageStoreError::ReadSpill {
+            task,
+            addr,
+            path: self.path.clone(),
+            offset,
+            source,
+        };
+        let file = self
+            .file
+            .as_ref()
+            .ok_or_else(|| err(io::Error::from(io::ErrorKind::NotFound)))?;
+        let mut page = vec![0u8; PAGE_SIZE];
+        file.read_exact_at(&mut page, offset).map_err(err)?;
+        Ok(page)
+    }
+}
+
+impl Drop for Spill {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// The newest copy of every page received, keyed by (task, page address).
+#[derive(Debug)]
+pub struct PageStore {
+    memory_limit: u64,
+    pages: BTreeMap<(TaskId, u64), Slot>,
+    spill: Spill,
+    stats: StoreStats,
+}
+
+impl PageStore {
+    /// A store holding at most `memory_limit` bytes of pages in memory and
+    /// spilling the rest to `spill_path`, which is created on first spill
+    /// (it must not exist then) and removed when the store is dropped.
+    pub fn new(memory_limit: u64, spill_path: impl Into<PathBuf>) -> PageStore {
+        PageStore {
+            memory_limit,
+            pages: BTreeMap::new(),
+            spill: Spill {
+                path: spill_path.into(),
+                file: None,
+                len: 0,
+            },
+            stats: StoreStats::default(),
+        }
+    }
+
+    /// The spill file's path (it exists once something was spilled).
+    pub fn spill_path(&self) -> &Path {
+        &self.spill.path
+    }
+
+    /// Stores `data`, a run of whole pages starting at `addr` in `task`,
+    /// read in pre-copy round `round`. Each page replaces the copy held
+    /// unless that copy is from a later round.
+    ///
+    /// The batch is checked before anything is stored. A spill-file error
+    /// leaves the pages before the failing one stored and the rest as they
+    /// were (older copies, if any, are kept).
+    pub fn insert_batch(
+        &mut self,
+        task: TaskId,
+        addr: u64,
+        round: u32,
+        data: &[u8],
+    ) -> Result<(), PageStoreError> {
+        if !addr.is_multiple_of(PAGE_SIZE as u64) {
+            return Err(PageStoreError::Unaligned { task, addr });
+        }
+        let len = data.len();
+        if len == 0 || !len.is_multiple_of(PAGE_SIZE) {
+            return Err(PageStoreError::BadLength { task, addr, len });
+        }
+        if addr.checked_add(len as u64 - 1).is_none() {
+            return Err(PageStoreError::AddressOverflow { task, addr, len });
+        }
+        for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
+            self.insert_page(task, addr + (i * PAGE_SIZE) as u64, round, page)?;
+        }
+        Ok(())
+    }
+
+    fn insert_page(
+        &mut self,
+        task: TaskId,
+        addr: u64,
+        round: u32,
+        page: &[u8],
+    ) -> Result<(), PageStoreError> {
+        let page_bytes = PAGE_SIZE as u64;
+        let held = self.pages.get_mut(&(task, addr));
+        if let Some(slot) = held {
+            if slot.round > round {
+                self.stats.stale_copies_dropped += 1;
+                return Ok(());
+            }
+            match &mut slot.location {
+                Location::Memory(bytes) => {
+                    bytes.copy_from_slice(page);
+                    slot.round = round;
+                }
+                Location::Spilled(_) => {
+                    let fits = self.stats.bytes_in_memory + page_bytes <= self.memory_limit;
+                    slot.location = if fits {
+                        self.stats.bytes_in_memory += page_bytes;
+                        self.stats.bytes_spilled -= page_bytes;
+                        Location::Memory(page.into())
+                    } else {
+                        let offset = self.spill.append(task, addr, page)?;
+                        self.stats.spill_file_bytes = self.spill.len;
+                        Location::Spilled(offset)
+                    };
+                    slot.round = round;
+                }
+            }
+            return Ok(());
+        }
+        let location = if self.stats.bytes_in_memory + page_bytes <= self.memory_limit {
+            self.stats.bytes_in_memory += page_bytes;
+            Location::Memory(page.into())
+        } else {
+            let offset = self.spill.append(task, addr, page)?;
+            self.stats.bytes_spilled += page_bytes;
+            self.stats.spill_file_bytes = self.spill.len;
+            Location::Spilled(offset)
+        };
+        self.pages.insert((task, addr), Slot { round, location });
+        self.stats.pages += 1;
+        Ok(())
+    }
+
+    /// The newest copy of the page at `addr` in `task`, if any arrived.
+    /// Borrowed when in memory, read back when spilled.
+    pub fn get(&self, task: TaskId, addr: u64) -> Result<Option<Cow<'_, [u8]>>, PageStoreError> {
+        if !addr.is_multiple_of(PAGE_SIZE as u64) {
+            return Err(PageStoreError::Unaligned { task, addr });
+        }
+        match self.pages.get(&(task, addr)) {
+            None => Ok(None),
+            Some(slot) => self.load(task, addr, slot).map(Some),
+        }
+    }
+
+    fn load<'a>(
+        &'a self,
+        task: TaskId,
+        addr: u64,
+        slot: &'a Slot,
+    ) -> Result<Cow<'a, [u8]>, PageStoreError> {
+        match &slot.location {
+            Location::Memory(bytes) => Ok(Cow::Borrowed(bytes)),
+            Location::Spilled(offset) => self.spill.read(task, addr, *offset).map(Cow::Owned),
+        }
+    }
+
+    /// Every page held for `task` as `(address, bytes)`, in address order.
+    pub fn iter_task(
+        &self,
+        task: TaskId,
+    ) -> impl Iterator<Item = Result<(u64, Cow<'_, [u8]>), PageStoreError>> + '_ {
+        self.pages
+            .range((task, 0)..=(task, u64::MAX))
+            .map(move |(&(_, addr), slot)| self.load(task, addr, slot).map(|b| (addr, b)))
+    }
+
+    /// Whether a copy of the page at `addr` in `task` is held.
+    pub fn contains(&self, task: TaskId, addr: u64) -> bool {
+        self.pages.contains_key(&(task, addr))
+    }
+
+    /// Counters: pages held, bytes in memory and spilled.
+    pub fn stats(&self) -> StoreStats {
+        self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> TempDir {
+            static N: AtomicU32 = AtomicU32::new(0);
+            let n = N.fetch_add(1, Ordering::Relaxed);
+            let dir =
+                std::env::temp_dir().join(format!("crm-page-store-{}-{n}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+        fn spill(&self) -> PathBuf {
+            self.0.join("pages.spill")
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    const P: u64 = PAGE_SIZE as u64;
+
+    /// `n` pages, page `i` filled with `fill + i`.
+    fn pages(n: usize, fill: u8) -> Vec<u8> {
+        (0..n)
+            .flat_map(|i| std::iter::repeat_n(fill.wrapping_add(i as u8), PAGE_SIZE))
+            .collect()
+    }
+
+    fn byte_of(store: &PageStore, task: TaskId, addr: u64) -> u8 {
+        let page = store.get(task, addr).unwrap().expect("page held");
+        assert_eq!(page.len(), PAGE_SIZE);
+        assert!(page.iter().all(|&b| b == page[0]), "page {addr:#x} torn");
+        page[0]
+    }
+
+    #[test]
+    fn newest_copy_wins() {
+        let dir = TempDir::new();
+        let mut s = PageStore::new(1 << 20, dir.spill());
+        s.insert_batch(7, 0x1000, 0, &pages(3, 10)).unwrap();
+        s.insert_batch(7, 0x2000, 1, &pages(1, 50)).unwrap();
+        assert_eq!(byte_of(&s, 7, 0x1000), 10);
+        assert_eq!(byte_of(&s, 7, 0x2000), 50);
+        assert_eq!(byte_of(&s, 7, 0x3000), 12);
+        // Same round, later insert wins.
+        s.insert_batch(7, 0x2000, 1, &pages(1, 60)).unwrap();
+        assert_eq!(byte_of(&s, 7, 0x2000), 60);
+        // A late round-0 batch replaces round-0 copies, not the round-1 one.
+        s.insert_batch(7, 0x1000, 0, &pages(2, 90)).unwrap();
+        assert_eq!(byte_of(&s, 7, 0x1000), 90);
+        assert_eq!(byte_of(&s, 7, 0x2000), 60);
+        let st = s.stats();
+        assert_eq!(st.pages, 3);
+        assert_eq!(st.stale_copies_dropped, 1);
+        assert_eq!(st.bytes_in_memory, 3 * P);
+        assert_eq!(st.bytes_spilled, 0);
+        assert!(!dir.spill().exists(), "nothing spilled, no file");
+    }
+
+    #[test]
+    fn tasks_are_kept_apart() {
+        let dir = TempDir::new();
+        let mut s = PageStore::new(1 << 20, dir.spill());
+        s.insert_batch(1, 0x7000, 0, &pages(1, 1)).unwrap();
+        s.insert_batch(2, 0x7000, 0, &pages(1, 2)).unwrap();
+        assert_eq!(byte_of(&s, 1, 0x7000), 1);
+        assert_eq!(byte_of(&s, 2, 0x7000), 2);
+        assert!(s.get(3, 0x7000).unwrap().is_none());
+        assert!(s.get(1, 0x8000).unwrap().is_none());
+        assert!(s.contains(2, 0x7000) && !s.contains(2, 0x8000));
+    }
+
+    #[test]
+    fn spills_beyond_the_bound_and_reads_back() {
+        let dir = TempDir::new();
+        let mut s = PageStore::new(2 * P, dir.spill());
+        s.insert_batch(5, 0x10_0000, 0, &pages(5, 100)).unwrap();
+        let st = s.stats();
+        assert_eq!(st.pages, 5);
+        assert_eq!(st.bytes_in_memory, 2 * P);
+        assert_eq!(st.bytes_spilled, 3 * P);
+        assert_eq!(st.spill_file_bytes, 3 * P);
+        assert_eq!(std::fs::metadata(dir.spill()).unwrap().len(), 3 * P);
+        for i in 0..5 {
+            assert_eq!(byte_of(&s, 5, 0x10_0000 + i * P), 100 + i as u8);
+        }
+        assert!(matches!(
+            s.get(5, 0x10_0000).unwrap(),
+            Some(Cow::Borrowed(_))
+        ));
+        assert!(matches!(s.get(5, 0x10_4000).unwrap(), Some(Cow::Owned(_))));
+    }
+
+    #[test]
+    fn newer_copy_of_a_spilled_page() {
+        let dir = TempDir::new();
+        let mut s = PageStore::new(P, dir.spill());
+        s.insert_batch(1, 0, 0, &pages(2, 1)).unwrap(); // page 0 in memory, page 1 spilled
+                                                        // Memory full: the newer copy of page 1 is appended, the old is dead.
+        s.insert_batch(1, P, 1, &pages(1, 42)).unwrap();
+        assert_eq!(byte_of(&s, 1, P), 42);
+        let st = s.stats();
+        assert_eq!((st.bytes_in_memory, st.bytes_spilled), (P, P));
+        assert_eq!(st.spill_file_bytes, 2 * P);
+    }
+
+    #[test]
+    fn spilled_page_moves_to_memory_when_room_frees() {
+        // A page spilled while memory was full goes to memory when its newer
+        // copy finds room (here: the bound is raised between batches).
+        let dir = TempDir::new();
+        let mut s = PageStore::new(0, dir.spill());
+        s.insert_batch(1, 0, 0, &pages(1, 1)).unwrap();
+        assert_eq!(s.stats().bytes_spilled, P);
+        s.memory_limit = P;
+        s.insert_batch(1, 0, 1, &pages(1, 2)).unwrap();
+        let st = s.stats();
+        assert_eq!((st.bytes_in_memory, st.bytes_spilled, st.pages), (P, 0, 1));
+        assert!(matches!(s.get(1, 0).unwrap(), Some(Cow::Borrowed(_))));
+        assert_eq!(byte_of(&s, 1, 0), 2);
+    }
+
+    #[test]
+    fn iter_task_in_address_order_across_memory_and_spill() {
+        let dir = TempDir::new();
+        let mut s = PageStore::new(2 * P, dir.spill());
+        s.insert_batch(3, 0x9000, 0, &pages(2, 30)).unwrap(); // memory
+        s.insert_batch(3, 0x1000, 0, &pages(2, 10)).unwrap(); // spilled
+        s.insert_batch(4, 0x5000, 0, &pages(1, 99)).unwrap(); // other task
+        let got: Vec<(u64, u8)> = s
+            .iter_task(3)
+            .map(|r| r.map(|(addr, bytes)| (addr, bytes[0])).unwrap())
+            .collect();
+        assert_eq!(
+            got,
+            [(0x1000, 10), (0x2000, 11), (0x9000, 30), (0xa000, 31)]
+        );
+        assert_eq!(s.iter_task(4).count(), 1);
+        assert_eq!(s.iter_task(5).count(), 0);
+    }
+
+    #[test]
+    fn bad_batches_are_typed_errors_and_store_nothing() {
+        let dir = TempDir::new();
+        let mut s = PageStore::new(1 << 20, dir.spill());
+        assert!(matches!(
+            s.insert_batch(1, 0x1001, 0, &pages(1, 0)),
+            Err(PageStoreError::Unaligned {
+                task: 1,
+                addr: 0x1001
+            })
+        ));
+        assert!(matches!(
+            s.insert_batch(1, 0x1000, 0, &[0u8; 100]),
+            Err(PageStoreError::BadLength { len: 100, .. })
+        ));
+        assert!(matches!(
+            s.insert_batch(1, 0x1000, 0, &[]),
+            Err(PageStoreError::BadLength { len: 0, .. })
+        ));
+        assert!(matches!(
+            s.insert_batch(1, u64::MAX - P + 1 - P, 0, &pages(3, 0)),
+            Err(PageStoreError::AddressOverflow { .. })
+        ));
+        // The last page of the address space is fine.
+        s.insert_batch(1, u64::MAX - P + 1, 0, &pages(1, 7))
+            .unwrap();
+        assert!(matches!(s.get(1, 3), Err(PageStoreError::Unaligned { .. })));
+        assert_eq!(s.stats().pages, 1);
+    }
+
+    #[test]
+    fn spill_file_errors_name_the_path_and_keep_older_pages() {
+        let dir = TempDir::new();
+        std::fs::write(dir.spill(), b"someone else's").unwrap();
+        let mut s = PageStore::new(P, dir.spill());
+        let err = s.insert_batch(1, 0, 0, &pages(3, 1)).unwrap_err();
+        let PageStoreError::CreateSpill { path, .. } = &err else {
+            panic!("{err:?}");
+        };
+        assert_eq!(path, &dir.spill());
+        assert!(err.to_string().contains("pages.spill"), "{err}");
+        // The page that fit is stored; the failing ones are not.
+        assert_eq!(s.stats().pages, 1);
+        assert!(s.get(1, P).unwrap().is_none());
+        drop(s);
+        // A file the store did not create is not removed.
+        assert_eq!(std::fs::read(dir.spill()).unwrap(), b"someone else's");
+    }
+
+    #[test]
+    fn spill_file_removed_on_drop() {
+        let dir = TempDir::new();
+        let mut s = PageStore::new(0, dir.spill());
+        s.insert_batch(1, 0, 0, &pages(1, 1)).unwrap();
+        assert!(dir.spill().exists());
+        assert_eq!(s.spill_path(), dir.spill());
+        drop(s);
+        assert!(!dir.spill().exists());
+    }
+}

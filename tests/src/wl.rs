@@ -1,0 +1,106 @@
+//! Workload side of the test protocol, shared by the programs in `src/bin/`.
+//!
+//! - [`ready`] prints `READY pid=N <details>` once the workload is set up;
+//! - [`catch`] installs an async-signal-safe handler that only sets a flag, and
+//!   [`take`] consumes the flag in the main loop (SIGUSR2 = "verify now");
+//! - [`say`] writes one line and flushes (stdout is a file, not a terminal);
+//! - [`sleep_ms`] sleeps and tolerates EINTR (`std::thread::sleep` resumes with the
+//!   remaining time when a signal, or a restore, interrupts `nanosleep`).
+//!
+//! Test hook: with `CRM_WL_CORRUPT=1` in the environment, a workload damages its own
+//! state right before verifying, to prove that its check can print `FAIL`.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+const NSIG: usize = 65;
+
+static FLAGS: [AtomicBool; NSIG] = [const { AtomicBool::new(false) }; NSIG];
+
+extern "C" fn set_flag(sig: libc::c_int) {
+    // Async-signal-safe: one atomic store, no allocation, no locks.
+    if let Some(f) = usize::try_from(sig).ok().and_then(|s| FLAGS.get(s)) {
+        f.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Installs a handler for `sig` that sets a flag read by [`take`] (`SA_RESTART`).
+pub fn catch(sig: libc::c_int) {
+    install(sig, set_flag as *const () as usize, libc::SA_RESTART, &[]);
+}
+
+/// Installs `handler` (a `sa_handler` or, with `SA_SIGINFO` in `flags`, a
+/// `sa_sigaction`) for `sig`, blocking `mask` while it runs. Exits on failure.
+pub fn install(sig: libc::c_int, handler: usize, flags: libc::c_int, mask: &[libc::c_int]) {
+    // SAFETY: sigaction is plain old data; all-zero is a valid value to start from.
+    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+    sa.sa_sigaction = handler;
+    sa.sa_flags = flags;
+    // SAFETY: sigemptyset/sigaddset initialise the sigset_t inside `sa`, a live local.
+    unsafe {
+        libc::sigemptyset(&mut sa.sa_mask);
+        for &m in mask {
+            libc::sigaddset(&mut sa.sa_mask, m);
+        }
+    }
+    // SAFETY: `sa` is fully initialised; `handler` is the address of an `extern "C"`
+    // function of the right signature supplied by the caller; old action not wanted.
+    if unsafe { libc::sigaction(sig, &sa, std::ptr::null_mut()) } != 0 {
+        fail_setup(&format!("sigaction({sig})"));
+    }
+}
+
+/// Whether `sig` arrived since the last call; clears the flag.
+pub fn take(sig: libc::c_int) -> bool {
+    usize::try_from(sig)
+        .ok()
+        .and_then(|s| FLAGS.get(s))
+        .is_some_and(|f| f.swap(false, Ordering::SeqCst))
+}
+
+/// Writes `line` and a newline to stdout and flushes.
+pub fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    // write_all retries on EINTR; errors (a closed log) cannot be reported anywhere.
+    let _ = out.write_all(line.as_bytes());
+    let _ = out.write_all(b"\n");
+    let _ = out.flush();
+}
+
+/// Prints `READY pid=<pid> <details>`.
+pub fn ready(details: &str) {
+    say(&format!("READY pid={} {details}", std::process::id()));
+}
+
+/// Prints `PASS <what>` or `FAIL <problems joined by "; ">`.
+pub fn verdict(what: &str, problems: &[String]) {
+    if problems.is_empty() {
+        say(&format!("PASS {what}"));
+    } else {
+        say(&format!("FAIL {}", problems.join("; ")));
+    }
+}
+
+/// Sleeps `ms` milliseconds; signals do not shorten the sleep.
+pub fn sleep_ms(ms: u64) {
+    std::thread::sleep(Duration::from_millis(ms));
+}
+
+/// Whether the `CRM_WL_CORRUPT` test hook is set.
+pub fn corrupt_requested() -> bool {
+    std::env::var_os("CRM_WL_CORRUPT").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// The calling thread's TID.
+pub fn gettid() -> i32 {
+    // SAFETY: gettid(2) has no arguments and cannot fail.
+    unsafe { libc::gettid() }
+}
+
+/// Reports a setup failure on stdout (so it lands in the log) and exits with 2.
+pub fn fail_setup(what: &str) -> ! {
+    let err = std::io::Error::last_os_error();
+    say(&format!("SETUP-ERROR {what}: {err}"));
+    std::process::exit(2);
+}
