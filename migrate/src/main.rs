@@ -75,6 +75,17 @@ enum Command {
         /// Needed for images dumped with --shell-job: the process joins our session.
         #[arg(long)]
         shell_job: bool,
+        /// Start the process before its memory is loaded: pages are filled
+        /// as it touches them (userfaultfd), the rest in the background.
+        /// The process runs sooner (large images: much sooner); cr-migrate
+        /// stays until every page is in place, also with --detach. Falls back
+        /// to loading everything first where userfaultfd is not available.
+        #[arg(long)]
+        lazy_pages: bool,
+        /// Print "RUNNING PID" on stdout the moment the process runs (for
+        /// programs that drive cr-migrate).
+        #[arg(long, hide = true)]
+        announce: bool,
     },
     /// Live-migrate a running process to a `cr-migrate receive` on HOST:PORT.
     ///
@@ -188,7 +199,17 @@ fn main() {
             images_dir,
             detach,
             shell_job,
-        } => cmd_restore::run(&images_dir, detach, shell_job),
+            lazy_pages,
+            announce,
+        } => cmd_restore::run(
+            &images_dir,
+            cmd_restore::Options {
+                detach,
+                shell_job,
+                lazy_pages,
+                announce,
+            },
+        ),
         Command::Show { images_dir, pages } => cmd_show::run(&images_dir, pages),
         Command::Send {
             pid,

@@ -347,6 +347,31 @@ impl PagesReader {
     /// is [`ImageErrorKind::ChecksumMismatch`] at the run's byte offset in the pages file.
     /// A run that is not inside the file, or a `dst` of the wrong size, is
     /// [`ImageErrorKind::Invalid`]. Takes `&self`: runs may be read from several threads.
+    /// The open pages file (for lazy restore, which reads parts of runs).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Offset in the pages file of page `page_off` of `run`, checked to lie
+    /// inside the run and the file.
+    pub fn file_offset(&self, run: &PageRun, page_off: u64) -> Result<u64, ImageError> {
+        run.page_index
+            .checked_add(run.nr_pages)
+            .filter(|&end| end <= self.file_pages && page_off < run.nr_pages)
+            .and_then(|_| run.page_index.checked_add(page_off))
+            .and_then(|p| p.checked_mul(PAGE_SIZE))
+            .and_then(|off| off.checked_add(PAGES_HEADER_LEN))
+            .ok_or_else(|| {
+                ImageError::invalid(
+                    &self.pages_path,
+                    format!(
+                        "page {page_off} of the run at {:#x} (pages {} + {}) is outside the file's {} pages",
+                        run.vaddr, run.page_index, run.nr_pages, self.file_pages
+                    ),
+                )
+            })
+    }
+
     pub fn read_run_into(&self, run: &PageRun, dst: &mut [u8]) -> Result<(), ImageError> {
         let path = self.pages_path.as_path();
         let len = run

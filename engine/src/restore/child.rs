@@ -93,7 +93,8 @@ fn prepare(
                 err_fd,
             )
         })?;
-        for r in &runs[p.runs.clone()] {
+        let fill = if p.lazy { 0..0 } else { p.runs.clone() };
+        for r in &runs[fill] {
             let off = r.vaddr - p.target;
             // SAFETY: the run lies inside this premapped VMA (checked by the
             // plan), which is mapped writable while it is filled and is not

@@ -15,8 +15,10 @@
 pub mod abi;
 mod blob;
 mod child;
+pub mod lazy;
 mod plan;
 mod tracer;
+mod uffd_missing;
 
 use crate::image::{ImageDir, ImageError};
 use crate::procfs;
@@ -78,6 +80,8 @@ pub enum RestoreError {
     },
     #[error(transparent)]
     Remote(#[from] RemoteError),
+    #[error(transparent)]
+    Lazy(#[from] lazy::LazyError),
     #[error("this image holds {n} processes; restoring process trees is not supported yet")]
     Tree { n: usize },
 }
@@ -88,15 +92,22 @@ pub struct RestoreOptions {
     pub detach: bool,
     /// Allow restoring a shell job into our own session.
     pub shell_job: bool,
+    /// Let the process run before its private anonymous memory is filled;
+    /// the caller must then run [`lazy::LazyPages::serve`] (see [`lazy`]).
+    pub lazy_pages: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct RestoreReport {
     pub pid: i32,
     pub threads: usize,
     pub pages: u64,
     /// Start → process running.
     pub elapsed: Duration,
+    /// With [`RestoreOptions::lazy_pages`]: the memory still to fill, to be
+    /// served at once (the process waits on each missing page it touches).
+    /// `None` when everything was filled before it ran.
+    pub lazy: Option<lazy::LazyPages>,
 }
 
 /// XCR0 of this CPU: which XSAVE features are enabled (0 without XSAVE).
@@ -278,6 +289,7 @@ fn prepare(dir: &Path, opts: &RestoreOptions) -> Result<Prepared, RestoreError> 
             files: &files,
             runs: pages.runs(),
             shell_job: inv.shell_job,
+            lazy: opts.lazy_pages,
         },
         &host,
     )?;
@@ -355,17 +367,23 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
                 source,
             })?;
         tracer::supervise(&plan, &mut err_pipe)?;
-        tracer::finish(&plan, &core)
+        let total_pages = pages.total_pages();
+        let lazy = opts.lazy_pages.then(|| (pages, plan.lazy_ranges()));
+        tracer::finish(&plan, &core, lazy).map(|l| (l, total_pages))
     })();
-    if let Err(e) = result {
-        tracer::kill_and_reap(pid);
-        return Err(e);
-    }
+    let (lazy, total_pages) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            tracer::kill_and_reap(pid);
+            return Err(e);
+        }
+    };
     let report = RestoreReport {
         pid,
         threads: core.threads.len(),
-        pages: pages.total_pages(),
+        pages: total_pages,
         elapsed: started.elapsed(),
+        lazy,
     };
     tracing::debug!(pid, "restored process running");
     Ok(report)

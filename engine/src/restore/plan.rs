@@ -27,6 +27,9 @@ pub struct Premap {
     /// Indexes into the pagemap's runs of pages that belong here.
     pub runs: std::ops::Range<usize>,
     pub advice: Vec<i32>,
+    /// Private anonymous memory filled after the task runs (lazy restore):
+    /// the child maps it but leaves its pages to [`super::lazy`].
+    pub lazy: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +70,21 @@ pub struct Plan {
     pub session: SessionAction,
 }
 
+impl Plan {
+    /// The lazy VMAs at their final addresses and the runs inside them.
+    pub fn lazy_ranges(&self) -> super::lazy::LazyRanges {
+        let mut out = super::lazy::LazyRanges {
+            vmas: Vec::new(),
+            runs: Vec::new(),
+        };
+        for p in self.premaps.iter().filter(|p| p.lazy) {
+            out.vmas.push((p.target, p.target + p.len));
+            out.runs.extend(p.runs.clone());
+        }
+        out
+    }
+}
+
 /// Lowest and highest address the zone may use, and its alignment.
 const ZONE_SEARCH_START: u64 = 0x1000_0000_0000;
 const ZONE_SEARCH_END: u64 = 0x7000_0000_0000;
@@ -105,6 +123,8 @@ pub struct Inputs<'a> {
     pub files: &'a FilesCore,
     pub runs: &'a [PageRun],
     pub shell_job: bool,
+    /// Leave private anonymous memory to lazy restore.
+    pub lazy: bool,
 }
 
 pub fn build(input: &Inputs<'_>, host: &Host) -> Result<Plan, RestoreError> {
@@ -200,7 +220,12 @@ pub fn build(input: &Inputs<'_>, host: &Host) -> Result<Plan, RestoreError> {
         }
         let runs = first..run_idx;
         let prot = (v.prot & 7) as i32;
-        let fill_prot = if runs.is_empty() {
+        let lazy = input.lazy
+            && !runs.is_empty()
+            && !v.shared
+            && v.kind() != VmaKind::File
+            && prot != libc::PROT_NONE;
+        let fill_prot = if runs.is_empty() || lazy {
             prot
         } else {
             prot | libc::PROT_READ | libc::PROT_WRITE
@@ -251,6 +276,7 @@ pub fn build(input: &Inputs<'_>, host: &Host) -> Result<Plan, RestoreError> {
             file,
             runs,
             advice,
+            lazy,
         });
     }
     if run_idx != input.runs.len() {

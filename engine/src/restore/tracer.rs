@@ -4,8 +4,10 @@
 //! thread's final `int3`, then unmaps the zone with a remote `munmap`, loads
 //! each thread's saved registers, XSAVE area and signal mask, and detaches.
 use super::abi::{step, TRAP_FAIL, TRAP_OK};
+use super::lazy::{LazyPages, LazyRanges};
 use super::plan::Plan;
 use super::RestoreError;
+use crate::image::PagesReader;
 use crate::ptrace;
 use crate::remote::RemoteThread;
 use crm_proto::image::TaskCore;
@@ -100,13 +102,26 @@ pub fn supervise(plan: &Plan, err_pipe: &mut std::fs::File) -> Result<(), Restor
 
 /// Unmaps what is left of the zone, loads the saved CPU state of every
 /// thread and lets the task run.
-pub fn finish(plan: &Plan, core: &TaskCore) -> Result<(), RestoreError> {
+/// With `lazy` (the pages reader and the lazy ranges), prepares lazy memory
+/// first ([`super::lazy::setup`]) while the blob's syscall gadget is mapped.
+pub fn finish(
+    plan: &Plan,
+    core: &TaskCore,
+    lazy: Option<(PagesReader, LazyRanges)>,
+) -> Result<Option<LazyPages>, RestoreError> {
     let pid = plan.pid;
     // Right after the main thread's int3 sits a `syscall` instruction.
     let gadget = ptrace::get_regs(pid)
         .map_err(perr(pid, "read registers"))?
         .rip;
-    RemoteThread { tid: pid, gadget }.syscall(
+    let thread = RemoteThread { tid: pid, gadget };
+    let lazy = match lazy {
+        Some((pages, ranges)) if !ranges.vmas.is_empty() => {
+            super::lazy::setup(pid, &thread, pages, &ranges)?
+        }
+        _ => None,
+    };
+    thread.syscall(
         libc::SYS_munmap as u64,
         [plan.zone_start, plan.zone_len, 0, 0, 0, 0],
     )?;
@@ -121,7 +136,7 @@ pub fn finish(plan: &Plan, core: &TaskCore) -> Result<(), RestoreError> {
     for t in &core.threads {
         ptrace::detach(t.tid, 0).map_err(perr(t.tid, "detach"))?;
     }
-    Ok(())
+    Ok(lazy)
 }
 
 /// Kills a half-restored task and reaps it.

@@ -186,6 +186,7 @@ async fn serve(session: &Session, dir_path: &Path) -> Result<()> {
     let opts = crm_engine::restore::RestoreOptions {
         detach: true,
         shell_job: state.inventory.shell_job,
+        lazy_pages: true,
     };
     let dir_owned = dir_path.to_path_buf();
     let t_preflight = Instant::now();
@@ -258,23 +259,11 @@ async fn serve(session: &Session, dir_path: &Path) -> Result<()> {
         t_release.elapsed().as_secs_f64() * 1e3
     );
     let t_restore = Instant::now();
-    let exe = std::env::current_exe().context("locating the cr-migrate binary")?;
-    let out = tokio::process::Command::new(exe)
-        .args(["restore", "--detach", "--images-dir"])
-        .arg(dir_path)
-        .args(if state.inventory.shell_job {
-            &["--shell-job"][..]
-        } else {
-            &[][..]
-        })
-        .output()
-        .await
-        .context("running cr-migrate restore")?;
+    let mut restorer = match start_restore(dir_path, state.inventory.shell_job).await {
+        Ok(r) => r,
+        Err(err) => return report_failure(session, pid, dir_path, err, !busy.is_empty()).await,
+    };
     let restored_at = now_unix_us();
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        return report_failure(session, pid, dir_path, err, !busy.is_empty()).await;
-    }
     tracing::info!(
         "process {pid} restored and running ({:.1} ms)",
         t_restore.elapsed().as_secs_f64() * 1e3
@@ -310,16 +299,92 @@ async fn serve(session: &Session, dir_path: &Path) -> Result<()> {
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGKILL,
         );
+        let _ = restorer.wait().await;
         return Err(anyhow!(
             "the source did not confirm the migration of process {pid}; the restored copy was killed"
         ));
     }
     tracing::info!("migration of process {pid} committed");
+    // The restorer stays until the last lazy page is in place.
+    let t_fill = Instant::now();
+    let status = restorer
+        .wait()
+        .await
+        .context("waiting for the lazy-pages server")?;
+    if !status.success() {
+        bail!("filling the memory of process {pid} failed ({status}); see the messages above");
+    }
+    tracing::info!(
+        "memory of process {pid} fully in place {:.1} ms after the commit",
+        t_fill.elapsed().as_secs_f64() * 1e3
+    );
     let _ = tokio::time::timeout(Duration::from_secs(5), session_finish(session)).await;
     Ok(())
 }
 
 async fn session_finish(_session: &Session) {}
+
+/// Runs `cr-migrate restore --lazy-pages` on `dir` and waits until it says
+/// the process runs. It goes on filling memory in the background (its
+/// messages go to our stderr); the caller waits for it. `Err` is the
+/// restorer's error message.
+async fn start_restore(
+    dir: &Path,
+    shell_job: bool,
+) -> std::result::Result<tokio::process::Child, String> {
+    use tokio::io::AsyncBufReadExt;
+    let exe =
+        std::env::current_exe().map_err(|e| format!("locating the cr-migrate binary: {e}"))?;
+    let mut child = tokio::process::Command::new(exe)
+        .args([
+            "restore",
+            "--detach",
+            "--lazy-pages",
+            "--announce",
+            "--images-dir",
+        ])
+        .arg(dir)
+        .args(if shell_job {
+            &["--shell-job"][..]
+        } else {
+            &[][..]
+        })
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(false)
+        .spawn()
+        .map_err(|e| format!("running cr-migrate restore: {e}"))?;
+    let stdout = child.stdout.take().expect("piped above");
+    let mut stderr = child.stderr.take().expect("piped above");
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let running = loop {
+        match lines.next_line().await {
+            Ok(Some(l)) if l.starts_with("RUNNING ") => break true,
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => break false,
+        }
+    };
+    if !running {
+        let mut err = String::new();
+        let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut err).await;
+        let status = child.wait().await;
+        let err = err.trim();
+        return Err(if err.is_empty() {
+            format!("cr-migrate restore failed ({status:?}) without a message")
+        } else {
+            err.to_string()
+        });
+    }
+    // From here on the restorer's messages (lazy-pages progress, errors)
+    // are ours.
+    tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        while let Ok(Some(l)) = lines.next_line().await {
+            eprintln!("{l}");
+        }
+    });
+    Ok(child)
+}
 
 /// Tells the source the restore failed. If the source already released its
 /// process (same-host migration), the image is all that is left: it is kept
