@@ -30,7 +30,7 @@
 
 mod checksum;
 mod soft_dirty;
-mod uffd_sys;
+pub(crate) mod uffd_sys;
 mod uffd_wp;
 
 #[cfg(test)]
