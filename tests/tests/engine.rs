@@ -755,3 +755,80 @@ fn shell_job_dump_and_restore() {
     wl.expect_pass("after restore --shell-job");
     println!("checked: shell job {pid} dumped with --shell-job, refused without the flag, restored into session {own_sid} and PASSes");
 }
+
+/// `restore --lazy-pages`: the process runs before its memory is in, and at
+/// once forks, moves, drops and writes memory that is still being filled. The
+/// workload checks every word (the child its quarter, the parent the rest);
+/// the restorer reports how the pages arrived.
+#[test]
+fn lazy_restore_serves_fork_mremap_and_dontneed() {
+    h::init();
+    let _serial = h::serial();
+    let tmp = TempDir::new("lazy");
+    let images = tmp.subdir("images");
+    let mut wl = Workload::start(workload_bin!(wl_lazy), &["512"], tmp.path());
+    let heavy = Duration::from_secs(300);
+    dump_and_reap(&mut wl, &images, heavy);
+
+    let args: Vec<String> = [
+        "restore",
+        "--images-dir",
+        path_str(&images),
+        "--detach",
+        "--lazy-pages",
+        "--announce",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut restore = h::bg::BgProc::crm("restore", &[], &args, tmp.path());
+    let deadline = std::time::Instant::now() + heavy;
+    while !restore.stdout().contains("RUNNING") {
+        if let Some(st) = restore.try_wait() {
+            panic!(
+                "restore --lazy-pages exited ({st}) without running the process:\n{}",
+                restore.stderr()
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "restore --lazy-pages did not announce the process"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    wl.adopt_restored()
+        .unwrap_or_else(|e| panic!("after `restore --lazy-pages` said RUNNING: {e}"));
+    let mark = wl.mark();
+    wl.signal(libc::SIGUSR2)
+        .expect("signal the restored workload");
+    let st = restore
+        .wait_timeout(heavy)
+        .unwrap_or_else(|| panic!("restore --lazy-pages did not finish:\n{}", restore.stderr()));
+    let err = restore.stderr();
+    assert!(st.success(), "restore --lazy-pages failed ({st}):\n{err}");
+    let filled = err
+        .lines()
+        .find(|l| l.contains("in place after"))
+        .unwrap_or_else(|| {
+            panic!("restore --lazy-pages did not report its memory in place:\n{err}")
+        });
+    assert!(
+        filled.contains("address space(s)")
+            && !filled.contains(" 0 pages in the background, 0 on faults"),
+        "no page was filled lazily: {filled}"
+    );
+    println!("restorer: {}", filled.trim());
+    let line = wl
+        .wait_line(
+            mark,
+            |l| l.starts_with("PASS") || l.starts_with("FAIL"),
+            Duration::from_secs(60),
+        )
+        .unwrap_or_else(|e| panic!("no verdict from wl_lazy: {e}"));
+    assert!(
+        line.starts_with("PASS"),
+        "wl_lazy: {line}\n{}",
+        wl.log_tail(20)
+    );
+    println!("checked: {line}");
+}
