@@ -7,14 +7,26 @@
 //! the same step), copies them, and copies whole any VMA that appeared,
 //! moved, grew or changed protection. [`PreCopy::finish`] freezes the
 //! process, runs a last round, collects the non-memory state and the list of
-//! resident pages, and disarms the tracker; the caller then owns the frozen
-//! process and kills it once the destination runs it, or thaws it on failure.
-//! [`PreCopy::abort`] (or dropping it) disarms the tracker: the process runs
-//! on untouched.
+//! resident pages; the caller then owns the frozen process and kills it once
+//! the destination runs it, or thaws it on failure. [`PreCopy::abort`] (or
+//! dropping it) disarms the tracker: the process runs on untouched.
+//!
+//! Rounds find the VMAs in `/proc/PID/maps`: the copy needs only their
+//! bounds, protection and names. `smaps`, whose `VmFlags` the image records,
+//! walks every page table; it is read once, in the frozen phase.
+//!
+//! The frozen phase is the migration's downtime, so `finish` does there only
+//! what needs the process stopped, in the same order as a dump: collect,
+//! copy, non-memory state (remote syscalls), then `smaps` and the list of
+//! resident pages, these two on two threads (both only read). The tracker
+//! is not disarmed there (`UFFDIO_UNREGISTER` walks every tracked page
+//! table) but handed over in [`Final::tracking`], to be dropped once the
+//! process is killed (removing it then costs nothing) or thawed. Each step
+//! is logged at debug level with its duration.
 use crate::dirty::{self, DirtyTracker, VmaRange};
-use crate::dump::{self, DumpError, DumpOptions, MemStats, PageSink, TaskState};
+use crate::dump::{self, DumpError, DumpOptions, MemStats, PageSink, Target, TaskState};
 use crate::freeze::FrozenProcess;
-use crate::procfs;
+use crate::procfs::{self, MapEntry};
 use crm_proto::image::Vma;
 use std::time::{Duration, Instant};
 
@@ -55,14 +67,100 @@ pub struct Final {
     pub last_round: RoundStats,
     /// Freeze → state collected and last pages handed to the sink.
     pub frozen_for: Duration,
+    /// The dirty tracker, still armed. Drop it (or [`Tracking::disarm`])
+    /// after killing or thawing `frozen`, not before: disarming is slow and
+    /// need not happen while the process is stopped. Dropping what is left
+    /// of a `Final` after its other fields were moved out does it.
+    pub tracking: Tracking,
+}
+
+/// A dirty tracker that is disarmed when this is dropped: while it is
+/// alive, the target may still carry write protection (harmless in async
+/// mode: a write only marks its page written).
+pub struct Tracking {
+    pid: i32,
+    tracker: Box<dyn DirtyTracker>,
+    disarmed: bool,
+}
+
+impl Tracking {
+    fn new(pid: i32, tracker: Box<dyn DirtyTracker>) -> Tracking {
+        Tracking {
+            pid,
+            tracker,
+            disarmed: false,
+        }
+    }
+
+    /// Stops tracking now; the process runs on as if nothing happened.
+    pub fn disarm(mut self) -> Result<(), PreCopyError> {
+        self.disarm_once()
+    }
+
+    fn disarm_once(&mut self) -> Result<(), PreCopyError> {
+        if !self.disarmed {
+            self.disarmed = true;
+            let started = Instant::now();
+            self.tracker.disarm()?;
+            tracing::debug!(
+                pid = self.pid,
+                "dirty tracking removed in {:.1} ms",
+                ms(started.elapsed())
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Tracking {
+    fn drop(&mut self) {
+        if let Err(e) = self.disarm_once() {
+            tracing::warn!(pid = self.pid, error = %e, "could not remove dirty tracking");
+        }
+    }
 }
 
 pub struct PreCopy {
     pid: i32,
     vmas: Vec<Vma>,
-    tracker: Box<dyn DirtyTracker>,
+    tracking: Tracking,
     round: u32,
-    disarmed: bool,
+}
+
+/// Page ranges `[start, end)`, as [`Final::resident`] lists them.
+type Ranges = Vec<(u64, u64)>;
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Logs, at debug level, how long each step of the frozen phase took.
+struct Steps {
+    pid: i32,
+    last: Instant,
+    log: bool,
+}
+
+impl Steps {
+    fn new(pid: i32, log: bool) -> Steps {
+        Steps {
+            pid,
+            last: Instant::now(),
+            log,
+        }
+    }
+
+    fn done(&mut self, step: &str) {
+        let now = Instant::now();
+        if self.log {
+            tracing::debug!(
+                pid = self.pid,
+                "frozen: {step} in {:.1} ms",
+                ms(now - self.last)
+            );
+        }
+        self.last = now;
+    }
 }
 
 fn trackable(vmas: &[Vma]) -> Vec<VmaRange> {
@@ -105,21 +203,20 @@ impl PreCopy {
         frozen
             .thaw()
             .map_err(|source| PreCopyError::Thaw { pid, source })?;
-        let mut tracker = tracker?;
-        let vmas = dump::classify(pid, &procfs::read_smaps(pid).map_err(DumpError::from)?)?;
-        tracker.arm(&trackable(&vmas))?;
-        tracing::debug!(pid, tracker = tracker.name(), "pre-copy armed");
+        let mut tracking = Tracking::new(pid, tracker?);
+        let vmas = dump::classify(pid, &procfs::read_maps(pid).map_err(DumpError::from)?)?;
+        tracking.tracker.arm(&trackable(&vmas))?;
+        tracing::debug!(pid, tracker = tracking.tracker.name(), "pre-copy armed");
         Ok(PreCopy {
             pid,
             vmas,
-            tracker,
+            tracking,
             round: 0,
-            disarmed: false,
         })
     }
 
     pub fn tracker_name(&self) -> &'static str {
-        self.tracker.name()
+        self.tracking.tracker.name()
     }
 
     pub fn round_number(&self) -> u32 {
@@ -128,86 +225,147 @@ impl PreCopy {
 
     /// Runs one round while the process keeps running.
     pub fn round(&mut self, sink: &mut dyn PageSink) -> Result<RoundStats, PreCopyError> {
-        self.copy_round(sink)
+        let mut steps = Steps::new(self.pid, false);
+        let (stats, _) = self.copy_round(sink, Target::Running, &mut steps)?;
+        Ok(stats)
     }
 
-    fn copy_round(&mut self, sink: &mut dyn PageSink) -> Result<RoundStats, PreCopyError> {
+    /// One round. Also returns the `maps` reading the round's VMAs come from
+    /// (none for round 0: those of [`PreCopy::start`]).
+    fn copy_round(
+        &mut self,
+        sink: &mut dyn PageSink,
+        target: Target,
+        steps: &mut Steps,
+    ) -> Result<(RoundStats, Option<Vec<MapEntry>>), PreCopyError> {
         let started = Instant::now();
         let pid = self.pid;
         let mut stats = RoundStats {
             round: self.round,
             ..Default::default()
         };
+        let mut layout = None;
         if self.round == 0 {
-            stats.mem = dump::dump_pages(pid, &self.vmas, sink)?;
+            stats.mem = dump::dump_pages(pid, target, &self.vmas, sink)?;
             stats.new_vmas = self.vmas.len();
+            steps.done("all pages copied");
         } else {
             // Collect first: it re-protects, so writes during the copy show
             // up in the next round.
             let dirty: Vec<(u64, u64)> = self
+                .tracking
                 .tracker
                 .collect()?
                 .iter()
                 .map(|r| (r.start, r.end))
                 .collect();
             stats.dirty_pages = dirty.iter().map(|r| (r.1 - r.0) / dump::PAGE).sum();
-            let now = dump::classify(pid, &procfs::read_smaps(pid).map_err(DumpError::from)?)?;
+            steps.done("dirty pages collected");
+            let maps = procfs::read_maps(pid).map_err(DumpError::from)?;
+            let now = dump::classify(pid, &maps)?;
+            layout = Some(maps);
+            steps.done("maps read");
             let fresh: Vec<Vma> = changed(&self.vmas, &now).into_iter().cloned().collect();
             if !fresh.is_empty() {
                 // Arm before copying, so no write to a new VMA is missed.
-                self.tracker.arm(&trackable(&now))?;
+                self.tracking.tracker.arm(&trackable(&now))?;
+                steps.done("new VMAs armed");
             }
-            let mut mem = dump::dump_ranges(pid, &now, &dirty, sink)?;
-            let whole = dump::dump_pages(pid, &fresh, sink)?;
+            let mut mem = dump::dump_ranges(pid, target, &now, &dirty, sink)?;
+            let whole = dump::dump_pages(pid, target, &fresh, sink)?;
             mem.pages_scanned += whole.pages_scanned;
             mem.pages_written += whole.pages_written;
             mem.zero_pages += whole.zero_pages;
             stats.mem = mem;
             stats.new_vmas = fresh.len();
             self.vmas = now;
+            steps.done("pages copied");
         }
         self.round += 1;
         stats.elapsed = started.elapsed();
-        Ok(stats)
+        Ok((stats, layout))
     }
 
     /// Freezes the process, sends the last dirty pages to `sink` and
     /// collects everything else. On error the process is resumed and
-    /// tracking removed.
+    /// tracking removed. On success tracking is still armed: see
+    /// [`Final::tracking`].
     pub fn finish(mut self, sink: &mut dyn PageSink) -> Result<Final, PreCopyError> {
-        let frozen = FrozenProcess::freeze(self.pid).map_err(DumpError::from)?;
+        let pid = self.pid;
+        let frozen = FrozenProcess::freeze(pid).map_err(DumpError::from)?;
         let frozen_at = Instant::now();
-        let last_round = self.copy_round(sink)?;
-        let state = dump::collect_state(&frozen)?;
-        let resident = dump::resident_ranges(self.pid, &state.mm.vmas)?;
-        self.disarm()?;
+        let mut steps = Steps::new(pid, true);
+        let (last_round, maps) = self.copy_round(sink, Target::Frozen, &mut steps)?;
+        let Some(maps) = maps else {
+            // Finished before any round: the VMAs copied are those of
+            // `start`. Rare; no shortcut.
+            let state = dump::collect_state(&frozen)?;
+            let resident = dump::resident_ranges(pid, &state.mm.vmas)?;
+            return Ok(Final {
+                frozen,
+                state,
+                resident,
+                last_round,
+                frozen_for: frozen_at.elapsed(),
+                tracking: self.tracking,
+            });
+        };
+        let mut state = dump::collect_task(&frozen, &maps)?;
+        steps.done("state collected");
+        let (smaps, resident) = self.smaps_and_resident(&mut steps);
+        let smaps = smaps?;
+        state.mm.vmas = dump::classify(pid, &smaps)?;
+        let resident = if procfs::same_layout(&maps, &smaps) {
+            resident?
+        } else {
+            // The VMAs changed while frozen (the tracker registering new
+            // ones merges them with their neighbours): list the pages
+            // again, by the VMAs recorded.
+            let resident = dump::resident_ranges(pid, &state.mm.vmas)?;
+            steps.done("resident pages listed again (VMAs changed)");
+            resident
+        };
+        let frozen_for = frozen_at.elapsed();
+        tracing::debug!(pid, "frozen: final round done in {:.1} ms", ms(frozen_for));
         Ok(Final {
             frozen,
             state,
             resident,
             last_round,
-            frozen_for: frozen_at.elapsed(),
+            frozen_for,
+            tracking: self.tracking,
         })
     }
 
+    /// Reads `smaps` on a second thread while this one lists the resident
+    /// pages of the VMAs of the last round: both only read the frozen
+    /// process's page tables, and each takes a page-table walk.
+    fn smaps_and_resident(
+        &self,
+        steps: &mut Steps,
+    ) -> (Result<Vec<MapEntry>, DumpError>, Result<Ranges, DumpError>) {
+        let pid = self.pid;
+        let ((smaps, smaps_took), resident) = std::thread::scope(|s| {
+            let reader = s.spawn(|| {
+                let started = Instant::now();
+                (procfs::read_smaps(pid), started.elapsed())
+            });
+            let resident = dump::resident_ranges(pid, &self.vmas);
+            steps.done("resident pages listed");
+            let smaps = reader
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (smaps, resident)
+        });
+        steps.done(&format!(
+            "smaps read (in {:.1} ms, beside the resident pages)",
+            ms(smaps_took)
+        ));
+        (smaps.map_err(DumpError::from), resident)
+    }
+
     /// Stops tracking; the process runs on as if nothing happened.
-    pub fn abort(mut self) -> Result<(), PreCopyError> {
-        self.disarm()
-    }
-
-    fn disarm(&mut self) -> Result<(), PreCopyError> {
-        if !self.disarmed {
-            self.disarmed = true;
-            self.tracker.disarm()?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for PreCopy {
-    fn drop(&mut self) {
-        if let Err(e) = self.disarm() {
-            tracing::warn!(pid = self.pid, error = %e, "could not remove dirty tracking");
-        }
+    pub fn abort(self) -> Result<(), PreCopyError> {
+        self.tracking.disarm()
     }
 }

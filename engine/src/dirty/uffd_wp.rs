@@ -27,7 +27,10 @@
 //! - `disarm`: `UFFDIO_UNREGISTER` (which also lifts every protection), then
 //!   close the fd. Closing the last reference alone would do the same
 //!   (`userfaultfd_release`), so even a dumper that dies leaves the target
-//!   untouched.
+//!   untouched. Once the target has exited (a pidfd taken at creation
+//!   tells), `disarm` only closes the fd: its mm is gone, and its PID may
+//!   already name another process (a same-host migration's restored copy),
+//!   whose `smaps` must not be read.
 //!
 //! A registration does not survive `munmap` or `mremap` (this context has no
 //! `EVENT_REMAP`); protection survives page-table zaps. A VMA re-created at
@@ -78,6 +81,8 @@ pub struct UffdWpAsync {
     uffd: Option<OwnedFd>,
     /// `/proc/PID/pagemap`, for `PAGEMAP_SCAN`.
     pagemap: File,
+    /// The target's pidfd: tells whether it has exited.
+    pidfd: OwnedFd,
     /// Sorted, disjoint spans passed to the last `arm`.
     tracked: Vec<VmaRange>,
     /// Whether the uffd was created with `UFFD_USER_MODE_ONLY`.
@@ -100,7 +105,7 @@ impl UffdWpAsync {
                 frozen: frozen.pid(),
             });
         }
-        let (uffd, user_mode_only) = create_in_target(pid, frozen)?;
+        let (uffd, user_mode_only, pidfd) = create_in_target(pid, frozen)?;
         let features = enable_features(pid, &uffd)?;
         let path = PathBuf::from(format!("/proc/{pid}/pagemap"));
         let pagemap = File::open(&path).map_err(|source| DirtyError::File {
@@ -119,6 +124,7 @@ impl UffdWpAsync {
             pid,
             uffd: Some(uffd),
             pagemap,
+            pidfd,
             tracked: Vec::new(),
             user_mode_only,
             features,
@@ -336,6 +342,10 @@ impl DirtyTracker for UffdWpAsync {
         };
         let tracked = std::mem::take(&mut self.tracked);
         let mut first_err = None;
+        if uffd_sys::pidfd_exited(self.pidfd.as_fd()).unwrap_or(false) {
+            tracing::debug!(pid = self.pid, "target has exited: uffd closed");
+            return Ok(());
+        }
         match self.smaps() {
             Ok(maps) => {
                 for span in tracked {
@@ -376,8 +386,12 @@ impl Drop for UffdWpAsync {
 }
 
 /// Creates the userfaultfd in the target and pulls it into this process.
-/// Returns the fd and whether it is `UFFD_USER_MODE_ONLY`.
-fn create_in_target(pid: i32, frozen: &FrozenProcess) -> Result<(OwnedFd, bool), DirtyError> {
+/// Returns the fd, whether it is `UFFD_USER_MODE_ONLY`, and the target's
+/// pidfd it was pulled with.
+fn create_in_target(
+    pid: i32,
+    frozen: &FrozenProcess,
+) -> Result<(OwnedFd, bool, OwnedFd), DirtyError> {
     let proc_err = |source| DirtyError::Proc { pid, source };
     let maps = procfs::read_smaps(pid).map_err(proc_err)?;
     let vdso = maps
@@ -435,19 +449,21 @@ fn create_in_target(pid: i32, frozen: &FrozenProcess) -> Result<(OwnedFd, bool),
             source,
         })
         .and_then(|pidfd| {
-            uffd_sys::pidfd_getfd(pidfd.as_fd(), remote_fd).map_err(|source| DirtyError::Syscall {
-                pid,
-                syscall: "pidfd_getfd",
-                source,
-            })
+            uffd_sys::pidfd_getfd(pidfd.as_fd(), remote_fd)
+                .map(|uffd| (uffd, pidfd))
+                .map_err(|source| DirtyError::Syscall {
+                    pid,
+                    syscall: "pidfd_getfd",
+                    source,
+                })
         });
     // Whatever happened, the target must not keep the fd.
     let closed = thread
         .syscall(libc::SYS_close as u64, [remote_fd as u64, 0, 0, 0, 0, 0])
         .map_err(remote_err("close"));
-    let uffd = pulled?;
+    let (uffd, pidfd) = pulled?;
     closed?;
-    Ok((uffd, user_mode_only))
+    Ok((uffd, user_mode_only, pidfd))
 }
 
 /// `UFFDIO_API` with `WP_ASYNC | WP_UNPOPULATED`; returns the features the

@@ -142,6 +142,7 @@ fn is_zero(page: &[u8]) -> bool {
 /// Writes the contents of the pages worth saving of every VMA.
 pub fn dump_pages(
     pid: i32,
+    target: Target,
     vmas: &[Vma],
     writer: &mut dyn PageSink,
 ) -> Result<MemStats, DumpError> {
@@ -179,11 +180,8 @@ pub fn dump_pages(
                 let run_addr = addr + first as u64 * PAGE;
                 let len = (i - first) * PAGE as usize;
                 let chunk = &mut data[..len];
-                if readable {
-                    read_fully(pid, run_addr, chunk)?;
-                } else {
-                    mem.read_exact_at(chunk, run_addr)
-                        .map_err(io_err(format!("read /proc/{pid}/mem at {run_addr:#x}")))?;
+                if !read_pages(pid, target, &mem, readable, run_addr, chunk)? {
+                    continue;
                 }
                 stats.pages_scanned += (i - first) as u64;
                 write_nonzero(writer, run_addr, chunk, &mut stats, false)?;
@@ -201,6 +199,7 @@ pub fn dump_pages(
 /// older copy drops it.
 pub fn dump_ranges(
     pid: i32,
+    target: Target,
     vmas: &[Vma],
     ranges: &[(u64, u64)],
     sink: &mut dyn PageSink,
@@ -219,15 +218,9 @@ pub fn dump_ranges(
             while from < to {
                 let len = ((to - from) as usize).min(BATCH);
                 let chunk = &mut data[..len];
-                if readable {
-                    read_fully(pid, from, chunk)?;
-                } else {
-                    mem.read_exact_at(chunk, from)
-                        .map_err(|source| DumpError::Io {
-                            pid,
-                            what: format!("read /proc/{pid}/mem at {from:#x}"),
-                            source,
-                        })?;
+                if !read_pages(pid, target, &mem, readable, from, chunk)? {
+                    from += len as u64;
+                    continue;
                 }
                 stats.pages_scanned += (len as u64) / PAGE;
                 write_nonzero(sink, from, chunk, &mut stats, true)?;
@@ -283,6 +276,55 @@ pub fn resident_ranges(pid: i32, vmas: &[Vma]) -> Result<Vec<(u64, u64)>, DumpEr
         }
     }
     Ok(out)
+}
+
+/// Whether the process runs while its pages are read (a pre-copy round) or
+/// is frozen (a dump, the final round).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Frozen,
+    Running,
+}
+
+/// Reads `buf.len()` bytes at `addr` of a VMA (through `/proc/PID/mem` when
+/// it is not readable). Returns `false` when a running process unmapped or
+/// shrank the range meanwhile: the pages are skipped, the next round sees the
+/// new layout. For a frozen process that is an error.
+fn read_pages(
+    pid: i32,
+    target: Target,
+    mem: &File,
+    readable: bool,
+    addr: u64,
+    buf: &mut [u8],
+) -> Result<bool, DumpError> {
+    let r = if readable {
+        read_fully(pid, addr, buf)
+    } else {
+        mem.read_exact_at(buf, addr)
+            .map_err(|source| DumpError::Io {
+                pid,
+                what: format!("read /proc/{pid}/mem at {addr:#x}"),
+                source,
+            })
+    };
+    match r {
+        Ok(()) => Ok(true),
+        Err(DumpError::Io { source, .. })
+            if target == Target::Running
+                && (matches!(
+                    source.raw_os_error(),
+                    Some(libc::EFAULT | libc::EIO | libc::ENOMEM)
+                ) || source.kind() == std::io::ErrorKind::UnexpectedEof) =>
+        {
+            tracing::debug!(
+                pid,
+                "range at {addr:#x} vanished while it was read; skipped"
+            );
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn read_fully(pid: i32, addr: u64, buf: &mut [u8]) -> Result<(), DumpError> {

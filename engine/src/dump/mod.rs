@@ -8,7 +8,9 @@
 mod memory;
 mod task;
 
-pub use memory::{classify, dump_pages, dump_ranges, resident_ranges, MemStats, PageSink, PAGE};
+pub use memory::{
+    classify, dump_pages, dump_ranges, resident_ranges, MemStats, PageSink, Target, PAGE,
+};
 
 use crate::freeze::{FreezeError, FrozenProcess};
 use crate::image::{ImageDir, ImageError};
@@ -122,9 +124,22 @@ pub fn precheck(pid: i32, opts: &DumpOptions) -> Result<(), DumpError> {
 /// before the VMAs are read.
 pub fn collect_state(frozen: &FrozenProcess) -> Result<TaskState, DumpError> {
     let pid = frozen.pid();
+    let mut state = collect_task(frozen, &procfs::read_maps(pid)?)?;
+    state.mm.vmas = classify(pid, &procfs::read_smaps(pid)?)?;
+    Ok(state)
+}
+
+/// [`collect_state`] without the VMAs (`mm.vmas` is left empty): the
+/// caller reads `smaps` once this returns (the scratch page is gone then)
+/// and fills them in with [`classify`]. `maps` is a reading of the task's
+/// `maps` or `smaps` (only its `[vdso]` is used).
+pub fn collect_task(
+    frozen: &FrozenProcess,
+    maps: &[procfs::MapEntry],
+) -> Result<TaskState, DumpError> {
+    let pid = frozen.pid();
     let stat = procfs::read_stat(pid)?;
     let files = crate::files::dump(pid)?;
-    let maps = procfs::read_smaps(pid)?;
     let vdso = maps
         .iter()
         .find(|m| m.name == "[vdso]")
@@ -142,9 +157,7 @@ pub fn collect_state(frozen: &FrozenProcess) -> Result<TaskState, DumpError> {
     let collected = task::collect(frozen, gadget, &scratch);
     scratch.unmap()?;
     let collected = collected?;
-    let vmas = classify(pid, &procfs::read_smaps(pid)?)?;
-    let mut mm = task::mm_fields(pid, collected.brk)?;
-    mm.vmas = vmas;
+    let mm = task::mm_fields(pid, collected.brk)?;
     let inventory = Inventory {
         format_version: crm_proto::IMAGE_FORMAT_VERSION,
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -191,7 +204,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpStats, DumpE
     let state = collect_state(&frozen)?;
     let image = ImageDir::create(dir)?;
     let mut pages = image.pages_writer(pid)?;
-    let mem = memory::dump_pages(pid, &state.mm.vmas, &mut pages)?;
+    let mem = memory::dump_pages(pid, Target::Frozen, &state.mm.vmas, &mut pages)?;
     pages.finish()?;
     write_state(&image, &state)?;
     let frozen_for = frozen_at.elapsed();

@@ -36,6 +36,22 @@ impl MapEntry {
         self.vm_flags.iter().any(|f| f == code)
     }
 
+    /// Same VMA as `other` in everything `maps` shows (range, permissions,
+    /// offset, device, inode, name); `VmFlags` are not compared.
+    pub fn same_mapping(&self, other: &MapEntry) -> bool {
+        self.start == other.start
+            && self.end == other.end
+            && self.read == other.read
+            && self.write == other.write
+            && self.exec == other.exec
+            && self.shared == other.shared
+            && self.offset == other.offset
+            && self.dev_major == other.dev_major
+            && self.dev_minor == other.dev_minor
+            && self.inode == other.inode
+            && self.name == other.name
+    }
+
     /// PROT_* bits.
     pub fn prot(&self) -> u32 {
         let bit = |on: bool, prot: i32| if on { prot as u32 } else { 0 };
@@ -82,6 +98,12 @@ fn parse_line(path: &Path, line: &str) -> Result<MapEntry, ProcError> {
         return Err(bad("bad range"));
     }
     Ok(entry)
+}
+
+/// True if `a` and `b` list the same VMAs in the same order, compared with
+/// [`MapEntry::same_mapping`] (so a `maps` and an `smaps` reading compare).
+pub fn same_layout(a: &[MapEntry], b: &[MapEntry]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.same_mapping(y))
 }
 
 /// Parses `maps` or `smaps` text. A VMA line is recognised by its range
@@ -135,6 +157,23 @@ VmFlags: rd wr mr mw me gd ac
         assert_eq!(m[1].inode, 1234);
         assert_eq!(m[1].name, "/usr/lib/a b.so (deleted)");
         assert!(m[2].has_flag("gd"));
+    }
+
+    #[test]
+    fn layout_ignores_vm_flags() {
+        let smaps = "1000-2000 rw-p 00000000 00:00 0\nVmFlags: rd wr\n\
+                     3000-4000 r--p 00001000 fd:01 7 /lib/x\nVmFlags: rd\n";
+        let maps = "1000-2000 rw-p 00000000 00:00 0\n3000-4000 r--p 00001000 fd:01 7 /lib/x\n";
+        let a = parse_maps(Path::new("a"), smaps).unwrap();
+        let b = parse_maps(Path::new("b"), maps).unwrap();
+        assert!(same_layout(&a, &b));
+        assert!(!same_layout(&a, &b[..1]));
+        let mut c = b.clone();
+        c[1].end = 0x5000;
+        assert!(!same_layout(&a, &c));
+        c = b.clone();
+        c[0].write = false;
+        assert!(!same_layout(&a, &c));
     }
 
     #[test]

@@ -9,7 +9,7 @@ mod stat;
 mod status;
 
 pub use fdinfo::FdInfo;
-pub use maps::{parse_maps, MapEntry};
+pub use maps::{parse_maps, same_layout, MapEntry};
 pub use stat::Stat;
 pub use status::Status;
 
@@ -87,6 +87,13 @@ pub fn read_status(pid: i32) -> Result<Status, ProcError> {
 /// VMAs with their `VmFlags` (from `smaps`).
 pub fn read_smaps(pid: i32) -> Result<Vec<MapEntry>, ProcError> {
     let path = proc_dir(pid).join("smaps");
+    parse_maps(&path, &read_string(&path)?)
+}
+
+/// VMAs without `VmFlags` (from `maps`): cheap, as the kernel does not walk
+/// the page tables as it does for `smaps`.
+pub fn read_maps(pid: i32) -> Result<Vec<MapEntry>, ProcError> {
+    let path = proc_dir(pid).join("maps");
     parse_maps(&path, &read_string(&path)?)
 }
 
@@ -185,6 +192,9 @@ mod tests {
         assert!(auxv.chunks(2).any(|p| p[0] == libc::AT_PAGESZ));
         let maps = read_smaps(me).unwrap();
         assert!(maps.iter().any(|m| m.name == "[vdso]"));
+        let plain = read_maps(me).unwrap();
+        assert!(plain.iter().all(|m| m.vm_flags.is_empty()));
+        assert!(plain.iter().any(|m| m.name == "[vdso]"));
         assert!(maps
             .iter()
             .any(|m| m.name == "[stack]" && m.vm_flags.contains(&"gd".to_string())));

@@ -42,6 +42,8 @@ struct Incoming {
     pages: Option<(i32, IncomingPages)>,
     expected: HashMap<u32, u64>,
     received: HashMap<u32, u64>,
+    /// Rounds whose `RoundStored` was sent.
+    acked: std::collections::HashSet<u32>,
     final_state: Option<crm_proto::migrate::FinalState>,
 }
 
@@ -55,6 +57,23 @@ impl Incoming {
             bail!("pages for process {pid} arrived, but this migration is of process {p}");
         }
         Ok(store)
+    }
+
+    /// Tells the source once every batch of `round` is stored.
+    async fn ack_if_stored(&mut self, session: &Session, round: u32) -> Result<()> {
+        let Some(&want) = self.expected.get(&round) else {
+            return Ok(());
+        };
+        if self.acked.contains(&round) || self.received.get(&round).copied().unwrap_or(0) < want {
+            return Ok(());
+        }
+        self.acked.insert(round);
+        session
+            .send_control(&ctl(control::Msg::RoundStored(
+                crm_proto::migrate::RoundStored { round },
+            )))
+            .await?;
+        Ok(())
     }
 
     fn complete(&self) -> bool {
@@ -111,6 +130,7 @@ async fn serve(session: &Session, dir_path: &Path) -> Result<()> {
         pages: None,
         expected: HashMap::new(),
         received: HashMap::new(),
+        acked: Default::default(),
         final_state: None,
     };
     let mut receiver = session.page_receiver()?;
@@ -122,6 +142,7 @@ async fn serve(session: &Session, dir_path: &Path) -> Result<()> {
                     let store = inc.store(h.pid)?;
                     store.put(h.vaddr, &data, h.round)?;
                     *inc.received.entry(h.round).or_default() += 1;
+                    inc.ack_if_stored(session, h.round).await?;
                 }
                 None => streams_open = false,
             },
@@ -132,6 +153,7 @@ async fn serve(session: &Session, dir_path: &Path) -> Result<()> {
                     Some(control::Msg::RoundEnd(r)) => {
                         tracing::info!("round {}: {} pages ({:.1} MiB) announced", r.round, r.pages, r.bytes as f64 / (1 << 20) as f64);
                         inc.expected.insert(r.round, r.batches);
+                        inc.ack_if_stored(session, r.round).await?;
                     }
                     Some(control::Msg::ZeroPages(z)) => inc.store(z.pid)?.zero_range(z.vaddr, z.nr_pages, z.round),
                     Some(control::Msg::FinalState(f)) => inc.final_state = Some(f),

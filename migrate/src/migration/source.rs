@@ -251,12 +251,17 @@ impl Driver<'_> {
         }
     }
 
+    /// Ends a round: flushes its pages and announces it. With `wait_stored`
+    /// (every round before the final one) also waits until the destination
+    /// has stored all of it, so the round's time is the real end-to-end time
+    /// and nothing of it is still queued when the process is frozen.
     async fn end_round(
         &mut self,
         round: u32,
         stats: &RoundStats,
         batches_before: u64,
         started: Instant,
+        wait_stored: bool,
     ) -> Result<RoundRecord> {
         self.pages.flush().await?;
         let st = self.pages.stats();
@@ -270,6 +275,9 @@ impl Driver<'_> {
                 batches,
             })))
             .await?;
+        if wait_stored {
+            self.wait_stored(round).await?;
+        }
         let elapsed = started.elapsed();
         self.report.rounds.push(RoundReport {
             round,
@@ -286,6 +294,20 @@ impl Driver<'_> {
             bytes,
             elapsed,
         })
+    }
+
+    /// Waits for the destination's `RoundStored` of `round`.
+    async fn wait_stored(&mut self, round: u32) -> Result<()> {
+        loop {
+            let msg = self.session.recv_control().await.with_context(|| {
+                format!("waiting for {} to store round {round}", self.session.peer())
+            })?;
+            match msg.msg {
+                Some(control::Msg::RoundStored(r)) if r.round == round => return Ok(()),
+                Some(control::Msg::Abort(a)) => bail!("the destination aborted: {}", a.reason),
+                _ => {}
+            }
+        }
     }
 
     async fn wait_killed(&mut self) -> Result<()> {
@@ -337,7 +359,7 @@ impl Driver<'_> {
                 bail!("unexpected event during round {round}");
             };
             history.push(
-                self.end_round(round, &stats, batches_before, started)
+                self.end_round(round, &stats, batches_before, started, true)
                     .await?,
             );
             round += 1;
@@ -369,7 +391,7 @@ impl Driver<'_> {
         else {
             bail!("unexpected event during the final round");
         };
-        self.end_round(round, &stats, batches_before, started)
+        self.end_round(round, &stats, batches_before, started, false)
             .await?;
         self.report.frozen_at_unix_us = frozen_at_us;
         let final_state = crm_proto::migrate::FinalState {
@@ -516,6 +538,11 @@ pub async fn send(session: Session, opts: &SendOptions, progress: Progress) -> R
     // Every round was flushed and the destination confirmed the restore:
     // the page streams have nothing left to carry.
     let stats = d.pages.stats();
+    tracing::debug!(
+        "path MTU {} bytes, RTT {:.2?}",
+        session.path_mtu(),
+        session.rtt()
+    );
     let mut report = d.report;
     drop(d.cmds);
     let _ = engine.join();

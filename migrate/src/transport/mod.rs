@@ -39,10 +39,12 @@
 //!     │── RoundStart{i} ─────────────────────────────────────────▶│
 //!     │══ page batches {pid, i, vaddr, pages} on page streams ═══▶│ store newest copy
 //!     │── RoundEnd{i, pages, bytes, batches} ────────────────────▶│ round i complete once
-//!     │   └────────────────────────────────────────────────────── │ `batches` batches of
-//!     │                                                           │ round i arrived
-//!     │── FinalState{inventory, core, mm, files, final_round} ───▶│ restore
-//!     │◀────── RestoreResult{ok, error, pid, restored_at_unix_us} ─│ (tree running)
+//!     │                                                           │ `batches` batches of
+//!     │◀──────────────────────────────────────── RoundStored{i} ──│ round i are stored
+//!     │   └── (the source waits for it, except in the last round) │
+//!     │── FinalState{inventory, core, mm, files, final_round} ───▶│ restore (lazy: the
+//!     │◀────── RestoreResult{ok, error, pid, restored_at_unix_us} ─│ tree runs, its memory
+//!     │                                                           │ fills in after)
 //!     │── Commit{} (source killed)  |  Abort{reason} (source      │
 //!     │   resumes) ──────────────────────────────────────────────▶│
 //!     │        both: Session::finish (end control stream, close)  │

@@ -73,33 +73,41 @@ fn transport_config(server: bool) -> quinn::TransportConfig {
     // A round may leave the connection quiet while the engine works.
     t.keep_alive_interval(Some(Duration::from_secs(5)));
     t.max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(60_000))));
-    let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(MAX_UDP_PAYLOAD);
-    t.mtu_discovery_config(Some(mtu));
     t
 }
 
-/// Largest UDP payload we accept and probe for. Path MTU discovery starts
-/// at 1200 bytes and climbs towards this; on loopback (MTU 65536) packets of
-/// ~64 KiB cut the per-packet cost (crypto setup, headers, syscalls) that
-/// otherwise caps a 2-core host at a few hundred MiB/s. Links with a normal
-/// 1500-byte MTU settle at ~1450 as before.
-const MAX_UDP_PAYLOAD: u16 = 65_527;
-
-/// Binds a QUIC endpoint (a server one when `server` is given) whose UDP
-/// payload limit and MTU discovery allow jumbo packets where the path does.
+/// Binds a QUIC endpoint (a server one when `server` is given) on a UDP
+/// socket with large buffers (see [`SOCKET_BUFFER`]).
 fn bind_endpoint(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> Result<quinn::Endpoint> {
     let bind_err = |source| TransportError::Bind { addr, source };
-    let mut cfg = quinn::EndpointConfig::default();
-    cfg.max_udp_payload_size(MAX_UDP_PAYLOAD)
-        .expect("65527 is within QUIC's allowed payload sizes");
+    let cfg = quinn::EndpointConfig::default();
     let socket = std::net::UdpSocket::bind(addr).map_err(bind_err)?;
+    size_socket_buffers(&socket);
     let runtime = quinn::default_runtime().ok_or_else(|| {
         bind_err(std::io::Error::other(
             "no async runtime for the QUIC endpoint",
         ))
     })?;
     quinn::Endpoint::new(cfg, server, socket, runtime).map_err(bind_err)
+}
+
+/// UDP socket buffer size we ask for. The default (~208 KiB) overflows as
+/// soon as the receiving side falls behind for a moment; every overflow is a
+/// packet loss to QUIC, which halves its window and, for large packets,
+/// looks like an MTU black hole. 16 MiB rides out such stalls at GB/s.
+const SOCKET_BUFFER: usize = 16 << 20;
+
+/// Enlarges the socket's buffers: beyond `net.core.[rw]mem_max` where we
+/// may (`SO_RCVBUFFORCE` needs CAP_NET_ADMIN), else up to the limit.
+fn size_socket_buffers(socket: &std::net::UdpSocket) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let rcv = setsockopt(socket, sockopt::RcvBufForce, &SOCKET_BUFFER)
+        .or_else(|_| setsockopt(socket, sockopt::RcvBuf, &SOCKET_BUFFER));
+    let snd = setsockopt(socket, sockopt::SndBufForce, &SOCKET_BUFFER)
+        .or_else(|_| setsockopt(socket, sockopt::SndBuf, &SOCKET_BUFFER));
+    if let Err(e) = rcv.and(snd) {
+        tracing::debug!("could not enlarge the UDP socket buffers: {e}");
+    }
 }
 
 fn server_config(id: &Identity) -> Result<quinn::ServerConfig> {
@@ -181,6 +189,7 @@ pub fn control_kind(c: &Control) -> &'static str {
         Some(control::Msg::Commit(_)) => "Commit",
         Some(control::Msg::Abort(_)) => "Abort",
         Some(control::Msg::Progress(_)) => "Progress",
+        Some(control::Msg::RoundStored(_)) => "RoundStored",
         Some(control::Msg::ZeroPages(_)) => "ZeroPages",
         Some(control::Msg::PidsBusy(_)) => "PidsBusy",
         Some(control::Msg::PidsReleased(_)) => "PidsReleased",
@@ -715,6 +724,17 @@ impl Session {
     /// pinning next time). `None` on the server side.
     pub fn server_fingerprint(&self) -> Option<[u8; 32]> {
         self.server_fingerprint
+    }
+
+    /// The current path MTU (UDP payload bytes per packet).
+    pub fn path_mtu(&self) -> u16 {
+        let p = self.conn.stats().path;
+        tracing::debug!(
+            "path: mtu {} probes sent {} lost {} black holes {} packets {} lost {} cwnd {} congestion events {}",
+            p.current_mtu, p.sent_plpmtud_probes, p.lost_plpmtud_probes, p.black_holes_detected,
+            p.sent_packets, p.lost_packets, p.cwnd, p.congestion_events
+        );
+        p.current_mtu
     }
 
     /// Smoothed round-trip time of the connection.
