@@ -327,6 +327,9 @@ async fn serve(session: &Session, dir_path: &Path) -> Result<()> {
         ));
     }
     tracing::info!("migration of process {pid} committed");
+    // The source waits for our close before it exits: close now, not after
+    // the memory is filled in.
+    session.close_done();
     // The restorer stays until the last lazy page is in place.
     let t_fill = Instant::now();
     let status = restorer
@@ -340,11 +343,8 @@ async fn serve(session: &Session, dir_path: &Path) -> Result<()> {
         "memory of process {pid} fully in place {:.1} ms after the commit",
         t_fill.elapsed().as_secs_f64() * 1e3
     );
-    let _ = tokio::time::timeout(Duration::from_secs(5), session_finish(session)).await;
     Ok(())
 }
-
-async fn session_finish(_session: &Session) {}
 
 /// Runs `cr-migrate restore --lazy-pages` on `dir` and waits until it says
 /// the process runs. It goes on filling memory in the background (its

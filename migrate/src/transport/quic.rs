@@ -817,6 +817,12 @@ impl Session {
         self.conn.close(code::ABORT, reason.as_bytes());
     }
 
+    /// Closes the session after a completed migration (the peer sees
+    /// "done", not an abort).
+    pub fn close_done(&self) {
+        self.conn.close(code::DONE, b"done");
+    }
+
     /// [`Session::close`], then waits (2 s at most) until the close has gone
     /// out, so the peer learns at once instead of by idle timeout when this
     /// process exits right after.
