@@ -11,6 +11,19 @@ pub struct Args {
     pub state_dir: PathBuf,
     pub work_dir: PathBuf,
     pub keep_images: bool,
+    pub memory_limit_mib: Option<u64>,
+}
+
+/// Half of this host's RAM (from /proc/meminfo), 4 GiB if unknown.
+fn default_memory_limit() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(4 << 30, |kib| kib * 1024 / 2)
 }
 
 pub fn run(a: Args) -> Result<i32> {
@@ -36,6 +49,9 @@ pub fn run(a: Args) -> Result<i32> {
         let opts = ReceiveOptions {
             work_dir: a.work_dir,
             keep_images: a.keep_images,
+            memory_limit: a
+                .memory_limit_mib
+                .map_or_else(default_memory_limit, |m| m << 20),
         };
         receive(&session, &opts).await?;
         Ok(0)

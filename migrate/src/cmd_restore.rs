@@ -11,6 +11,23 @@ pub struct Options {
     pub lazy_pages: bool,
     /// Print `RUNNING PID` on stdout once the process runs.
     pub announce: bool,
+    /// Inherited unix socket to hand the lazy memory over on.
+    pub lazy_pages_fd: Option<i32>,
+}
+
+/// Takes ownership of an inherited descriptor after checking it is an open
+/// socket.
+fn inherited_socket(fd: i32) -> anyhow::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: fstat on a descriptor number only reads its metadata.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid out-pointer.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 || st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        anyhow::bail!("--lazy-pages-fd {fd} is not an open socket");
+    }
+    // SAFETY: the descriptor is open, a socket, and handed to us by our
+    // parent for this purpose alone; nothing else in this process uses it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
 
 pub fn run(dir: &Path, o: Options) -> anyhow::Result<i32> {
@@ -18,6 +35,7 @@ pub fn run(dir: &Path, o: Options) -> anyhow::Result<i32> {
         detach: o.detach,
         shell_job: o.shell_job,
         lazy_pages: o.lazy_pages,
+        lazy_socket: o.lazy_pages_fd.map(inherited_socket).transpose()?,
     };
     let mut report =
         restore(dir, &opts).with_context(|| format!("restore from {} failed", dir.display()))?;

@@ -86,6 +86,11 @@ enum Command {
         /// programs that drive cr-migrate).
         #[arg(long, hide = true)]
         announce: bool,
+        /// With --lazy-pages: hand the lazy memory to the process at the
+        /// other end of this (inherited) unix socket instead of serving it
+        /// from the image (used by `receive`).
+        #[arg(long, hide = true, requires = "lazy_pages")]
+        lazy_pages_fd: Option<i32>,
     },
     /// Live-migrate a running process to a `cr-migrate receive` on HOST:PORT.
     ///
@@ -146,6 +151,10 @@ enum Command {
         /// Keep the assembled image after a successful migration.
         #[arg(long)]
         keep_images: bool,
+        /// MiB of received pages held in memory; beyond it pages spill to a
+        /// file in the work dir. Default: half of this host's RAM.
+        #[arg(long, value_name = "MIB")]
+        memory_limit_mib: Option<u64>,
     },
     /// Print the contents of an image directory.
     Show {
@@ -201,6 +210,7 @@ fn main() {
             shell_job,
             lazy_pages,
             announce,
+            lazy_pages_fd,
         } => cmd_restore::run(
             &images_dir,
             cmd_restore::Options {
@@ -208,6 +218,7 @@ fn main() {
                 shell_job,
                 lazy_pages,
                 announce,
+                lazy_pages_fd,
             },
         ),
         Command::Show { images_dir, pages } => cmd_show::run(&images_dir, pages),
@@ -244,12 +255,14 @@ fn main() {
             state_dir,
             work_dir,
             keep_images,
+            memory_limit_mib,
         } => cmd_receive::run(cmd_receive::Args {
             listen,
             token_file,
             state_dir,
             work_dir,
             keep_images,
+            memory_limit_mib,
         }),
         Command::Check { json } => cmd_check::run(json).map(|()| 0),
     };

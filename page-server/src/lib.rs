@@ -8,9 +8,11 @@
 //!
 //! This crate is that store. [`PageStore`] keeps the newest copy of each
 //! page keyed by (task, page address), in memory up to a byte bound and in an
-//! append-only spill file beyond it. Networking (receiving batches from the
-//! transport) and the userfaultfd fault loop come later and sit on top of it;
-//! this crate knows nothing about QUIC, and nothing about ptrace.
+//! append-only spill file beyond it; pages that turned zero are recorded
+//! without data. `cr-migrate receive` fills it from the page streams and,
+//! once the process is restored, serves its userfaultfd faults from it (the
+//! fault loop is `crm_engine::restore::lazy`). This crate knows nothing
+//! about QUIC, and nothing about ptrace.
 
 mod store;
 

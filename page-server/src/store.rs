@@ -93,7 +93,12 @@ enum Location {
     Memory(Box<[u8]>),
     /// Byte offset in the spill file.
     Spilled(u64),
+    /// The page read as zero (no data held): an older copy is void.
+    Zero,
 }
+
+/// A page of zeros, lent out for [`Location::Zero`] pages.
+static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 
 #[derive(Debug)]
 struct Slot {
@@ -244,14 +249,18 @@ impl PageStore {
                     bytes.copy_from_slice(page);
                     slot.round = round;
                 }
-                Location::Spilled(_) => {
+                Location::Spilled(_) | Location::Zero => {
+                    let was_spilled = matches!(slot.location, Location::Spilled(_));
                     let fits = self.stats.bytes_in_memory + page_bytes <= self.memory_limit;
+                    if was_spilled {
+                        self.stats.bytes_spilled -= page_bytes;
+                    }
                     slot.location = if fits {
                         self.stats.bytes_in_memory += page_bytes;
-                        self.stats.bytes_spilled -= page_bytes;
                         Location::Memory(page.into())
                     } else {
                         let offset = self.spill.append(task, addr, page)?;
+                        self.stats.bytes_spilled += page_bytes;
                         self.stats.spill_file_bytes = self.spill.len;
                         Location::Spilled(offset)
                     };
@@ -295,7 +304,66 @@ impl PageStore {
         match &slot.location {
             Location::Memory(bytes) => Ok(Cow::Borrowed(bytes)),
             Location::Spilled(offset) => self.spill.read(task, addr, *offset).map(Cow::Owned),
+            Location::Zero => Ok(Cow::Borrowed(&ZERO_PAGE)),
         }
+    }
+
+    /// Records that the `nr_pages` pages at `addr` in `task` read as zero in
+    /// `round`: the copies held go (unless from a later round) and
+    /// [`PageStore::get`] returns zeros for them; pages not held stay so.
+    pub fn insert_zero(
+        &mut self,
+        task: TaskId,
+        addr: u64,
+        nr_pages: u64,
+        round: u32,
+    ) -> Result<(), PageStoreError> {
+        if !addr.is_multiple_of(PAGE_SIZE as u64) {
+            return Err(PageStoreError::Unaligned { task, addr });
+        }
+        let len = nr_pages.saturating_mul(PAGE_SIZE as u64);
+        if nr_pages == 0 || addr.checked_add(len - 1).is_none() {
+            return Err(PageStoreError::AddressOverflow {
+                task,
+                addr,
+                len: len as usize,
+            });
+        }
+        let page_bytes = PAGE_SIZE as u64;
+        // Only held copies need voiding: no batch of an earlier round can
+        // arrive after this (each round is stored before the next starts),
+        // so the cost is bounded by what is held, not by `nr_pages`.
+        let end = addr.saturating_add(len);
+        for (_, slot) in self.pages.range_mut((task, addr)..(task, end)) {
+            if slot.round > round {
+                self.stats.stale_copies_dropped += 1;
+                continue;
+            }
+            match slot.location {
+                Location::Memory(_) => self.stats.bytes_in_memory -= page_bytes,
+                Location::Spilled(_) => self.stats.bytes_spilled -= page_bytes,
+                Location::Zero => {}
+            }
+            slot.location = Location::Zero;
+            slot.round = round;
+        }
+        Ok(())
+    }
+
+    /// The pages of `task` that hold data (not known-zero) inside
+    /// `[start, end)`, as merged, sorted ranges.
+    pub fn data_ranges(&self, task: TaskId, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (&(_, a), slot) in self.pages.range((task, start)..(task, end)) {
+            if matches!(slot.location, Location::Zero) {
+                continue;
+            }
+            match out.last_mut() {
+                Some(last) if last.1 == a => last.1 = a + PAGE_SIZE as u64,
+                _ => out.push((a, a + PAGE_SIZE as u64)),
+            }
+        }
+        out
     }
 
     /// Every page held for `task` as `(address, bytes)`, in address order.
@@ -386,6 +454,34 @@ mod tests {
         assert_eq!(st.bytes_in_memory, 3 * P);
         assert_eq!(st.bytes_spilled, 0);
         assert!(!dir.spill().exists(), "nothing spilled, no file");
+    }
+
+    #[test]
+    fn zero_pages_void_older_copies_and_leave_the_data_ranges() {
+        let dir = TempDir::new();
+        // Room for 2 pages in memory: pages 3.. spill.
+        let mut s = PageStore::new(2 * P, dir.spill());
+        s.insert_batch(7, 0x1000, 0, &pages(5, 10)).unwrap();
+        assert_eq!(s.data_ranges(7, 0, u64::MAX), vec![(0x1000, 0x6000)]);
+        // Pages 2 and 3 (one in memory, one spilled) became zero in round 1;
+        // a zero run over pages never held costs nothing and adds nothing.
+        s.insert_zero(7, 0x2000, 2, 1).unwrap();
+        s.insert_zero(7, 0x100_0000, 1 << 40, 1).unwrap();
+        assert_eq!(
+            s.data_ranges(7, 0, u64::MAX),
+            vec![(0x1000, 0x2000), (0x4000, 0x6000)]
+        );
+        assert_eq!(byte_of(&s, 7, 0x2000), 0);
+        assert_eq!(byte_of(&s, 7, 0x3000), 0);
+        let st = s.stats();
+        assert_eq!(st.pages, 5);
+        assert_eq!(st.bytes_in_memory + st.bytes_spilled, 3 * P);
+        // An older round's zero run does not void a newer copy.
+        s.insert_batch(7, 0x2000, 2, &pages(1, 77)).unwrap();
+        s.insert_zero(7, 0x2000, 1, 1).unwrap();
+        assert_eq!(byte_of(&s, 7, 0x2000), 77);
+        assert_eq!(s.data_ranges(7, 0x2000, 0x3000), vec![(0x2000, 0x3000)]);
+        assert!(s.insert_zero(7, 0x2001, 1, 1).is_err());
     }
 
     #[test]

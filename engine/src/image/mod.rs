@@ -22,7 +22,6 @@ mod bounds;
 mod error;
 pub mod framing;
 pub mod pages;
-pub mod store;
 
 #[cfg(test)]
 mod tests;

@@ -50,14 +50,20 @@ pub enum LazyError {
     Image { pid: i32, what: String },
 }
 
-/// Part of a run still to be filled: where it is now in the process and
-/// which pages of which run it holds.
+/// A range still to be filled: where it is now in the process (the map key
+/// and `end`) and where its pages were when they were dumped (`orig`, the
+/// address the [`PageSource`] knows them by; they differ after `mremap`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Piece {
     end: u64,
-    run: usize,
-    /// Index of the piece's first page within its run.
-    page_off: u64,
+    orig: u64,
+}
+
+/// Where lazy pages come from, by their address at dump time.
+pub trait PageSource: Send {
+    /// Fills `buf` (whole pages) with the pages at `orig..orig + buf.len()`,
+    /// all of which hold content (they were handed over as lazy ranges).
+    fn read(&mut self, orig: u64, buf: &mut [u8]) -> Result<(), String>;
 }
 
 /// The pieces of one address space still to fill, keyed by start address.
@@ -97,8 +103,7 @@ impl Pieces {
                     hi,
                     Piece {
                         end: p.end,
-                        run: p.run,
-                        page_off: p.page_off + (hi - s) / PAGE,
+                        orig: p.orig + (hi - s),
                     },
                 );
             }
@@ -107,8 +112,7 @@ impl Pieces {
                     lo,
                     Piece {
                         end: hi,
-                        run: p.run,
-                        page_off: p.page_off + (lo - s) / PAGE,
+                        orig: p.orig + (lo - s),
                     },
                 ));
             }
@@ -152,7 +156,7 @@ pub struct LazyStats {
     pub faulted_pages: u64,
     /// Pages filled in the background.
     pub pushed_pages: u64,
-    /// Zero pages given to faults outside the image's pages.
+    /// Zero pages given to faults outside the lazy pages.
     pub zero_pages: u64,
     /// Contexts served (1 + forks).
     pub contexts: u64,
@@ -162,8 +166,7 @@ pub struct LazyStats {
 /// The restored process's lazy memory, and the means to fill it.
 pub struct LazyPages {
     pid: i32,
-    pages: PagesReader,
-    runs: Vec<PageRun>,
+    source: Box<dyn PageSource>,
     ctxs: Vec<Ctx>,
     total_pages: u64,
 }
@@ -178,10 +181,22 @@ impl std::fmt::Debug for LazyPages {
 }
 
 /// The lazy ranges of a plan: `(start, end)` of each lazy VMA at its final
-/// address, and the runs that lie in them.
+/// address, and the runs (indexes into the pagemap) that lie in them.
 pub struct LazyRanges {
     pub vmas: Vec<(u64, u64)>,
     pub runs: Vec<usize>,
+}
+
+/// Where the lazy pages of a restore are served from.
+pub enum LazyMode {
+    /// Everything is filled before the process runs.
+    Off,
+    /// This process serves them from the image's pages file.
+    Image,
+    /// Another process serves them: the userfaultfd and the ranges are
+    /// handed to it over this unix socket (see [`handover`]); the image
+    /// holds no pages of the lazy VMAs.
+    External(OwnedFd),
 }
 
 fn io_err(pid: i32, what: impl Into<String>) -> impl FnOnce(io::Error) -> LazyError {
@@ -189,46 +204,114 @@ fn io_err(pid: i32, what: impl Into<String>) -> impl FnOnce(io::Error) -> LazyEr
     move |source| LazyError::Io { pid, what, source }
 }
 
-/// Reads the pages `[page_off, page_off + n)` of `run` from the pages file.
-fn read_pages(
-    pid: i32,
-    pages: &PagesReader,
-    run: &PageRun,
-    page_off: u64,
-    buf: &mut [u8],
-) -> Result<(), LazyError> {
-    let at = pages
-        .file_offset(run, page_off)
-        .map_err(|e| LazyError::Image {
-            pid,
-            what: e.to_string(),
-        })?;
-    pages
-        .file()
-        .read_exact_at(buf, at)
-        .map_err(io_err(pid, format!("read pages of {:#x}", run.vaddr)))
+/// Pages from an image's pages file; each run's CRC is checked the first
+/// time any of its pages is read.
+struct ImageSource {
+    pages: PagesReader,
+    /// Lazy runs, sorted by address, and whether each was checked.
+    runs: Vec<(PageRun, bool)>,
+}
+
+impl ImageSource {
+    fn check(&self, run: &PageRun) -> Result<(), String> {
+        let mut h = crc32fast::Hasher::new();
+        let mut buf = vec![0u8; PUSH_CHUNK as usize];
+        let mut off = 0;
+        while off < run.nr_pages {
+            let n = (run.nr_pages - off).min(PUSH_CHUNK / PAGE);
+            let b = &mut buf[..(n * PAGE) as usize];
+            self.read_run(run, off, b)?;
+            h.update(b);
+            off += n;
+        }
+        if h.finalize() != run.crc32 {
+            return Err(format!(
+                "the pages of {:#x} ({} pages) fail their checksum",
+                run.vaddr, run.nr_pages
+            ));
+        }
+        Ok(())
+    }
+
+    fn read_run(&self, run: &PageRun, page_off: u64, buf: &mut [u8]) -> Result<(), String> {
+        let at = self
+            .pages
+            .file_offset(run, page_off)
+            .map_err(|e| e.to_string())?;
+        self.pages
+            .file()
+            .read_exact_at(buf, at)
+            .map_err(|e| format!("read pages of {:#x}: {e}", run.vaddr))
+    }
+}
+
+impl PageSource for ImageSource {
+    fn read(&mut self, orig: u64, buf: &mut [u8]) -> Result<(), String> {
+        let mut done = 0u64;
+        let len = buf.len() as u64;
+        while done < len {
+            let a = orig + done;
+            let i = self
+                .runs
+                .partition_point(|(r, _)| r.vaddr + r.nr_pages * PAGE <= a);
+            let Some((run, checked)) = self.runs.get(i).copied() else {
+                return Err(format!("no page of the image at {a:#x}"));
+            };
+            if run.vaddr > a {
+                return Err(format!("no page of the image at {a:#x}"));
+            }
+            if !checked {
+                self.check(&run)?;
+                self.runs[i].1 = true;
+            }
+            let off = (a - run.vaddr) / PAGE;
+            let n = (run.nr_pages - off).min((len - done) / PAGE);
+            self.read_run(
+                &run,
+                off,
+                &mut buf[done as usize..(done + n * PAGE) as usize],
+            )?;
+            done += n * PAGE;
+        }
+        Ok(())
+    }
 }
 
 /// Prepares lazy memory for the task stopped at its last trap; see the
-/// module doc. Returns `None` when the pages were filled eagerly instead.
+/// module doc. Returns what this process must serve: `None` when the pages
+/// were filled eagerly, or handed over ([`LazyMode::External`]).
 pub fn setup(
     pid: i32,
     thread: &RemoteThread,
     pages: PagesReader,
     ranges: &LazyRanges,
+    mode: LazyMode,
 ) -> Result<Option<LazyPages>, LazyError> {
+    let present = present_pages(pid, &ranges.vmas)?;
+    if let LazyMode::External(sock) = mode {
+        let uffd = create_uffd(pid, thread).map_err(|reason| LazyError::Image {
+            pid,
+            what: format!("lazy pages need a userfaultfd: {reason}"),
+        })?;
+        register_all(pid, &uffd, &ranges.vmas)?;
+        handover(pid, &sock, &uffd, &ranges.vmas, &present)?;
+        return Ok(None);
+    }
     let runs: Vec<PageRun> = ranges.runs.iter().map(|&i| pages.runs()[i]).collect();
     let mut pieces = Pieces::default();
-    for (i, r) in runs.iter().enumerate() {
+    for r in &runs {
         pieces.insert(
             r.vaddr,
             Piece {
                 end: r.vaddr + r.nr_pages * PAGE,
-                run: i,
-                page_off: 0,
+                orig: r.vaddr,
             },
         );
     }
+    let mut source = ImageSource {
+        pages,
+        runs: runs.iter().map(|&r| (r, false)).collect(),
+    };
     let mem = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -236,38 +319,40 @@ pub fn setup(
         .map_err(io_err(pid, "open /proc/PID/mem"))?;
     // Pages already present (written by the kernel during the restore)
     // would make a later fill fail: fill them now, through /proc/PID/mem.
-    let present = present_pages(pid, &ranges.vmas)?;
-    let mut buf = vec![0u8; PAGE as usize];
-    for (a, b) in present {
-        for (s, p) in pieces.take(a, b) {
-            write_piece(pid, &mem, &pages, &runs, s, p, &mut buf)?;
-        }
-    }
+    let mut todo: Vec<(u64, Piece)> = present
+        .iter()
+        .flat_map(|&(a, b)| pieces.take(a, b))
+        .collect();
     let uffd = match create_uffd(pid, thread) {
-        Ok(fd) => fd,
+        Ok(fd) => Some(fd),
         Err(reason) => {
             tracing::info!(
                 "process {pid}: lazy restore unavailable ({reason}); filling memory before it runs"
             );
-            let all = pieces.take(0, u64::MAX);
-            let mut buf = vec![0u8; PUSH_CHUNK as usize];
-            for (s, p) in all {
-                write_piece(pid, &mem, &pages, &runs, s, p, &mut buf)?;
-            }
-            return Ok(None);
+            todo.extend(pieces.take(0, u64::MAX));
+            None
         }
     };
-    for &(a, b) in &ranges.vmas {
-        uffd::register_missing(uffd.as_fd(), a, b - a).map_err(io_err(
-            pid,
-            format!("register {a:#x}-{b:#x} with userfaultfd"),
-        ))?;
+    let mut buf = Vec::new();
+    for (s, p) in todo {
+        let mut at = s;
+        while at < p.end {
+            let n = (p.end - at).min(PUSH_CHUNK);
+            buf.resize(n as usize, 0);
+            source
+                .read(p.orig + (at - s), &mut buf)
+                .map_err(|what| LazyError::Image { pid, what })?;
+            mem.write_all_at(&buf, at)
+                .map_err(io_err(pid, format!("write pages at {at:#x}")))?;
+            at += n;
+        }
     }
+    let Some(uffd) = uffd else { return Ok(None) };
+    register_all(pid, &uffd, &ranges.vmas)?;
     let total_pages = pieces.pages();
     Ok(Some(LazyPages {
         pid,
-        pages,
-        runs,
+        source: Box::new(source),
         ctxs: vec![Ctx {
             uffd,
             pieces,
@@ -277,29 +362,152 @@ pub fn setup(
     }))
 }
 
-/// Writes a piece through `/proc/PID/mem` (works whatever the protection).
-fn write_piece(
-    pid: i32,
-    mem: &std::fs::File,
-    pages: &PagesReader,
-    runs: &[PageRun],
-    start: u64,
-    p: Piece,
-    buf: &mut Vec<u8>,
-) -> Result<(), LazyError> {
-    let run = &runs[p.run];
-    let mut at = start;
-    let mut off = p.page_off;
-    while at < p.end {
-        let n = ((p.end - at) / PAGE).min((buf.len() as u64 / PAGE).max(1));
-        buf.resize((n * PAGE) as usize, 0);
-        read_pages(pid, pages, run, off, buf)?;
-        mem.write_all_at(buf, at)
-            .map_err(io_err(pid, format!("write pages at {at:#x}")))?;
-        at += n * PAGE;
-        off += n;
+fn register_all(pid: i32, uffd: &OwnedFd, vmas: &[(u64, u64)]) -> Result<(), LazyError> {
+    for &(a, b) in vmas {
+        uffd::register_missing(uffd.as_fd(), a, b - a).map_err(io_err(
+            pid,
+            format!("register {a:#x}-{b:#x} with userfaultfd"),
+        ))?;
     }
     Ok(())
+}
+
+/// Most ranges a hand-over message may carry.
+const MAX_HANDOVER_RANGES: usize = 1 << 20;
+
+/// Sends the userfaultfd, the lazy VMAs and the already-present pages to the
+/// serving process, then waits until it says it wrote the present pages
+/// (one byte). Message: `u64` little-endian words `n_vmas, (start, end)…,
+/// n_present, (start, end)…`, the fd attached as `SCM_RIGHTS`.
+fn handover(
+    pid: i32,
+    sock: &OwnedFd,
+    uffd: &OwnedFd,
+    vmas: &[(u64, u64)],
+    present: &[(u64, u64)],
+) -> Result<(), LazyError> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let mut words = vec![vmas.len() as u64];
+    words.extend(vmas.iter().flat_map(|&(a, b)| [a, b]));
+    words.push(present.len() as u64);
+    words.extend(present.iter().flat_map(|&(a, b)| [a, b]));
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let len = (bytes.len() as u64).to_le_bytes();
+    let fds = [uffd.as_raw_fd()];
+    let iov = [io::IoSlice::new(&len)];
+    sendmsg::<()>(
+        sock.as_raw_fd(),
+        &iov,
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(|e| LazyError::Io {
+        pid,
+        what: "hand the userfaultfd over".into(),
+        source: e.into(),
+    })?;
+    let mut f = std::fs::File::from(sock.try_clone().map_err(io_err(pid, "dup the socket"))?);
+    io::Write::write_all(&mut f, &bytes).map_err(io_err(pid, "send the lazy ranges"))?;
+    let mut ack = [0u8; 1];
+    io::Read::read_exact(&mut f, &mut ack).map_err(io_err(
+        pid,
+        "wait for the page server to fill the present pages",
+    ))?;
+    if ack[0] != b'1' {
+        return Err(LazyError::Image {
+            pid,
+            what: "the page server could not fill the present pages".into(),
+        });
+    }
+    Ok(())
+}
+
+/// What [`receive_handover`] got: the userfaultfd, the lazy VMAs and the
+/// pages that are already present (to be written through `/proc/PID/mem`
+/// before acknowledging).
+#[derive(Debug)]
+pub struct Handover {
+    pub uffd: OwnedFd,
+    pub vmas: Vec<(u64, u64)>,
+    pub present: Vec<(u64, u64)>,
+}
+
+/// The serving side of [`handover`] (blocking). `None` when the restorer
+/// closed the socket without handing anything over (no lazy VMA).
+pub fn receive_handover(sock: &OwnedFd) -> io::Result<Option<Handover>> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let mut len = [0u8; 8];
+    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let mut iov = [io::IoSliceMut::new(&mut len)];
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(io::Error::from)?;
+    let mut uffd = None;
+    for c in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            for fd in fds {
+                // SAFETY: the kernel installed this descriptor for us.
+                let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+                uffd.get_or_insert(owned);
+            }
+        }
+    }
+    if msg.bytes == 0 && uffd.is_none() {
+        return Ok(None);
+    }
+    if msg.bytes != 8 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "short hand-over header",
+        ));
+    }
+    let uffd = uffd.ok_or_else(|| io::Error::other("no userfaultfd in the hand-over"))?;
+    let n = u64::from_le_bytes(len);
+    if n % 8 != 0 || n / 16 > 2 * MAX_HANDOVER_RANGES as u64 + 1 {
+        return Err(io::Error::other(format!("bad hand-over length {n}")));
+    }
+    let mut body = vec![0u8; n as usize];
+    let mut f = std::fs::File::from(sock.try_clone()?);
+    io::Read::read_exact(&mut f, &mut body)?;
+    let words: Vec<u64> = body
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect();
+    let mut it = words.into_iter();
+    let mut ranges = || -> io::Result<Vec<(u64, u64)>> {
+        let k = it
+            .next()
+            .ok_or_else(|| io::Error::other("truncated hand-over"))? as usize;
+        if k > MAX_HANDOVER_RANGES {
+            return Err(io::Error::other("too many ranges in the hand-over"));
+        }
+        (0..k)
+            .map(|_| match (it.next(), it.next()) {
+                (Some(a), Some(b)) if a < b && a % PAGE == 0 && b % PAGE == 0 => Ok((a, b)),
+                _ => Err(io::Error::other("bad range in the hand-over")),
+            })
+            .collect()
+    };
+    let vmas = ranges()?;
+    let present = ranges()?;
+    Ok(Some(Handover {
+        uffd,
+        vmas,
+        present,
+    }))
+}
+
+/// Tells the restorer the present pages are written (`ok`) or not.
+pub fn ack_handover(sock: &OwnedFd, ok: bool) -> io::Result<()> {
+    let mut f = std::fs::File::from(sock.try_clone()?);
+    io::Write::write_all(&mut f, if ok { b"1" } else { b"0" })
 }
 
 /// Present pages in `vmas`, as merged ranges, from `/proc/PID/pagemap`.
@@ -359,6 +567,31 @@ fn create_uffd(pid: i32, thread: &RemoteThread) -> Result<OwnedFd, String> {
 }
 
 impl LazyPages {
+    /// Lazy pages served from `source`: `ranges` (sorted `(start, end)`,
+    /// page-aligned, at their dump-time addresses) through `uffd`.
+    pub fn new(
+        pid: i32,
+        uffd: OwnedFd,
+        ranges: &[(u64, u64)],
+        source: Box<dyn PageSource>,
+    ) -> LazyPages {
+        let mut pieces = Pieces::default();
+        for &(a, b) in ranges {
+            pieces.insert(a, Piece { end: b, orig: a });
+        }
+        let total_pages = pieces.pages();
+        LazyPages {
+            pid,
+            source,
+            ctxs: vec![Ctx {
+                uffd,
+                pieces,
+                exited: false,
+            }],
+            total_pages,
+        }
+    }
+
     /// Pages still to fill.
     pub fn pages(&self) -> u64 {
         self.total_pages
@@ -366,8 +599,8 @@ impl LazyPages {
 
     /// Fills every lazy page (faults first), then closes the userfaultfd.
     /// Returns when nothing is left or the process (and its forks) exited.
-    /// A CRC mismatch in the image kills the process: it may have read the
-    /// damaged data already.
+    /// An unreadable or damaged page kills the process: it may have read
+    /// wrong data already, or would wait for the page forever.
     pub fn serve(mut self) -> Result<LazyStats, LazyError> {
         let started = Instant::now();
         let mut stats = LazyStats {
@@ -387,11 +620,9 @@ impl LazyPages {
     }
 
     fn serve_inner(&mut self, stats: &mut LazyStats) -> Result<(), LazyError> {
-        let mut buf = vec![0u8; PUSH_CHUNK as usize];
-        // Runs whose CRC was checked (the background reads whole runs).
-        let mut checked = vec![false; self.runs.len()];
+        let mut buf = Vec::new();
         loop {
-            self.handle_events(stats)?;
+            self.handle_events(stats, &mut buf)?;
             // Background: the lowest piece of the first context with work.
             let Some(ci) = self
                 .ctxs
@@ -401,41 +632,12 @@ impl LazyPages {
                 break;
             };
             let (&s, &p) = self.ctxs[ci].pieces.0.iter().next().expect("not empty");
-            if !checked[p.run] {
-                self.check_run(p.run, &mut buf)?;
-                checked[p.run] = true;
-            }
             let end = p.end.min(s + PUSH_CHUNK);
-            let taken = self.ctxs[ci].pieces.take(s, end);
-            for (ts, tp) in taken {
+            for (ts, tp) in self.ctxs[ci].pieces.take(s, end) {
                 stats.pushed_pages += self.fill(ci, ts, tp, &mut buf)?;
             }
         }
         self.ctxs.clear();
-        Ok(())
-    }
-
-    /// Reads a whole run once and checks its CRC.
-    fn check_run(&self, run: usize, buf: &mut Vec<u8>) -> Result<(), LazyError> {
-        let r = &self.runs[run];
-        let mut h = crc32fast::Hasher::new();
-        let mut off = 0;
-        while off < r.nr_pages {
-            let n = (r.nr_pages - off).min(PUSH_CHUNK / PAGE);
-            buf.resize((n * PAGE) as usize, 0);
-            read_pages(self.pid, &self.pages, r, off, buf)?;
-            h.update(buf);
-            off += n;
-        }
-        if h.finalize() != r.crc32 {
-            return Err(LazyError::Image {
-                pid: self.pid,
-                what: format!(
-                    "the pages of {:#x} ({} pages) fail their checksum; the process was killed",
-                    r.vaddr, r.nr_pages
-                ),
-            });
-        }
         Ok(())
     }
 
@@ -449,10 +651,14 @@ impl LazyPages {
         buf: &mut Vec<u8>,
     ) -> Result<u64, LazyError> {
         let pid = self.pid;
-        let run = self.runs[p.run];
         let n = (p.end - start) / PAGE;
         buf.resize((n * PAGE) as usize, 0);
-        read_pages(pid, &self.pages, &run, p.page_off, buf)?;
+        self.source
+            .read(p.orig, buf)
+            .map_err(|what| LazyError::Image {
+                pid,
+                what: format!("{what}; the process was killed"),
+            })?;
         let mut done = 0u64;
         let mut copied = 0u64;
         while done < n {
@@ -480,13 +686,15 @@ impl LazyPages {
                         dst,
                         Piece {
                             end: p.end,
-                            run: p.run,
-                            page_off: p.page_off + done,
+                            orig: p.orig + done * PAGE,
                         },
                     );
                     return Ok(copied);
                 }
-                Fill::Gone => return Ok(copied),
+                Fill::Gone => {
+                    tracing::debug!(pid, "lazy restore: {dst:#x} is no longer registered");
+                    return Ok(copied);
+                }
                 Fill::Exited => {
                     ctx.exited = true;
                     return Ok(copied);
@@ -497,8 +705,7 @@ impl LazyPages {
     }
 
     /// Reads and handles every pending message of every context.
-    fn handle_events(&mut self, stats: &mut LazyStats) -> Result<(), LazyError> {
-        let mut buf = Vec::new();
+    fn handle_events(&mut self, stats: &mut LazyStats, buf: &mut Vec<u8>) -> Result<(), LazyError> {
         let mut ci = 0;
         while ci < self.ctxs.len() {
             if self.ctxs[ci].exited {
@@ -513,9 +720,7 @@ impl LazyPages {
             }
             for m in msgs {
                 match m {
-                    Msg::PageFault { addr } => {
-                        self.fault(ci, addr & !(PAGE - 1), stats, &mut buf)?
-                    }
+                    Msg::PageFault { addr } => self.fault(ci, addr & !(PAGE - 1), stats, buf)?,
                     Msg::Fork { uffd } => {
                         // SAFETY: the kernel installed this descriptor in our
                         // table for us, as part of the message.
@@ -541,7 +746,7 @@ impl LazyPages {
     }
 
     /// Serves a fault at page `addr` of context `ci`: the aligned window
-    /// around it from the image, or a zero page where the image has none.
+    /// around it, or a zero page where no lazy page is left.
     fn fault(
         &mut self,
         ci: usize,
@@ -577,29 +782,32 @@ impl LazyPages {
 mod tests {
     use super::*;
 
-    fn piece(end: u64, run: usize, page_off: u64) -> Piece {
-        Piece { end, run, page_off }
+    fn piece(end: u64, orig: u64) -> Piece {
+        Piece { end, orig }
+    }
+
+    fn list(p: &Pieces) -> Vec<(u64, Piece)> {
+        p.0.iter().map(|(&s, &q)| (s, q)).collect()
     }
 
     #[test]
     fn take_splits_pieces_at_the_edges() {
         let mut p = Pieces::default();
-        p.insert(0x10000, piece(0x20000, 0, 0));
-        p.insert(0x30000, piece(0x34000, 1, 0));
+        p.insert(0x10000, piece(0x20000, 0x10000));
+        p.insert(0x30000, piece(0x34000, 0x30000));
         let t = p.take(0x14000, 0x31000);
         assert_eq!(
             t,
             vec![
-                (0x14000, piece(0x20000, 0, 4)),
-                (0x30000, piece(0x31000, 1, 0))
+                (0x14000, piece(0x20000, 0x14000)),
+                (0x30000, piece(0x31000, 0x30000))
             ]
         );
-        let left: Vec<_> = p.0.iter().map(|(&s, &q)| (s, q)).collect();
         assert_eq!(
-            left,
+            list(&p),
             vec![
-                (0x10000, piece(0x14000, 0, 0)),
-                (0x31000, piece(0x34000, 1, 1))
+                (0x10000, piece(0x14000, 0x10000)),
+                (0x31000, piece(0x34000, 0x31000))
             ]
         );
         assert_eq!(p.pages(), 4 + 3);
@@ -608,16 +816,15 @@ mod tests {
     #[test]
     fn remap_moves_pieces_and_drops_what_was_at_the_destination() {
         let mut p = Pieces::default();
-        p.insert(0x10000, piece(0x18000, 0, 0));
-        p.insert(0x50000, piece(0x52000, 1, 0));
+        p.insert(0x10000, piece(0x18000, 0x10000));
+        p.insert(0x50000, piece(0x52000, 0x50000));
         // Move the upper half of the first piece over the second one.
         p.remap(0x14000, 0x50000, 0x4000);
-        let left: Vec<_> = p.0.iter().map(|(&s, &q)| (s, q)).collect();
         assert_eq!(
-            left,
+            list(&p),
             vec![
-                (0x10000, piece(0x14000, 0, 0)),
-                (0x50000, piece(0x54000, 0, 4))
+                (0x10000, piece(0x14000, 0x10000)),
+                (0x50000, piece(0x54000, 0x14000))
             ]
         );
     }

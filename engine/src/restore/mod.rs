@@ -17,6 +17,7 @@ mod blob;
 mod child;
 pub mod lazy;
 mod plan;
+pub use plan::lazy_eligible;
 mod tracer;
 mod uffd_missing;
 
@@ -86,7 +87,7 @@ pub enum RestoreError {
     Tree { n: usize },
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct RestoreOptions {
     /// Return once the process runs instead of waiting for it to exit.
     pub detach: bool,
@@ -95,6 +96,11 @@ pub struct RestoreOptions {
     /// Let the process run before its private anonymous memory is filled;
     /// the caller must then run [`lazy::LazyPages::serve`] (see [`lazy`]).
     pub lazy_pages: bool,
+    /// With `lazy_pages`: hand the userfaultfd and the lazy ranges to the
+    /// process at the other end of this unix socket, which serves the pages
+    /// (the image holds none of the lazy VMAs' pages); see
+    /// [`lazy::receive_handover`].
+    pub lazy_socket: Option<OwnedFd>,
 }
 
 #[derive(Debug)]
@@ -289,7 +295,11 @@ fn prepare(dir: &Path, opts: &RestoreOptions) -> Result<Prepared, RestoreError> 
             files: &files,
             runs: pages.runs(),
             shell_job: inv.shell_job,
-            lazy: opts.lazy_pages,
+            lazy: match (opts.lazy_pages, &opts.lazy_socket) {
+                (false, _) => plan::LazyPlan::Off,
+                (true, None) => plan::LazyPlan::WherePages,
+                (true, Some(_)) => plan::LazyPlan::AllEligible,
+            },
         },
         &host,
     )?;
@@ -368,7 +378,17 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
             })?;
         tracer::supervise(&plan, &mut err_pipe)?;
         let total_pages = pages.total_pages();
-        let lazy = opts.lazy_pages.then(|| (pages, plan.lazy_ranges()));
+        let lazy = match (opts.lazy_pages, &opts.lazy_socket) {
+            (false, _) => None,
+            (true, None) => Some((pages, plan.lazy_ranges(), lazy::LazyMode::Image)),
+            (true, Some(sock)) => {
+                let sock = sock.try_clone().map_err(|source| RestoreError::Io {
+                    what: "duplicate the lazy-pages socket".into(),
+                    source,
+                })?;
+                Some((pages, plan.lazy_ranges(), lazy::LazyMode::External(sock)))
+            }
+        };
         tracer::finish(&plan, &core, lazy).map(|l| (l, total_pages))
     })();
     let (lazy, total_pages) = match result {

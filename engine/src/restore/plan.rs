@@ -123,8 +123,26 @@ pub struct Inputs<'a> {
     pub files: &'a FilesCore,
     pub runs: &'a [PageRun],
     pub shell_job: bool,
-    /// Leave private anonymous memory to lazy restore.
-    pub lazy: bool,
+    /// Which private anonymous memory is left to lazy restore.
+    pub lazy: LazyPlan,
+}
+
+/// Which VMAs a restore leaves to lazy pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LazyPlan {
+    Off,
+    /// Eligible VMAs that have pages in the image.
+    WherePages,
+    /// Every eligible VMA (the pages come from elsewhere).
+    AllEligible,
+}
+
+/// Whether a VMA's memory can be filled lazily: private anonymous memory
+/// (heap, stacks, anonymous mappings) that is accessible at all.
+pub fn lazy_eligible(v: &crm_proto::image::Vma) -> bool {
+    matches!(v.kind(), VmaKind::Anon | VmaKind::Heap | VmaKind::Stack)
+        && !v.shared
+        && v.prot & 7 != 0
 }
 
 pub fn build(input: &Inputs<'_>, host: &Host) -> Result<Plan, RestoreError> {
@@ -220,11 +238,11 @@ pub fn build(input: &Inputs<'_>, host: &Host) -> Result<Plan, RestoreError> {
         }
         let runs = first..run_idx;
         let prot = (v.prot & 7) as i32;
-        let lazy = input.lazy
-            && !runs.is_empty()
-            && !v.shared
-            && v.kind() != VmaKind::File
-            && prot != libc::PROT_NONE;
+        let lazy = match input.lazy {
+            LazyPlan::Off => false,
+            LazyPlan::WherePages => !runs.is_empty() && lazy_eligible(v),
+            LazyPlan::AllEligible => lazy_eligible(v),
+        };
         let fill_prot = if runs.is_empty() || lazy {
             prot
         } else {

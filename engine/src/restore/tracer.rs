@@ -4,7 +4,7 @@
 //! thread's final `int3`, then unmaps the zone with a remote `munmap`, loads
 //! each thread's saved registers, XSAVE area and signal mask, and detaches.
 use super::abi::{step, TRAP_FAIL, TRAP_OK};
-use super::lazy::{LazyPages, LazyRanges};
+use super::lazy::{LazyMode, LazyPages, LazyRanges};
 use super::plan::Plan;
 use super::RestoreError;
 use crate::image::PagesReader;
@@ -107,7 +107,7 @@ pub fn supervise(plan: &Plan, err_pipe: &mut std::fs::File) -> Result<(), Restor
 pub fn finish(
     plan: &Plan,
     core: &TaskCore,
-    lazy: Option<(PagesReader, LazyRanges)>,
+    lazy: Option<(PagesReader, LazyRanges, LazyMode)>,
 ) -> Result<Option<LazyPages>, RestoreError> {
     let pid = plan.pid;
     // Right after the main thread's int3 sits a `syscall` instruction.
@@ -116,8 +116,8 @@ pub fn finish(
         .rip;
     let thread = RemoteThread { tid: pid, gadget };
     let lazy = match lazy {
-        Some((pages, ranges)) if !ranges.vmas.is_empty() => {
-            super::lazy::setup(pid, &thread, pages, &ranges)?
+        Some((pages, ranges, mode)) if !ranges.vmas.is_empty() => {
+            super::lazy::setup(pid, &thread, pages, &ranges, mode)?
         }
         _ => None,
     };

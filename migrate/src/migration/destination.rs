@@ -4,21 +4,23 @@
 //! Assembling → [PidsBusy → waiting for release] → Restoring → Reported →
 //! Committed | Aborted`.
 //!
-//! Page batches are appended to an image directory as they arrive
-//! ([`IncomingPages`]: newest copy per page, by round, since the page
-//! streams are not ordered with each other). When the final state has come
-//! and every announced batch of every round is in, the pagemap and records
-//! are written and a single-threaded `cr-migrate restore --detach` child
-//! restores the process. If the source never confirms (`Commit`), the
-//! restored process is killed: the source resumes its own copy.
+//! Page batches go into the page store ([`PageStore`]: the newest copy of
+//! each page by round, in memory up to `--memory-limit-mib`, spilled to a
+//! file beyond). Each round is acknowledged (`RoundStored`) once all its
+//! batches are in. When the final state has come, the image (records, and
+//! the few pages restore must place itself) is assembled ([`super::assemble`])
+//! and restored with lazy pages ([`super::restorer`]): the process runs, and
+//! its anonymous memory is filled from the store. If the source never
+//! confirms (`Commit`), the restored process is killed: the source resumes
+//! its own copy.
 use super::now_unix_us;
 use super::source::boot_id;
 use crate::transport::Session;
 use anyhow::{anyhow, bail, Context, Result};
 use crm_engine::dump::TaskState;
-use crm_engine::image::store::IncomingPages;
 use crm_engine::image::ImageDir;
-use crm_proto::image::{FilesCore, Inventory, MmCore, TaskCore, VmaKind};
+use crm_page_server::PageStore;
+use crm_proto::image::{FilesCore, Inventory, MmCore, TaskCore};
 use crm_proto::migrate::{control, Control};
 use prost::Message;
 use std::collections::HashMap;
@@ -30,6 +32,8 @@ pub struct ReceiveOptions {
     pub work_dir: PathBuf,
     /// Keep the image directory after a successful migration.
     pub keep_images: bool,
+    /// Bytes of pages held in memory; more spill to a file in the work dir.
+    pub memory_limit: u64,
 }
 
 fn ctl(msg: control::Msg) -> Control {
@@ -39,7 +43,9 @@ fn ctl(msg: control::Msg) -> Control {
 /// What arrived: the pages store and the bookkeeping of rounds.
 struct Incoming {
     dir: ImageDir,
-    pages: Option<(i32, IncomingPages)>,
+    store: PageStore,
+    /// The process the pages are of (the first batch's).
+    pid: Option<i32>,
     expected: HashMap<u32, u64>,
     received: HashMap<u32, u64>,
     /// Rounds whose `RoundStored` was sent.
@@ -48,15 +54,15 @@ struct Incoming {
 }
 
 impl Incoming {
-    fn store(&mut self, pid: i32) -> Result<&mut IncomingPages> {
-        if self.pages.is_none() {
-            self.pages = Some((pid, IncomingPages::create(&self.dir, pid)?));
+    fn store(&mut self, pid: i32) -> Result<&mut PageStore> {
+        match self.pid {
+            None => self.pid = Some(pid),
+            Some(p) if p != pid => {
+                bail!("pages for process {pid} arrived, but this migration is of process {p}")
+            }
+            Some(_) => {}
         }
-        let (p, store) = self.pages.as_mut().expect("created above");
-        if *p != pid {
-            bail!("pages for process {pid} arrived, but this migration is of process {p}");
-        }
-        Ok(store)
+        Ok(&mut self.store)
     }
 
     /// Tells the source once every batch of `round` is stored.
@@ -103,7 +109,7 @@ pub async fn receive(session: &Session, opts: &ReceiveOptions) -> Result<()> {
     let dir_path = opts
         .work_dir
         .join(format!("incoming-{}-{}", std::process::id(), now_unix_us()));
-    let result = serve(session, &dir_path).await;
+    let result = serve(session, &dir_path, opts.memory_limit).await;
     let keep = opts.keep_images
         || result
             .as_ref()
@@ -121,13 +127,14 @@ pub async fn receive(session: &Session, opts: &ReceiveOptions) -> Result<()> {
     result
 }
 
-async fn serve(session: &Session, dir_path: &Path) -> Result<()> {
+async fn serve(session: &Session, dir_path: &Path, memory_limit: u64) -> Result<()> {
     let peer = session.peer();
     let dir =
         ImageDir::create(dir_path).with_context(|| format!("creating {}", dir_path.display()))?;
     let mut inc = Incoming {
         dir,
-        pages: None,
+        store: PageStore::new(memory_limit, dir_path.join("spilled-pages")),
+        pid: None,
         expected: HashMap::new(),
         received: HashMap::new(),
         acked: Default::default(),
@@ -139,8 +146,9 @@ async fn serve(session: &Session, dir_path: &Path) -> Result<()> {
         tokio::select! {
             b = receiver.next(), if streams_open => match b.with_context(|| format!("receiving pages from {peer}"))? {
                 Some((h, data)) => {
-                    let store = inc.store(h.pid)?;
-                    store.put(h.vaddr, &data, h.round)?;
+                    inc.store(h.pid)?
+                        .insert_batch(h.pid, h.vaddr, h.round, &data)
+                        .with_context(|| format!("storing pages of process {}", h.pid))?;
                     *inc.received.entry(h.round).or_default() += 1;
                     inc.ack_if_stored(session, h.round).await?;
                 }
@@ -155,7 +163,10 @@ async fn serve(session: &Session, dir_path: &Path) -> Result<()> {
                         inc.expected.insert(r.round, r.batches);
                         inc.ack_if_stored(session, r.round).await?;
                     }
-                    Some(control::Msg::ZeroPages(z)) => inc.store(z.pid)?.zero_range(z.vaddr, z.nr_pages, z.round),
+                    Some(control::Msg::ZeroPages(z)) => inc
+                        .store(z.pid)?
+                        .insert_zero(z.pid, z.vaddr, z.nr_pages, z.round)
+                        .with_context(|| format!("zero pages of process {}", z.pid))?,
                     Some(control::Msg::FinalState(f)) => inc.final_state = Some(f),
                     Some(control::Msg::Abort(a)) => bail!("the source aborted: {}", a.reason),
                     _ => {}
@@ -172,36 +183,23 @@ async fn serve(session: &Session, dir_path: &Path) -> Result<()> {
             state.inventory.root_pid
         );
     }
-    // The image: records and the pagemap of the newest copies.
+    // The image: records and the pages restore places itself.
     let assembled = Instant::now();
     if !f.resident.len().is_multiple_of(2) {
         bail!("malformed resident ranges");
     }
     let resident: Vec<(u64, u64)> = f.resident.chunks(2).map(|p| (p[0], p[1])).collect();
-    let mut vmas: Vec<(u64, u64)> = state
-        .mm
-        .vmas
-        .iter()
-        .filter(|v| {
-            !matches!(
-                v.kind(),
-                VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock | VmaKind::Vsyscall
-            )
-        })
-        .map(|v| (v.start, v.end))
-        .collect();
-    vmas.sort_unstable();
-    let stats = match inc.pages.take() {
-        Some((_, store)) => store.finish(&resident, &vmas)?,
-        None => IncomingPages::create(&inc.dir, pid)?.finish(&resident, &vmas)?,
-    };
-    crm_engine::dump::write_state(&inc.dir, &state)?;
+    let store = std::mem::replace(&mut inc.store, PageStore::new(0, dir_path.join("unused")));
+    let image = super::assemble::assemble(&inc.dir, &state, &store, &resident)?;
+    let st = store.stats();
     tracing::info!(
-        "image of process {pid} assembled in {:.1} ms: {} pages in {} runs ({} copies received)",
+        "image of process {pid} assembled in {:.1} ms: {} pages in the image, {} to fill lazily \
+         (store: {:.1} MiB in memory, {:.1} MiB spilled)",
         assembled.elapsed().as_secs_f64() * 1e3,
-        stats.pages,
-        stats.runs,
-        stats.copies
+        image.image_pages,
+        image.lazy_pages,
+        st.bytes_in_memory as f64 / (1 << 20) as f64,
+        st.bytes_spilled as f64 / (1 << 20) as f64,
     );
 
     // Everything a restore checks, before the source gives up its process.
@@ -209,6 +207,7 @@ async fn serve(session: &Session, dir_path: &Path) -> Result<()> {
         detach: true,
         shell_job: state.inventory.shell_job,
         lazy_pages: true,
+        lazy_socket: None,
     };
     let dir_owned = dir_path.to_path_buf();
     let t_preflight = Instant::now();
@@ -281,10 +280,13 @@ async fn serve(session: &Session, dir_path: &Path) -> Result<()> {
         t_release.elapsed().as_secs_f64() * 1e3
     );
     let t_restore = Instant::now();
-    let mut restorer = match start_restore(dir_path, state.inventory.shell_job).await {
-        Ok(r) => r,
-        Err(err) => return report_failure(session, pid, dir_path, err, !busy.is_empty()).await,
-    };
+    let restorer =
+        match super::restorer::start(dir_path, pid, state.inventory.shell_job, store, image.lazy)
+            .await
+        {
+            Ok(r) => r,
+            Err(err) => return report_failure(session, pid, dir_path, err, !busy.is_empty()).await,
+        };
     let restored_at = now_unix_us();
     tracing::info!(
         "process {pid} restored and running ({:.1} ms)",
@@ -321,7 +323,7 @@ async fn serve(session: &Session, dir_path: &Path) -> Result<()> {
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGKILL,
         );
-        let _ = restorer.wait().await;
+        restorer.kill(pid).await;
         return Err(anyhow!(
             "the source did not confirm the migration of process {pid}; the restored copy was killed"
         ));
@@ -332,80 +334,17 @@ async fn serve(session: &Session, dir_path: &Path) -> Result<()> {
     session.close_done();
     // The restorer stays until the last lazy page is in place.
     let t_fill = Instant::now();
-    let status = restorer
-        .wait()
-        .await
-        .context("waiting for the lazy-pages server")?;
-    if !status.success() {
-        bail!("filling the memory of process {pid} failed ({status}); see the messages above");
-    }
+    let stats = restorer.finish().await?;
     tracing::info!(
-        "memory of process {pid} fully in place {:.1} ms after the commit",
-        t_fill.elapsed().as_secs_f64() * 1e3
+        "memory of process {pid} in place {:.1} ms after the commit: {} pages in the background, \
+         {} on faults, {} zero pages, {} address space(s)",
+        t_fill.elapsed().as_secs_f64() * 1e3,
+        stats.pushed_pages,
+        stats.faulted_pages,
+        stats.zero_pages,
+        stats.contexts
     );
     Ok(())
-}
-
-/// Runs `cr-migrate restore --lazy-pages` on `dir` and waits until it says
-/// the process runs. It goes on filling memory in the background (its
-/// messages go to our stderr); the caller waits for it. `Err` is the
-/// restorer's error message.
-async fn start_restore(
-    dir: &Path,
-    shell_job: bool,
-) -> std::result::Result<tokio::process::Child, String> {
-    use tokio::io::AsyncBufReadExt;
-    let exe =
-        std::env::current_exe().map_err(|e| format!("locating the cr-migrate binary: {e}"))?;
-    let mut child = tokio::process::Command::new(exe)
-        .args([
-            "restore",
-            "--detach",
-            "--lazy-pages",
-            "--announce",
-            "--images-dir",
-        ])
-        .arg(dir)
-        .args(if shell_job {
-            &["--shell-job"][..]
-        } else {
-            &[][..]
-        })
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(false)
-        .spawn()
-        .map_err(|e| format!("running cr-migrate restore: {e}"))?;
-    let stdout = child.stdout.take().expect("piped above");
-    let mut stderr = child.stderr.take().expect("piped above");
-    let mut lines = tokio::io::BufReader::new(stdout).lines();
-    let running = loop {
-        match lines.next_line().await {
-            Ok(Some(l)) if l.starts_with("RUNNING ") => break true,
-            Ok(Some(_)) => {}
-            Ok(None) | Err(_) => break false,
-        }
-    };
-    if !running {
-        let mut err = String::new();
-        let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut err).await;
-        let status = child.wait().await;
-        let err = err.trim();
-        return Err(if err.is_empty() {
-            format!("cr-migrate restore failed ({status:?}) without a message")
-        } else {
-            err.to_string()
-        });
-    }
-    // From here on the restorer's messages (lazy-pages progress, errors)
-    // are ours.
-    tokio::spawn(async move {
-        let mut lines = tokio::io::BufReader::new(stderr).lines();
-        while let Ok(Some(l)) = lines.next_line().await {
-            eprintln!("{l}");
-        }
-    });
-    Ok(child)
 }
 
 /// Tells the source the restore failed. If the source already released its

@@ -2,9 +2,11 @@
 //! machines, the pre-copy convergence policy and the final report. The
 //! engine does the process work (`crm_engine::precopy`, `restore`); the
 //! transport moves bytes (`crate::transport`).
+mod assemble;
 pub mod destination;
 pub mod policy;
 pub mod report;
+mod restorer;
 pub mod source;
 
 use std::io::{IsTerminal, Write};

@@ -1,0 +1,262 @@
+//! Runs the destination's restore and serves the restored process's lazy
+//! memory from the page store.
+//!
+//! The restore itself runs in a single-threaded `cr-migrate restore
+//! --lazy-pages --lazy-pages-fd N` child (it forks the task with clone3,
+//! which a multi-threaded process must not do). Just before it lets the task
+//! go, the child hands us, over a unix socket, the userfaultfd of the task's
+//! memory, its lazy VMAs and the pages the kernel already touched; we write
+//! those through `/proc/PID/mem` and acknowledge; the child lets the task
+//! run and prints `RUNNING PID`. From then on we fill the task's memory from
+//! the store (faults first), in a blocking thread.
+use anyhow::{anyhow, bail, Context, Result};
+use crm_engine::restore::lazy::{self, LazyPages, LazyStats, PageSource};
+use crm_page_server::PageStore;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use tokio::io::AsyncBufReadExt;
+
+/// Pages of one task, from the store.
+struct StoreSource {
+    pid: i32,
+    store: PageStore,
+}
+
+impl PageSource for StoreSource {
+    fn read(&mut self, orig: u64, buf: &mut [u8]) -> std::result::Result<(), String> {
+        for (i, page) in buf.chunks_exact_mut(4096).enumerate() {
+            let a = orig + i as u64 * 4096;
+            match self.store.get(self.pid, a) {
+                Ok(Some(p)) => page.copy_from_slice(&p),
+                Ok(None) => return Err(format!("the page at {a:#x} is not in the store")),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `ranges` minus `holes` (both sorted, disjoint).
+fn subtract(ranges: &[(u64, u64)], holes: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for &(mut a, b) in ranges {
+        for &(h0, h1) in holes {
+            if h0 >= b || h1 <= a {
+                continue;
+            }
+            if h0 > a {
+                out.push((a, h0));
+            }
+            a = a.max(h1);
+        }
+        if a < b {
+            out.push((a, b));
+        }
+    }
+    out
+}
+
+/// A restored process whose memory is being filled in.
+pub struct Running {
+    child: tokio::process::Child,
+    server: tokio::task::JoinHandle<std::result::Result<LazyStats, lazy::LazyError>>,
+}
+
+impl Running {
+    /// Waits until every lazy page is in place and the restorer exited.
+    pub async fn finish(mut self) -> Result<LazyStats> {
+        let stats = self
+            .server
+            .await
+            .context("the lazy-pages server panicked")?
+            .context("filling the restored process's memory")?;
+        let status = self
+            .child
+            .wait()
+            .await
+            .context("waiting for cr-migrate restore")?;
+        if !status.success() {
+            bail!("cr-migrate restore exited with {status}");
+        }
+        Ok(stats)
+    }
+
+    /// Kills the restored process and waits for the restorer.
+    pub async fn kill(mut self, pid: i32) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = self.server.await;
+        let _ = self.child.wait().await;
+    }
+}
+
+/// Restores process `pid` from `dir`, serving `lazy` (ranges of pages at
+/// their dump-time addresses) from `store`. Returns once the process runs;
+/// `Err` holds the restorer's error message.
+pub async fn start(
+    dir: &Path,
+    pid: i32,
+    shell_job: bool,
+    store: PageStore,
+    lazy: Vec<(u64, u64)>,
+) -> std::result::Result<Running, String> {
+    let (ours, theirs) =
+        std::os::unix::net::UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+    // The child's end must survive exec: a copy without close-on-exec.
+    let inherited = nix::fcntl::fcntl(&theirs, nix::fcntl::FcntlArg::F_DUPFD(3))
+        .map_err(|e| format!("dup of the hand-over socket: {e}"))?;
+    // SAFETY: F_DUPFD returned a new descriptor that nothing else owns.
+    let inherited = unsafe { OwnedFd::from_raw_fd(inherited) };
+    drop(theirs);
+    let exe =
+        std::env::current_exe().map_err(|e| format!("locating the cr-migrate binary: {e}"))?;
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.args(["restore", "--detach", "--lazy-pages", "--announce"])
+        .arg("--lazy-pages-fd")
+        .arg(inherited.as_raw_fd().to_string())
+        .arg("--images-dir")
+        .arg(dir)
+        .args(if shell_job {
+            &["--shell-job"][..]
+        } else {
+            &[][..]
+        })
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let spawned = cmd.spawn();
+    drop(inherited);
+    let mut child = spawned.map_err(|e| format!("running cr-migrate restore: {e}"))?;
+    let stdout = child.stdout.take().expect("piped above");
+    let mut stderr = child.stderr.take().expect("piped above");
+
+    // The hand-over, in a blocking thread (it waits on the socket).
+    let ours = OwnedFd::from(ours);
+    let lazy_copy = lazy.clone();
+    let handover = tokio::task::spawn_blocking(move || {
+        let r = take_handover(pid, &ours, &store, &lazy_copy);
+        let ok = r.is_ok();
+        let _ = lazy::ack_handover(&ours, ok);
+        r.map(|h| (h, store))
+    });
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let running = loop {
+        match lines.next_line().await {
+            Ok(Some(l)) if l.starts_with("RUNNING ") => break true,
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => break false,
+        }
+    };
+    let handed = handover
+        .await
+        .map_err(|e| format!("the hand-over thread: {e}"))?;
+    if !running {
+        let mut err = String::new();
+        let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut err).await;
+        let status = child.wait().await;
+        let err = err.trim();
+        let why = match (&handed, err.is_empty()) {
+            (_, false) => err.to_string(),
+            (Err(e), true) => format!("{e:#}"),
+            (Ok(_), true) => format!("cr-migrate restore failed ({status:?}) without a message"),
+        };
+        return Err(why);
+    }
+    let (handover, store) = match handed {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let _ = child.wait().await;
+            return Err(format!("{e:#}"));
+        }
+    };
+    // The restorer's later messages are ours.
+    tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        while let Ok(Some(l)) = lines.next_line().await {
+            eprintln!("{l}");
+        }
+    });
+    let server = match handover {
+        Some(h) => {
+            let todo = subtract(&lazy, &h.present);
+            let pages = LazyPages::new(pid, h.uffd, &todo, Box::new(StoreSource { pid, store }));
+            tracing::debug!("serving {} lazy pages of process {pid}", pages.pages());
+            tokio::task::spawn_blocking(move || pages.serve())
+        }
+        None => tokio::task::spawn_blocking(|| Ok(LazyStats::default())),
+    };
+    Ok(Running { child, server })
+}
+
+/// Receives the hand-over and writes the already-present pages (their
+/// data where `lazy` has some, else zeros). `None`: nothing was handed over,
+/// which is right only when nothing is lazy.
+fn take_handover(
+    pid: i32,
+    sock: &OwnedFd,
+    store: &PageStore,
+    lazy: &[(u64, u64)],
+) -> Result<Option<lazy::Handover>> {
+    let Some(h) =
+        lazy::receive_handover(sock).context("receiving the userfaultfd from the restorer")?
+    else {
+        if let Some(&(a, _)) = lazy.first() {
+            bail!("the restorer handed no userfaultfd over, but the memory at {a:#x} is to be filled lazily");
+        }
+        return Ok(None);
+    };
+    let inside = |a: u64| {
+        let i = lazy.partition_point(|r| r.1 <= a);
+        lazy.get(i).is_some_and(|r| r.0 <= a)
+    };
+    let mem = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/proc/{pid}/mem"))
+        .with_context(|| format!("opening /proc/{pid}/mem"))?;
+    let mut n = 0u64;
+    for &(a, b) in &h.present {
+        if !h.vmas.iter().any(|v| v.0 <= a && b <= v.1) {
+            return Err(anyhow!(
+                "present range {a:#x}-{b:#x} is outside the lazy VMAs"
+            ));
+        }
+        let mut addr = a;
+        while addr < b {
+            let page = if inside(addr) {
+                store
+                    .get(pid, addr)
+                    .with_context(|| format!("reading the page at {addr:#x}"))?
+            } else {
+                None
+            };
+            let zero = [0u8; 4096];
+            let data: &[u8] = page.as_deref().unwrap_or(&zero);
+            mem.write_all_at(data, addr)
+                .with_context(|| format!("writing the page at {addr:#x} of process {pid}"))?;
+            addr += 4096;
+            n += 1;
+        }
+    }
+    tracing::debug!("wrote {n} already-present pages of process {pid}");
+    Ok(Some(h))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subtract;
+
+    #[test]
+    fn subtract_holes() {
+        let r = [(0, 100), (200, 300)];
+        let h = [(10, 20), (90, 210), (290, 400)];
+        assert_eq!(subtract(&r, &h), vec![(0, 10), (20, 90), (210, 290)]);
+        assert_eq!(subtract(&r, &[]), r.to_vec());
+    }
+}
