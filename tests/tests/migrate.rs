@@ -69,7 +69,18 @@ impl Setup {
     /// `receive --listen ADDR` with this setup's state and work dirs, behind `prefix`;
     /// returns once it listens.
     fn receive(&self, prefix: &[String], listen: &str, token: &Path) -> BgProc {
-        let args = strings(&[
+        self.receive_with(prefix, listen, token, &[])
+    }
+
+    /// [`Setup::receive`] with extra arguments.
+    fn receive_with(
+        &self,
+        prefix: &[String],
+        listen: &str,
+        token: &Path,
+        extra: &[&str],
+    ) -> BgProc {
+        let mut args = strings(&[
             "receive",
             "--listen",
             listen,
@@ -80,6 +91,7 @@ impl Setup {
             "--work-dir",
             path_str(&self.work),
         ]);
+        args.extend(strings(extra));
         let mut r = BgProc::crm("receive", prefix, &args, self.dir());
         if let Err(e) = r.wait_stderr("listening on", LISTEN_TIMEOUT) {
             panic!("`cr-migrate receive` did not start listening: {e}");
@@ -438,12 +450,24 @@ fn rounds_and_downtime(j: &Json) -> (usize, f64) {
 
 /// A whole same-host migration of `wl` over 127.0.0.1; returns the summary.
 fn migrate_locally(s: &Setup, wl: &mut Workload, extra: &[&str]) -> Json {
+    migrate_locally_with(s, wl, &[], extra).0
+}
+
+/// [`migrate_locally`] with extra `receive` arguments; also returns the
+/// receiver's stderr.
+fn migrate_locally_with(
+    s: &Setup,
+    wl: &mut Workload,
+    recv_extra: &[&str],
+    extra: &[&str],
+) -> (Json, String) {
     let addr = format!("127.0.0.1:{}", free_udp_port());
-    let mut recv = s.receive(&[], &addr, &s.token);
+    let mut recv = s.receive_with(&[], &addr, &s.token, recv_extra);
     let before = Before::take(wl);
     let mut send = s.send(&[], wl.pid(), &addr, &s.token, extra);
     let sent = drive_send(&mut send, wl, SEND_TIMEOUT);
-    expect_migrated(wl, &mut recv, &sent, &before)
+    let summary = expect_migrated(wl, &mut recv, &sent, &before);
+    (summary, recv.stderr())
 }
 
 /// The number after `key=` in a workload line.
@@ -536,7 +560,26 @@ fn migrate_busy_256mib_50mbps() {
     let _serial = h::serial();
     let s = Setup::new("mig-busy");
     let mut wl = Workload::start(workload_bin!(wl_dirtier), &["256", "50"], s.dir());
-    let summary = migrate_locally(&s, &mut wl, &["--max-downtime-ms", "300"]);
+    // A page store of 64 MiB: most pages spill to a file and the restored
+    // process's memory is served from both.
+    let (summary, recv_err) = migrate_locally_with(
+        &s,
+        &mut wl,
+        &["--memory-limit-mib", "64"],
+        &["--max-downtime-ms", "300"],
+    );
+    let spilled = recv_err
+        .lines()
+        .find_map(|l| {
+            let (_, rest) = l.split_once("MiB in memory, ")?;
+            rest.split_once(" MiB spilled")?.0.parse::<f64>().ok()
+        })
+        .unwrap_or_else(|| panic!("receive did not report its page store:\n{recv_err}"));
+    assert!(
+        spilled > 100.0,
+        "with --memory-limit-mib 64, most of 256 MiB should have spilled, got {spilled} MiB"
+    );
+    println!("checked: the receiver's page store spilled {spilled:.1} MiB beyond its 64 MiB");
     let first = wl.expect_pass("after the migration");
     std::thread::sleep(Duration::from_millis(300));
     let second = wl.expect_pass("300 ms later");
