@@ -1148,134 +1148,32 @@ mod sys {
 
     // ------------------------------------------------------------ userfaultfd and PAGEMAP_SCAN
     //
-    // From include/uapi/linux/userfaultfd.h and include/uapi/linux/fs.h.
+    // The definitions live with the dirty tracker (`dirty::uffd_sys`); these
+    // adapt them to the probes' owned descriptors.
 
-    const IOC_WRITE: u64 = 1;
-    const IOC_READ: u64 = 2;
-    const fn ioc(dir: u64, ty: u64, nr: u64, size: usize) -> u64 {
-        (dir << 30) | ((size as u64) << 16) | (ty << 8) | nr
-    }
+    use crate::dirty::uffd_sys;
+    pub use crate::dirty::uffd_sys::{
+        PageRegion, PmScanArg, UffdioApi, PAGE_IS_PRESENT, PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC,
+        PM_SCAN_WP_MATCHING, UFFD_FEATURE_WP_ASYNC, UFFD_FEATURE_WP_UNPOPULATED,
+    };
 
-    pub const UFFD_USER_MODE_ONLY: libc::c_int = 1;
-    const UFFD_API: u64 = 0xAA;
-    pub const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
-    pub const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
-    const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
-
-    #[repr(C)]
-    #[derive(Default, Debug, Clone, Copy)]
-    pub struct UffdioApi {
-        pub api: u64,
-        pub features: u64,
-        pub ioctls: u64,
-    }
-
-    #[repr(C)]
-    #[derive(Default)]
-    struct UffdioRange {
-        start: u64,
-        len: u64,
-    }
-
-    #[repr(C)]
-    #[derive(Default)]
-    struct UffdioRegister {
-        range: UffdioRange,
-        mode: u64,
-        ioctls: u64,
-    }
-
-    const UFFDIO: u64 = 0xAA;
-    const UFFDIO_API: u64 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x3F, size_of::<UffdioApi>());
-    const UFFDIO_REGISTER: u64 = ioc(
-        IOC_READ | IOC_WRITE,
-        UFFDIO,
-        0x00,
-        size_of::<UffdioRegister>(),
-    );
-    const UFFDIO_UNREGISTER: u64 = ioc(IOC_READ, UFFDIO, 0x01, size_of::<UffdioRange>());
-    const _: () = assert!(UFFDIO_API == 0xC018_AA3F);
-    const _: () = assert!(UFFDIO_REGISTER == 0xC020_AA00);
-    const _: () = assert!(UFFDIO_UNREGISTER == 0x8010_AA01);
-
-    /// `struct page_region`.
-    #[repr(C)]
-    #[derive(Default, Debug, Clone, Copy)]
-    pub struct PageRegion {
-        pub start: u64,
-        pub end: u64,
-        pub categories: u64,
-    }
-
-    /// `struct pm_scan_arg`; `size`, `vec` and `vec_len` are filled in by
-    /// [`pagemap_scan`].
-    #[repr(C)]
-    #[derive(Default, Debug)]
-    pub struct PmScanArg {
-        pub size: u64,
-        pub flags: u64,
-        pub start: u64,
-        pub end: u64,
-        pub walk_end: u64,
-        pub vec: u64,
-        pub vec_len: u64,
-        pub max_pages: u64,
-        pub category_inverted: u64,
-        pub category_mask: u64,
-        pub category_anyof_mask: u64,
-        pub return_mask: u64,
-    }
-
-    pub const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
-    pub const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
-    pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
-    pub const PAGE_IS_PRESENT: u64 = 1 << 3;
-    const PAGEMAP_SCAN: u64 = ioc(
-        IOC_READ | IOC_WRITE,
-        b'f' as u64,
-        16,
-        size_of::<PmScanArg>(),
-    );
-    const _: () = assert!(size_of::<PmScanArg>() == 96);
-    const _: () = assert!(PAGEMAP_SCAN == 0xC060_6610);
+    pub const UFFD_USER_MODE_ONLY: libc::c_int = uffd_sys::UFFD_USER_MODE_ONLY as libc::c_int;
 
     pub fn userfaultfd(flags: libc::c_int) -> io::Result<OwnedFd> {
-        // SAFETY: userfaultfd takes only flags and returns a new fd.
-        owned_fd(unsafe { libc::syscall(libc::SYS_userfaultfd, flags) })
+        uffd_sys::userfaultfd(flags as u64)
     }
 
     pub fn uffdio_api(uffd: &OwnedFd, features: u64) -> io::Result<UffdioApi> {
-        let mut api = UffdioApi {
-            api: UFFD_API,
-            features,
-            ioctls: 0,
-        };
-        // SAFETY: UFFDIO_API reads and writes one `struct uffdio_api`, which
-        // `api` is (layout checked by the ioctl number's size field).
-        let ret = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API as _, &mut api) };
-        cvt(ret as libc::c_long)?;
-        Ok(api)
+        uffd_sys::uffdio_api(uffd.as_fd(), features)
     }
 
     /// Registers `[start, start + len)` of this process in write-protect mode.
     pub fn uffdio_register_wp(uffd: &OwnedFd, start: u64, len: u64) -> io::Result<()> {
-        let mut reg = UffdioRegister {
-            range: UffdioRange { start, len },
-            mode: UFFDIO_REGISTER_MODE_WP,
-            ioctls: 0,
-        };
-        // SAFETY: UFFDIO_REGISTER reads and writes one `struct
-        // uffdio_register`; registering changes only how faults in the range
-        // are handled, not the memory itself.
-        let ret = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER as _, &mut reg) };
-        cvt(ret as libc::c_long).map(drop)
+        uffd_sys::register_wp(uffd.as_fd(), start, len).map(drop)
     }
 
     pub fn uffdio_unregister(uffd: &OwnedFd, start: u64, len: u64) -> io::Result<()> {
-        let mut range = UffdioRange { start, len };
-        // SAFETY: UFFDIO_UNREGISTER reads one `struct uffdio_range`.
-        let ret = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_UNREGISTER as _, &mut range) };
-        cvt(ret as libc::c_long).map(drop)
+        uffd_sys::unregister(uffd.as_fd(), start, len)
     }
 
     /// `PAGEMAP_SCAN` on an open pagemap file; fills `out` and returns the
@@ -1285,20 +1183,7 @@ mod sys {
         arg: &mut PmScanArg,
         out: &mut [PageRegion],
     ) -> io::Result<usize> {
-        arg.size = size_of::<PmScanArg>() as u64;
-        arg.vec = out.as_mut_ptr() as u64;
-        arg.vec_len = out.len() as u64;
-        // SAFETY: the kernel reads `*arg` and writes at most `vec_len`
-        // `struct page_region`s to `vec`, which is `out`, live and mutable.
-        let ret = unsafe {
-            libc::ioctl(
-                pagemap.as_fd().as_raw_fd(),
-                PAGEMAP_SCAN as _,
-                arg as *mut PmScanArg,
-            )
-        };
-        let n = cvt(ret as libc::c_long)? as usize;
-        Ok(n.min(out.len()))
+        uffd_sys::pagemap_scan(pagemap.as_fd(), arg, out)
     }
 
     // ------------------------------------------------------------ sockets

@@ -122,6 +122,9 @@ pub const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
 pub const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
 /// Category: not write-protected (written since it was last protected).
 pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
+/// Category: present in memory.
+#[allow(dead_code)] // used by the feature probes
+pub const PAGE_IS_PRESENT: u64 = 1 << 3;
 
 const PAGEMAP_SCAN: u64 = ioc(
     IOC_READ | IOC_WRITE,
