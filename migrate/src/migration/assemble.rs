@@ -6,21 +6,31 @@
 //! inaccessible memory. The pages of private anonymous memory (nearly all of
 //! it) stay in the [`PageStore`] and are served from there by lazy restore
 //! ([`super::restorer`]); only pages the final dump still saw resident
-//! count, so memory dropped since an earlier round stays dropped.
+//! count, so memory dropped since an earlier round stays dropped. The two
+//! are separate steps so that finding the lazy ranges (a walk over every
+//! page held) can overlap with a same-host source releasing its PIDs.
 use anyhow::{Context, Result};
 use crm_engine::dump::TaskState;
 use crm_engine::image::ImageDir;
 use crm_page_server::PageStore;
 use crm_proto::image::VmaKind;
 
-/// What [`assemble`] wrote and what is left for lazy restore.
-pub struct Assembled {
-    /// Pages written into the image.
-    pub image_pages: u64,
-    /// `(start, end)` ranges of private anonymous memory with data, to be
-    /// served lazily (sorted, page-aligned, at their dump-time addresses).
-    pub lazy: Vec<(u64, u64)>,
-    pub lazy_pages: u64,
+/// The VMAs an image describes, by address, without the kernel's special
+/// mappings.
+fn vmas(state: &TaskState) -> Vec<&crm_proto::image::Vma> {
+    let mut v: Vec<_> = state
+        .mm
+        .vmas
+        .iter()
+        .filter(|v| {
+            !matches!(
+                v.kind(),
+                VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock | VmaKind::Vsyscall
+            )
+        })
+        .collect();
+    v.sort_by_key(|v| v.start);
+    v
 }
 
 /// `a ∩ b` of two sorted lists of disjoint ranges.
@@ -41,43 +51,24 @@ fn intersect(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
     out
 }
 
-/// Writes the image of `state` into `dir`; see the module doc.
-pub fn assemble(
+/// Writes the image of `state` into `dir`: the records and the resident
+/// pages of the VMAs lazy restore does not serve. Returns the pages written.
+pub fn write_image(
     dir: &ImageDir,
     state: &TaskState,
     store: &PageStore,
     resident: &[(u64, u64)],
-) -> Result<Assembled> {
+) -> Result<u64> {
     let pid = state.core.pid;
-    let mut out = Assembled {
-        image_pages: 0,
-        lazy: Vec::new(),
-        lazy_pages: 0,
-    };
+    let mut pages = 0;
     let mut writer = dir
         .pages_writer(pid)
         .with_context(|| format!("creating the pages file of process {pid}"))?;
-    let mut vmas: Vec<_> = state
-        .mm
-        .vmas
-        .iter()
-        .filter(|v| {
-            !matches!(
-                v.kind(),
-                VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock | VmaKind::Vsyscall
-            )
-        })
-        .collect();
-    vmas.sort_by_key(|v| v.start);
-    for v in vmas {
-        let held = store.data_ranges(pid, v.start, v.end);
-        let wanted = intersect(&held, resident);
+    for v in vmas(state) {
         if crm_engine::restore::lazy_eligible(v) {
-            out.lazy_pages += wanted.iter().map(|r| (r.1 - r.0) / 4096).sum::<u64>();
-            out.lazy.extend(wanted);
             continue;
         }
-        for (a, b) in wanted {
+        for (a, b) in intersect(&store.data_ranges(pid, v.start, v.end), resident) {
             let mut addr = a;
             while addr < b {
                 let page = store
@@ -87,7 +78,7 @@ pub fn assemble(
                 writer
                     .add_run(addr, &page)
                     .with_context(|| format!("writing the page at {addr:#x}"))?;
-                out.image_pages += 1;
+                pages += 1;
                 addr += 4096;
             }
         }
@@ -99,7 +90,25 @@ pub fn assemble(
         .with_context(|| format!("finishing the pages file of process {pid}"))?;
     crm_engine::dump::write_state(dir, state)
         .with_context(|| format!("writing the records of process {pid}"))?;
-    Ok(out)
+    Ok(pages)
+}
+
+/// The ranges lazy restore serves: resident pages with data in the VMAs it
+/// handles (sorted, at their dump-time addresses), and their page count.
+pub fn lazy_ranges(
+    state: &TaskState,
+    store: &PageStore,
+    resident: &[(u64, u64)],
+) -> (Vec<(u64, u64)>, u64) {
+    let pid = state.core.pid;
+    let mut out = Vec::new();
+    for v in vmas(state) {
+        if crm_engine::restore::lazy_eligible(v) {
+            out.extend(intersect(&store.data_ranges(pid, v.start, v.end), resident));
+        }
+    }
+    let pages = out.iter().map(|r| (r.1 - r.0) / 4096).sum();
+    (out, pages)
 }
 
 #[cfg(test)]

@@ -190,16 +190,10 @@ async fn serve(session: &Session, dir_path: &Path, memory_limit: u64) -> Result<
     }
     let resident: Vec<(u64, u64)> = f.resident.chunks(2).map(|p| (p[0], p[1])).collect();
     let store = std::mem::replace(&mut inc.store, PageStore::new(0, dir_path.join("unused")));
-    let image = super::assemble::assemble(&inc.dir, &state, &store, &resident)?;
-    let st = store.stats();
+    let image_pages = super::assemble::write_image(&inc.dir, &state, &store, &resident)?;
     tracing::info!(
-        "image of process {pid} assembled in {:.1} ms: {} pages in the image, {} to fill lazily \
-         (store: {:.1} MiB in memory, {:.1} MiB spilled)",
+        "image of process {pid} written in {:.1} ms ({image_pages} pages restore places itself)",
         assembled.elapsed().as_secs_f64() * 1e3,
-        image.image_pages,
-        image.lazy_pages,
-        st.bytes_in_memory as f64 / (1 << 20) as f64,
-        st.bytes_spilled as f64 / (1 << 20) as f64,
     );
 
     // Everything a restore checks, before the source gives up its process.
@@ -232,6 +226,7 @@ async fn serve(session: &Session, dir_path: &Path, memory_limit: u64) -> Result<
     );
     let t_release = Instant::now();
 
+    let mut lazy = None;
     // Same host: the source must release the PIDs first.
     let busy: Vec<i32> = state
         .core
@@ -247,6 +242,8 @@ async fn serve(session: &Session, dir_path: &Path, memory_limit: u64) -> Result<
                 boot_id: boot_id(),
             })))
             .await?;
+        // While the source kills its copy.
+        lazy = Some(find_lazy(&state, &store, &resident));
         loop {
             let c = session
                 .recv_control()
@@ -280,8 +277,9 @@ async fn serve(session: &Session, dir_path: &Path, memory_limit: u64) -> Result<
         t_release.elapsed().as_secs_f64() * 1e3
     );
     let t_restore = Instant::now();
+    let (lazy_ranges, _) = lazy.unwrap_or_else(|| find_lazy(&state, &store, &resident));
     let restorer =
-        match super::restorer::start(dir_path, pid, state.inventory.shell_job, store, image.lazy)
+        match super::restorer::start(dir_path, pid, state.inventory.shell_job, store, lazy_ranges)
             .await
         {
             Ok(r) => r,
@@ -345,6 +343,26 @@ async fn serve(session: &Session, dir_path: &Path, memory_limit: u64) -> Result<
         stats.contexts
     );
     Ok(())
+}
+
+/// The ranges to serve lazily, logged with the store's figures.
+fn find_lazy(
+    state: &TaskState,
+    store: &PageStore,
+    resident: &[(u64, u64)],
+) -> (Vec<(u64, u64)>, u64) {
+    let t = Instant::now();
+    let (ranges, pages) = super::assemble::lazy_ranges(state, store, resident);
+    let st = store.stats();
+    tracing::info!(
+        "{pages} pages of process {} to fill lazily, found in {:.1} ms (store: {:.1} MiB in memory, \
+         {:.1} MiB spilled)",
+        state.core.pid,
+        t.elapsed().as_secs_f64() * 1e3,
+        st.bytes_in_memory as f64 / (1 << 20) as f64,
+        st.bytes_spilled as f64 / (1 << 20) as f64,
+    );
+    (ranges, pages)
 }
 
 /// Tells the source the restore failed. If the source already released its
