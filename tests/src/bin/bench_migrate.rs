@@ -1059,9 +1059,9 @@ fn print_phases(tl: &Timeline, summary: &Summary) {
             true,
         ),
         (
-            "image assembled".into(),
+            "image written".into(),
             "recv",
-            "assembled in".into(),
+            "written in".into(),
             true,
         ),
         (
@@ -1126,7 +1126,8 @@ fn print_phases(tl: &Timeline, summary: &Summary) {
     }
     // The tool's own measurements of the destination's phases.
     for pat in [
-        "assembled in",
+        "written in",
+        "to fill lazily",
         "preflight passed",
         "PIDs free after",
         "restored and running",
