@@ -225,7 +225,7 @@ impl Driver<'_> {
                 Event::Pages { vaddr, data } => {
                     self.progress.pages(data.len() as u64);
                     self.pages
-                        .send_batch(self.pid, round, vaddr, &data)
+                        .send_batch(self.pid, round, vaddr, data)
                         .await
                         .with_context(|| format!("sending pages to {}", self.session.peer()))?;
                 }

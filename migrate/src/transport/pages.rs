@@ -343,7 +343,7 @@ impl PageSender {
         pid: i32,
         round: u32,
         vaddr: u64,
-        data: &[u8],
+        data: Vec<u8>,
     ) -> Result<()> {
         let peer = self.shared.peer;
         let invalid = |what: String| TransportError::InvalidSend { peer, what };
@@ -363,11 +363,12 @@ impl PageSender {
             return Err(invalid(format!("vaddr {vaddr:#x} is unaligned or wraps")));
         }
         let i = self.pick();
+        let raw_len = data.len() as u64;
         let job = Job::Batch {
             pid,
             round,
             vaddr,
-            data: data.to_vec(),
+            data,
         };
         let sent = match &self.workers[i].tx {
             Some(tx) => tx.send(job).await.is_ok(),
@@ -378,7 +379,7 @@ impl PageSender {
         }
         self.next = (i + 1) % self.workers.len();
         self.batches += 1;
-        self.raw_bytes += data.len() as u64;
+        self.raw_bytes += raw_len;
         Ok(())
     }
 

@@ -321,7 +321,7 @@ async fn transfer_checked(name: &str, policy: Compress, total: usize) -> SenderS
     let (mut sent, mut vaddr, mut i) = (0, BASE, 0);
     while sent < total {
         let len = (sizes[i % sizes.len()] * PAGE_SIZE).min(total - sent);
-        tx.send_batch(1234, 1, vaddr, &page_content(vaddr, len))
+        tx.send_batch(1234, 1, vaddr, page_content(vaddr, len))
             .await
             .unwrap();
         sent += len;
@@ -440,7 +440,7 @@ async fn malformed_page_streams_and_control_frames() {
 
     // A good batch still gets through after all that.
     let mut tx = c.page_sender(1, Compress::Never).await.unwrap();
-    tx.send_batch(1, 0, BASE, &data).await.unwrap();
+    tx.send_batch(1, 0, BASE, data.clone()).await.unwrap();
     let (h2, d2) = rx.next().await.unwrap().unwrap();
     assert_eq!((h2.vaddr, d2), (BASE, data.clone()));
     tx.finish().await.unwrap();
@@ -448,15 +448,15 @@ async fn malformed_page_streams_and_control_frames() {
     // Caller mistakes are refused before anything is sent.
     let mut tx = c.page_sender(1, Compress::Never).await.unwrap();
     assert!(matches!(
-        tx.send_batch(1, 0, BASE + 1, &data).await,
+        tx.send_batch(1, 0, BASE + 1, data.clone()).await,
         Err(TransportError::InvalidSend { .. })
     ));
     assert!(matches!(
-        tx.send_batch(1, 0, BASE, &data[..100]).await,
+        tx.send_batch(1, 0, BASE, data[..100].to_vec()).await,
         Err(TransportError::InvalidSend { .. })
     ));
     assert!(matches!(
-        tx.send_batch(1, 0, BASE, &vec![0; 5 * MIB]).await,
+        tx.send_batch(1, 0, BASE, vec![0; 5 * MIB]).await,
         Err(TransportError::InvalidSend { .. })
     ));
     drop(tx);
@@ -505,7 +505,7 @@ async fn loopback_throughput() {
         let start = Instant::now();
         let mut vaddr = BASE;
         for _ in 0..total / batch.len() {
-            tx.send_batch(1, 0, vaddr, &batch).await.unwrap();
+            tx.send_batch(1, 0, vaddr, batch.clone()).await.unwrap();
             vaddr += batch.len() as u64;
         }
         let st = tx.finish().await.unwrap();
