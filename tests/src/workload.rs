@@ -37,6 +37,8 @@ pub struct Spawn {
     pub env: Vec<(String, String)>,
     /// How long to wait for the `READY` line.
     pub ready_timeout: Duration,
+    /// Run as this user and group id instead of root.
+    pub uid: Option<u32>,
 }
 
 impl Default for Spawn {
@@ -45,6 +47,7 @@ impl Default for Spawn {
             new_session: true,
             env: Vec::new(),
             ready_timeout: READY_TIMEOUT,
+            uid: None,
         }
     }
 }
@@ -102,6 +105,10 @@ impl Workload {
             .stderr(file2);
         for (k, v) in &opts.env {
             cmd.env(k, v);
+        }
+        if let Some(id) = opts.uid {
+            std::os::unix::process::CommandExt::uid(&mut cmd, id);
+            std::os::unix::process::CommandExt::gid(&mut cmd, id);
         }
         let new_session = opts.new_session;
         // SAFETY: the closure runs in the forked child before exec and only makes

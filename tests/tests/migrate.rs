@@ -604,6 +604,46 @@ fn migrate_busy_256mib_50mbps() {
     }
 }
 
+/// A process that is not root gets no userfaultfd here
+/// (`vm.unprivileged_userfaultfd` is 0 and it lacks CAP_SYS_PTRACE): the
+/// destination writes its memory before it runs instead of lazily.
+#[test]
+fn migrate_unprivileged_process_without_lazy_pages() {
+    h::init();
+    let _serial = h::serial();
+    let s = Setup::new("mig-nobody");
+    let opts = Spawn {
+        uid: Some(65534),
+        ..Spawn::default()
+    };
+    let mut wl = Workload::start_with(workload_bin!(wl_dirtier), &["64", "10"], s.dir(), opts);
+    let (summary, recv_err) = migrate_locally_with(&s, &mut wl, &[], &["--max-downtime-ms", "300"]);
+    let pass = wl.expect_pass("after the migration");
+    let uid = procs::status_field(wl.pid(), "Uid").unwrap_or_default();
+    assert!(
+        uid.split_whitespace().all(|u| u == "65534"),
+        "the restored process should run as uid 65534, /proc says Uid: {uid}"
+    );
+    let unprivileged = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd")
+        .is_ok_and(|v| v.trim() == "0");
+    if unprivileged {
+        assert!(
+            recv_err.contains("no userfaultfd"),
+            "receive should have written the memory eagerly:\n{recv_err}"
+        );
+    }
+    let (rounds, downtime) = rounds_and_downtime(&summary);
+    println!(
+        "figures: unprivileged 64 MiB: rounds={rounds} downtime_ms={downtime:.1} \
+         (lazy pages: {}); {pass}",
+        if unprivileged {
+            "no, eager fill"
+        } else {
+            "allowed on this host"
+        }
+    );
+}
+
 #[test]
 fn migrate_mapper() {
     h::init();

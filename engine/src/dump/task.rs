@@ -224,11 +224,23 @@ pub fn collect(
         // SAFETY: prlimit64 with a null new limit only writes `old`.
         let r = unsafe { libc::prlimit64(pid, res as _, std::ptr::null(), &mut old) };
         if r != 0 {
-            return Err(DumpError::Io {
-                pid,
-                what: format!("prlimit resource {res}"),
-                source: std::io::Error::last_os_error(),
-            });
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EPERM) {
+                return Err(DumpError::Io {
+                    pid,
+                    what: format!("prlimit resource {res}"),
+                    source: err,
+                });
+            }
+            // Reading another user's limits needs CAP_SYS_RESOURCE; the
+            // task may always read its own.
+            main.syscall(
+                libc::SYS_prlimit64 as u64,
+                [0, u64::from(res), 0, scratch.addr, 0, 0],
+            )?;
+            let l = scratch.read(16)?;
+            old.rlim_cur = u64_at(&l, 0);
+            old.rlim_max = u64_at(&l, 8);
         }
         rlimits.push(RLimit {
             resource: res,

@@ -289,12 +289,20 @@ pub fn setup(
 ) -> Result<Option<LazyPages>, LazyError> {
     let present = present_pages(pid, &ranges.vmas)?;
     if let LazyMode::External(sock) = mode {
-        let uffd = create_uffd(pid, thread).map_err(|reason| LazyError::Image {
-            pid,
-            what: format!("lazy pages need a userfaultfd: {reason}"),
-        })?;
-        register_all(pid, &uffd, &ranges.vmas)?;
-        handover(pid, &sock, &uffd, &ranges.vmas, &present)?;
+        let uffd = match create_uffd(pid, thread) {
+            Ok(fd) => {
+                register_all(pid, &fd, &ranges.vmas)?;
+                Some(fd)
+            }
+            Err(reason) => {
+                tracing::info!(
+                    "process {pid}: lazy restore unavailable ({reason}); the page server fills \
+                     its memory before it runs"
+                );
+                None
+            }
+        };
+        handover(pid, &sock, uffd.as_ref(), &ranges.vmas, &present)?;
         return Ok(None);
     }
     let runs: Vec<PageRun> = ranges.runs.iter().map(|&i| pages.runs()[i]).collect();
@@ -377,29 +385,32 @@ const MAX_HANDOVER_RANGES: usize = 1 << 20;
 
 /// Sends the userfaultfd, the lazy VMAs and the already-present pages to the
 /// serving process, then waits until it says it wrote the present pages
-/// (one byte). Message: `u64` little-endian words `n_vmas, (start, end)…,
-/// n_present, (start, end)…`, the fd attached as `SCM_RIGHTS`.
+/// (one byte). Without a userfaultfd the server writes every lazy page
+/// before acknowledging. Message: an 8-byte length, then `u64` little-endian
+/// words `has_uffd, n_vmas, (start, end)…, n_present, (start, end)…`; the
+/// fd, if any, rides on the length as `SCM_RIGHTS`.
 fn handover(
     pid: i32,
     sock: &OwnedFd,
-    uffd: &OwnedFd,
+    uffd: Option<&OwnedFd>,
     vmas: &[(u64, u64)],
     present: &[(u64, u64)],
 ) -> Result<(), LazyError> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     use std::os::fd::AsRawFd;
-    let mut words = vec![vmas.len() as u64];
+    let mut words = vec![u64::from(uffd.is_some()), vmas.len() as u64];
     words.extend(vmas.iter().flat_map(|&(a, b)| [a, b]));
     words.push(present.len() as u64);
     words.extend(present.iter().flat_map(|&(a, b)| [a, b]));
     let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
     let len = (bytes.len() as u64).to_le_bytes();
-    let fds = [uffd.as_raw_fd()];
+    let fds: Vec<i32> = uffd.iter().map(|f| f.as_raw_fd()).collect();
+    let rights = [ControlMessage::ScmRights(&fds)];
     let iov = [io::IoSlice::new(&len)];
     sendmsg::<()>(
         sock.as_raw_fd(),
         &iov,
-        &[ControlMessage::ScmRights(&fds)],
+        if fds.is_empty() { &[] } else { &rights },
         MsgFlags::empty(),
         None,
     )
@@ -429,7 +440,9 @@ fn handover(
 /// before acknowledging).
 #[derive(Debug)]
 pub struct Handover {
-    pub uffd: OwnedFd,
+    /// `None`: no userfaultfd could be had; every lazy page must be written
+    /// through `/proc/PID/mem` before acknowledging.
+    pub uffd: Option<OwnedFd>,
     pub vmas: Vec<(u64, u64)>,
     pub present: Vec<(u64, u64)>,
 }
@@ -468,7 +481,6 @@ pub fn receive_handover(sock: &OwnedFd) -> io::Result<Option<Handover>> {
             "short hand-over header",
         ));
     }
-    let uffd = uffd.ok_or_else(|| io::Error::other("no userfaultfd in the hand-over"))?;
     let n = u64::from_le_bytes(len);
     if n % 8 != 0 || n / 16 > 2 * MAX_HANDOVER_RANGES as u64 + 1 {
         return Err(io::Error::other(format!("bad hand-over length {n}")));
@@ -481,6 +493,11 @@ pub fn receive_handover(sock: &OwnedFd) -> io::Result<Option<Handover>> {
         .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
         .collect();
     let mut it = words.into_iter();
+    if (it.next() == Some(1)) != uffd.is_some() {
+        return Err(io::Error::other(
+            "the hand-over's userfaultfd does not match its header",
+        ));
+    }
     let mut ranges = || -> io::Result<Vec<(u64, u64)>> {
         let k = it
             .next()

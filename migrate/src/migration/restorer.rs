@@ -37,6 +37,20 @@ impl PageSource for StoreSource {
     }
 }
 
+/// The union of two sorted lists of disjoint ranges, merged.
+fn merge(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut all: Vec<(u64, u64)> = a.iter().chain(b).copied().collect();
+    all.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (s, e) in all {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
 /// `ranges` minus `holes` (both sorted, disjoint).
 fn subtract(ranges: &[(u64, u64)], holes: &[(u64, u64)]) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
@@ -183,13 +197,18 @@ pub async fn start(
         }
     });
     let server = match handover {
-        Some(h) => {
-            let todo = subtract(&lazy, &h.present);
-            let pages = LazyPages::new(pid, h.uffd, &todo, Box::new(StoreSource { pid, store }));
+        Some(lazy::Handover {
+            uffd: Some(uffd),
+            present,
+            ..
+        }) => {
+            let todo = subtract(&lazy, &present);
+            let pages = LazyPages::new(pid, uffd, &todo, Box::new(StoreSource { pid, store }));
             tracing::debug!("serving {} lazy pages of process {pid}", pages.pages());
             tokio::task::spawn_blocking(move || pages.serve())
         }
-        None => tokio::task::spawn_blocking(|| Ok(LazyStats::default())),
+        // Nothing lazy, or everything written already.
+        _ => tokio::task::spawn_blocking(|| Ok(LazyStats::default())),
     };
     Ok(Running { child, server })
 }
@@ -215,17 +234,25 @@ fn take_handover(
         let i = lazy.partition_point(|r| r.1 <= a);
         lazy.get(i).is_some_and(|r| r.0 <= a)
     };
+    // Without a userfaultfd every lazy page is written now, before the
+    // process runs (the restore takes longer, nothing is lost).
+    let eager: Vec<(u64, u64)>;
+    let to_write: &[(u64, u64)] = if h.uffd.is_none() {
+        tracing::info!("process {pid}: no userfaultfd; writing its memory before it runs");
+        eager = merge(lazy, &h.present);
+        &eager
+    } else {
+        &h.present
+    };
     let mem = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(format!("/proc/{pid}/mem"))
         .with_context(|| format!("opening /proc/{pid}/mem"))?;
     let mut n = 0u64;
-    for &(a, b) in &h.present {
+    for &(a, b) in to_write {
         if !h.vmas.iter().any(|v| v.0 <= a && b <= v.1) {
-            return Err(anyhow!(
-                "present range {a:#x}-{b:#x} is outside the lazy VMAs"
-            ));
+            return Err(anyhow!("range {a:#x}-{b:#x} is outside the lazy VMAs"));
         }
         let mut addr = a;
         while addr < b {
@@ -244,7 +271,7 @@ fn take_handover(
             n += 1;
         }
     }
-    tracing::debug!("wrote {n} already-present pages of process {pid}");
+    tracing::debug!("wrote {n} pages of process {pid} before it runs");
     Ok(Some(h))
 }
 
@@ -258,5 +285,12 @@ mod tests {
         let h = [(10, 20), (90, 210), (290, 400)];
         assert_eq!(subtract(&r, &h), vec![(0, 10), (20, 90), (210, 290)]);
         assert_eq!(subtract(&r, &[]), r.to_vec());
+    }
+
+    #[test]
+    fn merge_ranges() {
+        let a = [(0, 10), (20, 30)];
+        let b = [(5, 15), (30, 40), (50, 60)];
+        assert_eq!(super::merge(&a, &b), vec![(0, 15), (20, 40), (50, 60)]);
     }
 }

@@ -1058,12 +1058,7 @@ fn print_phases(tl: &Timeline, summary: &Summary) {
             format!("round {last_round}: "),
             true,
         ),
-        (
-            "image written".into(),
-            "recv",
-            "written in".into(),
-            true,
-        ),
+        ("image written".into(), "recv", "written in".into(), true),
         (
             "preflight passed".into(),
             "recv",
