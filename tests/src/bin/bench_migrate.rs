@@ -1,6 +1,6 @@
 //! `bench_migrate`: end-to-end benchmark of live migration over loopback (not a test).
 //!
-//! Usage: `bench_migrate [--size-mib 1024] [--rate-mbps 100] [--runs 1] [--dir DIR]`
+//! Usage: `bench_migrate [--size-mib 1024] [--rate-mbps 100] [--runs 1] [--dir DIR] [--recv-memory-mib N]`
 //! (as root). Build and run:
 //!
 //! ```text
@@ -132,8 +132,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// Half of this host's RAM in MiB, as `receive` defaults to.
+fn crm_mem_default_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(4096, |kib| kib / 1024 / 2)
+}
+
 fn usage() -> &'static str {
-    "usage: bench_migrate [--size-mib 1024] [--rate-mbps 100] [--runs 1] [--dir /var/tmp]   (as root)"
+    "usage: bench_migrate [--size-mib 1024] [--rate-mbps 100] [--runs 1] [--dir /var/tmp] [--recv-memory-mib N]   (as root)"
 }
 
 /// Command line options.
@@ -144,6 +156,8 @@ struct Opts {
     runs: usize,
     /// Where the work directory is created.
     dir: PathBuf,
+    /// `receive --memory-limit-mib` (default: receive's own default).
+    recv_memory_mib: Option<u64>,
 }
 
 /// `Ok(None)` for `--help`.
@@ -153,6 +167,7 @@ fn parse_args(args: &[String]) -> Res<Option<Opts>> {
         rate_mbps: 100,
         runs: 1,
         dir: PathBuf::from("/var/tmp"),
+        recv_memory_mib: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -178,6 +193,10 @@ fn parse_args(args: &[String]) -> Res<Option<Opts>> {
             "--rate-mbps" => opts.rate_mbps = positive("--rate-mbps", &value("--rate-mbps")?)?,
             "--runs" => opts.runs = positive("--runs", &value("--runs")?)?,
             "--dir" => opts.dir = PathBuf::from(value("--dir")?),
+            "--recv-memory-mib" => {
+                opts.recv_memory_mib =
+                    Some(positive("--recv-memory-mib", &value("--recv-memory-mib")?)?)
+            }
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -786,6 +805,11 @@ fn migrate_once(case: Case, opts: &Opts, work: &Dir, run: usize) -> Res<Outcome>
     let t0 = Instant::now();
     let port = free_udp_port()?;
     let listen = format!("127.0.0.1:{port}");
+    // receive's default (half the RAM) unless the bench was told otherwise.
+    let recv_memory = opts
+        .recv_memory_mib
+        .unwrap_or_else(crm_mem_default_mib)
+        .to_string();
     let mut recv = Crm::spawn(
         "recv",
         &[
@@ -799,6 +823,8 @@ fn migrate_once(case: Case, opts: &Opts, work: &Dir, run: usize) -> Res<Outcome>
             state.str()?,
             "--work-dir",
             incoming.str()?,
+            "--memory-limit-mib",
+            &recv_memory,
         ],
         &tl,
         t0,
