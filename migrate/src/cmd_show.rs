@@ -108,6 +108,18 @@ pub fn run(dir: &Path, show_pages: bool) -> anyhow::Result<i32> {
                     r.pos,
                     if f.cloexec { " cloexec" } else { "" }
                 ),
+                Some(crm_proto::image::fd_entry::Kind::Eventfd(e)) => println!(
+                    "    fd {} eventfd count {}{}{}{}",
+                    f.fd,
+                    e.count,
+                    if e.semaphore { " semaphore" } else { "" },
+                    if e.flags & libc::O_NONBLOCK as u32 != 0 {
+                        " nonblock"
+                    } else {
+                        ""
+                    },
+                    if f.cloexec { " cloexec" } else { "" }
+                ),
                 None => println!("    fd {} (unknown kind)", f.fd),
             }
         }

@@ -832,3 +832,28 @@ fn lazy_restore_serves_fork_mremap_and_dontneed() {
     );
     println!("checked: {line}");
 }
+
+/// eventfds keep their counters (beyond 32 bits), non-blocking mode,
+/// semaphore semantics and close-on-exec; checked before the dump (the check
+/// refills them) and after the restore.
+#[test]
+fn eventfd_counters_and_flags() {
+    h::init();
+    let _serial = h::serial();
+    let tmp = TempDir::new("eventfd");
+    let images = tmp.subdir("images");
+    let mut wl = Workload::start(workload_bin!(wl_eventfd), &[], tmp.path());
+    wl.expect_pass("before the dump");
+    let before = dump_and_reap(&mut wl, &images, h::crm::DEFAULT_TIMEOUT);
+    let show = run_crm(&["show", path_str(&images)]);
+    assert_success(&show, "show");
+    let shown = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        shown.contains("fd 40 eventfd count 1099511627818 nonblock")
+            && shown.contains("fd 41 eventfd count 3 semaphore cloexec"),
+        "`show` should list both eventfds with their counters:\n{shown}"
+    );
+    restore_detached(&mut wl, &images, h::crm::DEFAULT_TIMEOUT, &before);
+    let pass = wl.expect_pass("after restore");
+    println!("checked: {pass}");
+}

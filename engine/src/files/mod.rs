@@ -2,6 +2,7 @@
 //! `dump` (inspect the target's fd from `/proc`) and a `restore` (recreate it
 //! in the restoring task). Kinds the engine cannot restore yet make the dump
 //! fail before anything is touched, naming the fd and its kind.
+pub mod eventfd;
 pub mod regular;
 
 use crate::procfs;
@@ -27,6 +28,13 @@ pub enum FilesError {
     },
     #[error(transparent)]
     Proc(#[from] procfs::ProcError),
+    #[error("cannot create the {kind} of fd {fd}")]
+    Create {
+        fd: i32,
+        kind: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot reopen {path} as fd {fd}")]
     Reopen {
         fd: i32,
@@ -36,8 +44,15 @@ pub enum FilesError {
     },
 }
 
-/// Names the kind of a descriptor from its `/proc/PID/fd` link and type.
-fn kind_of(link: &str, meta: &std::fs::Metadata) -> Result<(), &'static str> {
+/// The kinds of descriptor the engine saves.
+enum Kind {
+    Regular,
+    EventFd,
+}
+
+/// Names the kind of a descriptor from its `/proc/PID/fd` link and type;
+/// `Err` names a kind that cannot be saved yet.
+fn kind_of(link: &str, meta: &std::fs::Metadata) -> Result<Kind, &'static str> {
     let ft = meta.file_type();
     if link.starts_with("pipe:") || ft.is_fifo() {
         return Err("a pipe or FIFO");
@@ -45,9 +60,11 @@ fn kind_of(link: &str, meta: &std::fs::Metadata) -> Result<(), &'static str> {
     if link.starts_with("socket:") || ft.is_socket() {
         return Err("a socket");
     }
+    if link == "anon_inode:[eventfd]" {
+        return Ok(Kind::EventFd);
+    }
     if let Some(rest) = link.strip_prefix("anon_inode:") {
         return Err(match rest {
-            "[eventfd]" => "an eventfd",
             "[eventpoll]" => "an epoll instance",
             "[signalfd]" => "a signalfd",
             "[timerfd]" => "a timerfd",
@@ -73,7 +90,7 @@ fn kind_of(link: &str, meta: &std::fs::Metadata) -> Result<(), &'static str> {
     if !link.starts_with('/') {
         return Err("an unknown kind of file");
     }
-    Ok(())
+    Ok(Kind::Regular)
 }
 
 /// Inspects every fd of `pid`. Fails on the first fd of a kind that cannot be
@@ -91,24 +108,33 @@ pub fn dump(pid: i32) -> Result<FilesCore, FilesError> {
             fd,
             source,
         })?;
-        if let Err(kind) = kind_of(&link, &meta) {
-            return Err(FilesError::Unsupported {
-                pid,
-                fd,
-                kind,
-                target: link,
-            });
-        }
+        let kind = kind_of(&link, &meta).map_err(|kind| FilesError::Unsupported {
+            pid,
+            fd,
+            kind,
+            target: link.clone(),
+        })?;
         let info = procfs::read_fdinfo(pid, fd)?;
         let cloexec = info.flags & libc::O_CLOEXEC as u32 != 0;
-        let reg = regular::dump(&link, &meta, &info);
+        let kind = match kind {
+            Kind::Regular => fd_entry::Kind::Regular(regular::dump(&link, &meta, &info)),
+            Kind::EventFd => fd_entry::Kind::Eventfd(eventfd::dump(pid, fd, &info)?),
+        };
         fds.push(FdEntry {
             fd,
             cloexec,
-            kind: Some(fd_entry::Kind::Regular(reg)),
+            kind: Some(kind),
         });
     }
     Ok(FilesCore { fds })
+}
+
+/// Recreates a descriptor of the image (not yet at its number, close-on-exec).
+pub fn restore(fd: i32, kind: &fd_entry::Kind) -> Result<std::os::fd::OwnedFd, FilesError> {
+    match kind {
+        fd_entry::Kind::Regular(r) => regular::restore(fd, r),
+        fd_entry::Kind::Eventfd(e) => eventfd::restore(fd, e),
+    }
 }
 
 /// Highest fd number in an image (or -1).

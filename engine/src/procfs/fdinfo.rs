@@ -8,6 +8,10 @@ pub struct FdInfo {
     /// open(2) flags including O_CLOEXEC (octal in the file).
     pub flags: u32,
     pub mnt_id: u64,
+    /// eventfd: the counter (`eventfd-count`, hex).
+    pub eventfd_count: Option<u64>,
+    /// eventfd: created with `EFD_SEMAPHORE` (`eventfd-semaphore`, Linux 6.7+).
+    pub eventfd_semaphore: Option<bool>,
 }
 
 impl FdInfo {
@@ -27,6 +31,16 @@ impl FdInfo {
                     seen |= 2;
                 }
                 "mnt_id" => info.mnt_id = value.parse().map_err(|_| bad())?,
+                "eventfd-count" => {
+                    info.eventfd_count = Some(u64::from_str_radix(value, 16).map_err(|_| bad())?)
+                }
+                "eventfd-semaphore" => {
+                    info.eventfd_semaphore = Some(match value {
+                        "0" => false,
+                        "1" => true,
+                        _ => return Err(bad()),
+                    })
+                }
                 _ => {}
             }
         }
@@ -52,5 +66,17 @@ mod tests {
         assert_eq!(i.flags, 0o2100001);
         assert_eq!(i.mnt_id, 25);
         assert!(FdInfo::parse(Path::new("x"), "pos:\tx\nflags:\t0\n").is_err());
+        assert_eq!(i.eventfd_count, None);
+    }
+
+    #[test]
+    fn parses_eventfd_fields() {
+        let text = "pos:\t0\nflags:\t04002\nmnt_id:\t17\nino:\t1038\n\
+                    eventfd-count:      1000000002a\neventfd-id: 1\neventfd-semaphore: 1\n";
+        let i = FdInfo::parse(Path::new("x"), text).unwrap();
+        assert_eq!(i.eventfd_count, Some((1 << 40) + 42));
+        assert_eq!(i.eventfd_semaphore, Some(true));
+        let bad = text.replace("semaphore: 1", "semaphore: 2");
+        assert!(FdInfo::parse(Path::new("x"), &bad).is_err());
     }
 }

@@ -7,7 +7,7 @@
 use super::abi::*;
 use super::blob;
 use super::plan::{Plan, SessionAction};
-use crate::files::regular;
+use crate::files;
 use crate::image::PagesReader;
 use crate::sys;
 use crm_proto::image::PageRun;
@@ -208,10 +208,10 @@ fn prepare(
         )
     };
 
-    for (fd, reg) in &plan.fds {
-        let opened = regular::restore(*fd, reg).map_err(|e| fail(e.to_string(), err_fd))?;
+    for (fd, cloexec, kind) in &plan.fds {
+        let opened = files::restore(*fd, kind).map_err(|e| fail(e.to_string(), err_fd))?;
         let raw = opened.into_raw_fd();
-        let cloexec = reg.flags & libc::O_CLOEXEC as u32 != 0;
+        let cloexec = *cloexec;
         if raw != *fd {
             // SAFETY: dup3 onto the image's number (free: everything below
             // close_from was closed and numbers are restored in order), then

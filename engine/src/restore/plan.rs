@@ -8,7 +8,7 @@ use super::abi::*;
 use super::RestoreError;
 use crate::dump::PAGE;
 use crate::procfs;
-use crm_proto::image::{fd_entry, FilesCore, MmCore, PageRun, RegularFile, TaskCore, VmaKind};
+use crm_proto::image::{fd_entry, FilesCore, MmCore, PageRun, TaskCore, VmaKind};
 use std::ffi::CString;
 
 /// One VMA of the image, mapped first at `at` inside the zone, then moved
@@ -62,7 +62,8 @@ pub struct Plan {
     pub moves_off: u64,
     pub threads_off: u64,
     pub siginfo_off: u64,
-    pub fds: Vec<(i32, RegularFile)>,
+    /// Each fd of the image: its number, whether close-on-exec, its kind.
+    pub fds: Vec<(i32, bool, fd_entry::Kind)>,
     pub close_from: i32,
     pub exe: CString,
     pub cwd: CString,
@@ -514,13 +515,7 @@ pub fn build(input: &Inputs<'_>, host: &Host) -> Result<Plan, RestoreError> {
             return Err(invalid(format!("fd number {} is out of range", f.fd)));
         }
         match &f.kind {
-            Some(fd_entry::Kind::Regular(r)) => {
-                let mut r = r.clone();
-                if f.cloexec {
-                    r.flags |= libc::O_CLOEXEC as u32;
-                }
-                fds.push((f.fd, r));
-            }
+            Some(k) => fds.push((f.fd, f.cloexec, k.clone())),
             None => return Err(invalid(format!("fd {} has no kind", f.fd))),
         }
     }
