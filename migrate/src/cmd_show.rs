@@ -120,6 +120,17 @@ pub fn run(dir: &Path, show_pages: bool) -> anyhow::Result<i32> {
                     },
                     if f.cloexec { " cloexec" } else { "" }
                 ),
+                Some(crm_proto::image::fd_entry::Kind::Signalfd(s)) => println!(
+                    "    fd {} signalfd mask {:#x}{}{}",
+                    f.fd,
+                    s.sigmask,
+                    if s.flags & libc::O_NONBLOCK as u32 != 0 {
+                        " nonblock"
+                    } else {
+                        ""
+                    },
+                    if f.cloexec { " cloexec" } else { "" }
+                ),
                 None => println!("    fd {} (unknown kind)", f.fd),
             }
         }

@@ -857,3 +857,26 @@ fn eventfd_counters_and_flags() {
     let pass = wl.expect_pass("after restore");
     println!("checked: {pass}");
 }
+
+/// A signalfd keeps its mask and O_NONBLOCK, and the signal pending at the
+/// dump is still there to read from it after the restore.
+#[test]
+fn signalfd_mask_and_pending_signal() {
+    h::init();
+    let _serial = h::serial();
+    let tmp = TempDir::new("signalfd");
+    let images = tmp.subdir("images");
+    let mut wl = Workload::start(workload_bin!(wl_signalfd), &[], tmp.path());
+    wl.expect_pass("before the dump");
+    let before = dump_and_reap(&mut wl, &images, h::crm::DEFAULT_TIMEOUT);
+    let show = run_crm(&["show", path_str(&images)]);
+    assert_success(&show, "show");
+    let shown = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        shown.contains("fd 42 signalfd mask") && shown.contains(" nonblock"),
+        "`show` should list the signalfd:\n{shown}"
+    );
+    restore_detached(&mut wl, &images, h::crm::DEFAULT_TIMEOUT, &before);
+    let pass = wl.expect_pass("after restore");
+    println!("checked: {pass}");
+}

@@ -4,6 +4,7 @@
 //! fail before anything is touched, naming the fd and its kind.
 pub mod eventfd;
 pub mod regular;
+pub mod signalfd;
 
 use crate::procfs;
 use crm_proto::image::{fd_entry, FdEntry, FilesCore};
@@ -48,6 +49,7 @@ pub enum FilesError {
 enum Kind {
     Regular,
     EventFd,
+    SignalFd,
 }
 
 /// Names the kind of a descriptor from its `/proc/PID/fd` link and type;
@@ -62,6 +64,9 @@ fn kind_of(link: &str, meta: &std::fs::Metadata) -> Result<Kind, &'static str> {
     }
     if link == "anon_inode:[eventfd]" {
         return Ok(Kind::EventFd);
+    }
+    if link == "anon_inode:[signalfd]" {
+        return Ok(Kind::SignalFd);
     }
     if let Some(rest) = link.strip_prefix("anon_inode:") {
         return Err(match rest {
@@ -119,6 +124,7 @@ pub fn dump(pid: i32) -> Result<FilesCore, FilesError> {
         let kind = match kind {
             Kind::Regular => fd_entry::Kind::Regular(regular::dump(&link, &meta, &info)),
             Kind::EventFd => fd_entry::Kind::Eventfd(eventfd::dump(pid, fd, &info)?),
+            Kind::SignalFd => fd_entry::Kind::Signalfd(signalfd::dump(pid, fd, &info)?),
         };
         fds.push(FdEntry {
             fd,
@@ -134,6 +140,7 @@ pub fn restore(fd: i32, kind: &fd_entry::Kind) -> Result<std::os::fd::OwnedFd, F
     match kind {
         fd_entry::Kind::Regular(r) => regular::restore(fd, r),
         fd_entry::Kind::Eventfd(e) => eventfd::restore(fd, e),
+        fd_entry::Kind::Signalfd(s) => signalfd::restore(fd, s),
     }
 }
 

@@ -12,6 +12,8 @@ pub struct FdInfo {
     pub eventfd_count: Option<u64>,
     /// eventfd: created with `EFD_SEMAPHORE` (`eventfd-semaphore`, Linux 6.7+).
     pub eventfd_semaphore: Option<bool>,
+    /// signalfd: the signals it accepts (`sigmask`, hex; bit N-1 = signal N).
+    pub signalfd_mask: Option<u64>,
 }
 
 impl FdInfo {
@@ -33,6 +35,9 @@ impl FdInfo {
                 "mnt_id" => info.mnt_id = value.parse().map_err(|_| bad())?,
                 "eventfd-count" => {
                     info.eventfd_count = Some(u64::from_str_radix(value, 16).map_err(|_| bad())?)
+                }
+                "sigmask" => {
+                    info.signalfd_mask = Some(u64::from_str_radix(value, 16).map_err(|_| bad())?)
                 }
                 "eventfd-semaphore" => {
                     info.eventfd_semaphore = Some(match value {
@@ -76,6 +81,9 @@ mod tests {
         let i = FdInfo::parse(Path::new("x"), text).unwrap();
         assert_eq!(i.eventfd_count, Some((1 << 40) + 42));
         assert_eq!(i.eventfd_semaphore, Some(true));
+        let sfd = "pos:\t0\nflags:\t02004002\nmnt_id:\t17\nsigmask:\t0000000000000300\n";
+        let i = FdInfo::parse(Path::new("x"), sfd).unwrap();
+        assert_eq!(i.signalfd_mask, Some(0x300));
         let bad = text.replace("semaphore: 1", "semaphore: 2");
         assert!(FdInfo::parse(Path::new("x"), &bad).is_err());
     }
