@@ -644,6 +644,25 @@ fn migrate_unprivileged_process_without_lazy_pages() {
     );
 }
 
+/// Event objects travel in the final state: eventfd counters and a signalfd
+/// with a pending signal work on the destination.
+#[test]
+fn migrate_eventfd_and_signalfd() {
+    h::init();
+    let _serial = h::serial();
+    for (name, bin) in [
+        ("eventfd", workload_bin!(wl_eventfd)),
+        ("signalfd", workload_bin!(wl_signalfd)),
+    ] {
+        let s = Setup::new(&format!("mig-{name}"));
+        let mut wl = Workload::start(bin, &[], s.dir());
+        wl.expect_pass("before the migration");
+        migrate_locally(&s, &mut wl, &[]);
+        let pass = wl.expect_pass("after the migration");
+        println!("checked: {name} migrated: {pass}");
+    }
+}
+
 #[test]
 fn migrate_mapper() {
     h::init();
