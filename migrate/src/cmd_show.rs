@@ -131,6 +131,20 @@ pub fn run(dir: &Path, show_pages: bool) -> anyhow::Result<i32> {
                     },
                     if f.cloexec { " cloexec" } else { "" }
                 ),
+                Some(crm_proto::image::fd_entry::Kind::Timerfd(t)) => println!(
+                    "    fd {} timerfd clock {} next in {} ns every {} ns, {} unread{}{}",
+                    f.fd,
+                    t.clockid,
+                    t.value_ns,
+                    t.interval_ns,
+                    t.ticks,
+                    if t.flags & libc::O_NONBLOCK as u32 != 0 {
+                        " nonblock"
+                    } else {
+                        ""
+                    },
+                    if f.cloexec { " cloexec" } else { "" }
+                ),
                 None => println!("    fd {} (unknown kind)", f.fd),
             }
         }

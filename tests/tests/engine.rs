@@ -880,3 +880,27 @@ fn signalfd_mask_and_pending_signal() {
     let pass = wl.expect_pass("after restore");
     println!("checked: {pass}");
 }
+
+/// timerfds keep their clocks, time left, intervals and unread expirations.
+#[test]
+fn timerfd_states() {
+    h::init();
+    let _serial = h::serial();
+    let tmp = TempDir::new("timerfd");
+    let images = tmp.subdir("images");
+    let mut wl = Workload::start(workload_bin!(wl_timerfd), &[], tmp.path());
+    wl.expect_pass("before the dump");
+    let before = dump_and_reap(&mut wl, &images, h::crm::DEFAULT_TIMEOUT);
+    let show = run_crm(&["show", path_str(&images)]);
+    assert_success(&show, "show");
+    let shown = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        shown.contains("fd 45 timerfd clock 0 next in 0 ns every 0 ns, 1 unread nonblock")
+            && shown.contains("fd 43 timerfd clock 1")
+            && shown.contains("every 100000000 ns"),
+        "`show` should list the timerfds:\n{shown}"
+    );
+    restore_detached(&mut wl, &images, h::crm::DEFAULT_TIMEOUT, &before);
+    let pass = wl.expect_pass("after restore");
+    println!("checked: {pass}");
+}

@@ -644,15 +644,16 @@ fn migrate_unprivileged_process_without_lazy_pages() {
     );
 }
 
-/// Event objects travel in the final state: eventfd counters and a signalfd
-/// with a pending signal work on the destination.
+/// Event objects travel in the final state: eventfd counters, a signalfd
+/// with a pending signal and timerfds work on the destination.
 #[test]
-fn migrate_eventfd_and_signalfd() {
+fn migrate_event_fds() {
     h::init();
     let _serial = h::serial();
     for (name, bin) in [
         ("eventfd", workload_bin!(wl_eventfd)),
         ("signalfd", workload_bin!(wl_signalfd)),
+        ("timerfd", workload_bin!(wl_timerfd)),
     ] {
         let s = Setup::new(&format!("mig-{name}"));
         let mut wl = Workload::start(bin, &[], s.dir());

@@ -5,6 +5,7 @@
 pub mod eventfd;
 pub mod regular;
 pub mod signalfd;
+pub mod timerfd;
 
 use crate::procfs;
 use crm_proto::image::{fd_entry, FdEntry, FilesCore};
@@ -50,6 +51,7 @@ enum Kind {
     Regular,
     EventFd,
     SignalFd,
+    TimerFd,
 }
 
 /// Names the kind of a descriptor from its `/proc/PID/fd` link and type;
@@ -67,6 +69,9 @@ fn kind_of(link: &str, meta: &std::fs::Metadata) -> Result<Kind, &'static str> {
     }
     if link == "anon_inode:[signalfd]" {
         return Ok(Kind::SignalFd);
+    }
+    if link == "anon_inode:[timerfd]" {
+        return Ok(Kind::TimerFd);
     }
     if let Some(rest) = link.strip_prefix("anon_inode:") {
         return Err(match rest {
@@ -125,6 +130,7 @@ pub fn dump(pid: i32) -> Result<FilesCore, FilesError> {
             Kind::Regular => fd_entry::Kind::Regular(regular::dump(&link, &meta, &info)),
             Kind::EventFd => fd_entry::Kind::Eventfd(eventfd::dump(pid, fd, &info)?),
             Kind::SignalFd => fd_entry::Kind::Signalfd(signalfd::dump(pid, fd, &info)?),
+            Kind::TimerFd => fd_entry::Kind::Timerfd(timerfd::dump(pid, fd, &info)?),
         };
         fds.push(FdEntry {
             fd,
@@ -141,6 +147,7 @@ pub fn restore(fd: i32, kind: &fd_entry::Kind) -> Result<std::os::fd::OwnedFd, F
         fd_entry::Kind::Regular(r) => regular::restore(fd, r),
         fd_entry::Kind::Eventfd(e) => eventfd::restore(fd, e),
         fd_entry::Kind::Signalfd(s) => signalfd::restore(fd, s),
+        fd_entry::Kind::Timerfd(t) => timerfd::restore(fd, t),
     }
 }
 

@@ -14,12 +14,37 @@ pub struct FdInfo {
     pub eventfd_semaphore: Option<bool>,
     /// signalfd: the signals it accepts (`sigmask`, hex; bit N-1 = signal N).
     pub signalfd_mask: Option<u64>,
+    /// timerfd: present when the `clockid`, `ticks`, `it_value` and
+    /// `it_interval` lines all are.
+    pub timerfd: Option<TimerFdInfo>,
+}
+
+/// The state of a timerfd as fdinfo shows it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TimerFdInfo {
+    pub clockid: i32,
+    /// Expirations not read yet.
+    pub ticks: u64,
+    /// `TFD_TIMER_*` flags of the last settime.
+    pub settime_flags: u32,
+    /// Time to the next expiration (0: disarmed, or expired and not re-armed
+    /// until read), and the interval, as (seconds, nanoseconds).
+    pub value: (u64, u64),
+    pub interval: (u64, u64),
+}
+
+/// Parses `(S, NS)`.
+fn pair(v: &str) -> Option<(u64, u64)> {
+    let (a, b) = v.strip_prefix('(')?.strip_suffix(')')?.split_once(',')?;
+    Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
 }
 
 impl FdInfo {
     pub fn parse(path: &Path, text: &str) -> Result<FdInfo, ProcError> {
         let mut info = FdInfo::default();
         let mut seen = 0;
+        let mut timer = TimerFdInfo::default();
+        let mut timer_seen = 0;
         for line in text.lines() {
             let Some((key, value)) = line.split_once(':') else {
                 continue;
@@ -36,6 +61,25 @@ impl FdInfo {
                 "eventfd-count" => {
                     info.eventfd_count = Some(u64::from_str_radix(value, 16).map_err(|_| bad())?)
                 }
+                "clockid" => {
+                    timer.clockid = value.parse().map_err(|_| bad())?;
+                    timer_seen |= 1;
+                }
+                "ticks" => {
+                    timer.ticks = value.parse().map_err(|_| bad())?;
+                    timer_seen |= 2;
+                }
+                "settime flags" => {
+                    timer.settime_flags = u32::from_str_radix(value, 8).map_err(|_| bad())?
+                }
+                "it_value" => {
+                    timer.value = pair(value).ok_or_else(bad)?;
+                    timer_seen |= 4;
+                }
+                "it_interval" => {
+                    timer.interval = pair(value).ok_or_else(bad)?;
+                    timer_seen |= 8;
+                }
                 "sigmask" => {
                     info.signalfd_mask = Some(u64::from_str_radix(value, 16).map_err(|_| bad())?)
                 }
@@ -51,6 +95,9 @@ impl FdInfo {
         }
         if seen != 3 {
             return Err(ProcError::parse(path, "no pos/flags lines"));
+        }
+        if timer_seen == 15 {
+            info.timerfd = Some(timer);
         }
         Ok(info)
     }
@@ -84,6 +131,20 @@ mod tests {
         let sfd = "pos:\t0\nflags:\t02004002\nmnt_id:\t17\nsigmask:\t0000000000000300\n";
         let i = FdInfo::parse(Path::new("x"), sfd).unwrap();
         assert_eq!(i.signalfd_mask, Some(0x300));
+        let tfd = "pos:\t0\nflags:\t02\nmnt_id:\t17\nclockid: 1\nticks: 3\n\
+                   settime flags: 01\nit_value: (0, 49406829)\nit_interval: (1, 0)\n";
+        let i = FdInfo::parse(Path::new("x"), tfd).unwrap();
+        assert_eq!(
+            i.timerfd,
+            Some(TimerFdInfo {
+                clockid: 1,
+                ticks: 3,
+                settime_flags: 1,
+                value: (0, 49406829),
+                interval: (1, 0)
+            })
+        );
+        assert!(FdInfo::parse(Path::new("x"), &tfd.replace("(1, 0)", "(1 0)")).is_err());
         let bad = text.replace("semaphore: 1", "semaphore: 2");
         assert!(FdInfo::parse(Path::new("x"), &bad).is_err());
     }
