@@ -82,6 +82,18 @@ pub fn verdict(what: &str, problems: &[String]) {
     }
 }
 
+/// One 8-byte read (eventfd, timerfd): `Ok(value)` or `Err(errno)`.
+pub fn read_u64(fd: libc::c_int) -> Result<u64, i32> {
+    let mut v = [0u8; 8];
+    // SAFETY: reading 8 bytes into a local buffer.
+    let n = unsafe { libc::read(fd, v.as_mut_ptr() as *mut libc::c_void, 8) };
+    if n == 8 {
+        Ok(u64::from_ne_bytes(v))
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
+}
+
 /// Sleeps `ms` milliseconds; signals do not shorten the sleep.
 pub fn sleep_ms(ms: u64) {
     std::thread::sleep(Duration::from_millis(ms));

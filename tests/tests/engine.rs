@@ -833,74 +833,62 @@ fn lazy_restore_serves_fork_mremap_and_dontneed() {
     println!("checked: {line}");
 }
 
-/// eventfds keep their counters (beyond 32 bits), non-blocking mode,
-/// semaphore semantics and close-on-exec; checked before the dump (the check
-/// refills them) and after the restore.
-#[test]
-fn eventfd_counters_and_flags() {
+/// Dump, `show` and restore of a workload that checks its own event fds
+/// before and after: `show` must print every line of `shown`.
+fn event_fd_cycle(name: &str, bin: &Path, shown: &[&str]) {
     h::init();
     let _serial = h::serial();
-    let tmp = TempDir::new("eventfd");
+    let tmp = TempDir::new(name);
     let images = tmp.subdir("images");
-    let mut wl = Workload::start(workload_bin!(wl_eventfd), &[], tmp.path());
+    let mut wl = Workload::start(bin, &[], tmp.path());
     wl.expect_pass("before the dump");
     let before = dump_and_reap(&mut wl, &images, h::crm::DEFAULT_TIMEOUT);
     let show = run_crm(&["show", path_str(&images)]);
     assert_success(&show, "show");
-    let shown = String::from_utf8_lossy(&show.stdout);
-    assert!(
-        shown.contains("fd 40 eventfd count 1099511627818 nonblock")
-            && shown.contains("fd 41 eventfd count 3 semaphore cloexec"),
-        "`show` should list both eventfds with their counters:\n{shown}"
-    );
+    let out = String::from_utf8_lossy(&show.stdout);
+    for want in shown {
+        assert!(out.contains(want), "`show` should print {want:?}:\n{out}");
+    }
     restore_detached(&mut wl, &images, h::crm::DEFAULT_TIMEOUT, &before);
     let pass = wl.expect_pass("after restore");
     println!("checked: {pass}");
+}
+
+/// eventfds keep their counters (beyond 32 bits), non-blocking mode,
+/// semaphore semantics and close-on-exec.
+#[test]
+fn eventfd_counters_and_flags() {
+    event_fd_cycle(
+        "eventfd",
+        workload_bin!(wl_eventfd),
+        &[
+            "fd 40 eventfd count 1099511627818 nonblock",
+            "fd 41 eventfd count 3 semaphore cloexec",
+        ],
+    );
 }
 
 /// A signalfd keeps its mask and O_NONBLOCK, and the signal pending at the
 /// dump is still there to read from it after the restore.
 #[test]
 fn signalfd_mask_and_pending_signal() {
-    h::init();
-    let _serial = h::serial();
-    let tmp = TempDir::new("signalfd");
-    let images = tmp.subdir("images");
-    let mut wl = Workload::start(workload_bin!(wl_signalfd), &[], tmp.path());
-    wl.expect_pass("before the dump");
-    let before = dump_and_reap(&mut wl, &images, h::crm::DEFAULT_TIMEOUT);
-    let show = run_crm(&["show", path_str(&images)]);
-    assert_success(&show, "show");
-    let shown = String::from_utf8_lossy(&show.stdout);
-    assert!(
-        shown.contains("fd 42 signalfd mask") && shown.contains(" nonblock"),
-        "`show` should list the signalfd:\n{shown}"
+    event_fd_cycle(
+        "signalfd",
+        workload_bin!(wl_signalfd),
+        &["fd 42 signalfd mask 0x800000200 nonblock"],
     );
-    restore_detached(&mut wl, &images, h::crm::DEFAULT_TIMEOUT, &before);
-    let pass = wl.expect_pass("after restore");
-    println!("checked: {pass}");
 }
 
 /// timerfds keep their clocks, time left, intervals and unread expirations.
 #[test]
 fn timerfd_states() {
-    h::init();
-    let _serial = h::serial();
-    let tmp = TempDir::new("timerfd");
-    let images = tmp.subdir("images");
-    let mut wl = Workload::start(workload_bin!(wl_timerfd), &[], tmp.path());
-    wl.expect_pass("before the dump");
-    let before = dump_and_reap(&mut wl, &images, h::crm::DEFAULT_TIMEOUT);
-    let show = run_crm(&["show", path_str(&images)]);
-    assert_success(&show, "show");
-    let shown = String::from_utf8_lossy(&show.stdout);
-    assert!(
-        shown.contains("fd 45 timerfd clock 0 next in 0 ns every 0 ns, 1 unread nonblock")
-            && shown.contains("fd 43 timerfd clock 1")
-            && shown.contains("every 100000000 ns"),
-        "`show` should list the timerfds:\n{shown}"
+    event_fd_cycle(
+        "timerfd",
+        workload_bin!(wl_timerfd),
+        &[
+            "fd 45 timerfd clock 0 next in 0 ns every 0 ns, 1 unread nonblock",
+            "fd 43 timerfd clock 1",
+            "every 100000000 ns",
+        ],
     );
-    restore_detached(&mut wl, &images, h::crm::DEFAULT_TIMEOUT, &before);
-    let pass = wl.expect_pass("after restore");
-    println!("checked: {pass}");
 }

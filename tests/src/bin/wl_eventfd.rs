@@ -43,18 +43,6 @@ fn add(fd: i32, value: u64) {
     }
 }
 
-/// One read: `Ok(value)` or `Err(errno)`.
-fn read(fd: i32) -> Result<u64, i32> {
-    let mut v = [0u8; 8];
-    // SAFETY: reading 8 bytes into a local buffer.
-    let n = unsafe { libc::read(fd, v.as_mut_ptr() as *mut libc::c_void, 8) };
-    if n == 8 {
-        Ok(u64::from_ne_bytes(v))
-    } else {
-        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
-    }
-}
-
 fn readable(fd: i32) -> bool {
     let mut p = libc::pollfd {
         fd,
@@ -67,11 +55,11 @@ fn readable(fd: i32) -> bool {
 
 fn check() -> Vec<String> {
     let mut problems = Vec::new();
-    match read(COUNTER_FD) {
+    match wl::read_u64(COUNTER_FD) {
         Ok(COUNT) => {}
         other => problems.push(format!("fd {COUNTER_FD} read {other:?}, want Ok({COUNT})")),
     }
-    match read(COUNTER_FD) {
+    match wl::read_u64(COUNTER_FD) {
         Err(libc::EAGAIN) => {}
         other => problems.push(format!(
             "fd {COUNTER_FD} read {other:?} when empty, want EAGAIN (non-blocking)"
@@ -97,7 +85,7 @@ fn check() -> Vec<String> {
             ));
             break;
         }
-        match read(SEM_FD) {
+        match wl::read_u64(SEM_FD) {
             Ok(1) => {}
             other => problems.push(format!(
                 "fd {SEM_FD} read {other:?}, want Ok(1) (semaphore)"

@@ -49,17 +49,6 @@ fn arm(fd: i32, value: libc::timespec, interval: libc::timespec) {
     }
 }
 
-fn read(fd: i32) -> Result<u64, i32> {
-    let mut v = [0u8; 8];
-    // SAFETY: reading 8 bytes into a local buffer.
-    let n = unsafe { libc::read(fd, v.as_mut_ptr() as *mut libc::c_void, 8) };
-    if n == 8 {
-        Ok(u64::from_ne_bytes(v))
-    } else {
-        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
-    }
-}
-
 fn gettime(fd: i32) -> libc::itimerspec {
     // SAFETY: an all-zero itimerspec is valid; gettime fills it.
     let mut its: libc::itimerspec = unsafe { std::mem::zeroed() };
@@ -70,11 +59,11 @@ fn gettime(fd: i32) -> libc::itimerspec {
 
 fn check() -> Vec<String> {
     let mut problems = Vec::new();
-    match read(EXPIRED) {
+    match wl::read_u64(EXPIRED) {
         Ok(1) => {}
         other => problems.push(format!("fd {EXPIRED} read {other:?}, want Ok(1)")),
     }
-    match read(EXPIRED) {
+    match wl::read_u64(EXPIRED) {
         Err(libc::EAGAIN) => {}
         other => problems.push(format!("fd {EXPIRED} read {other:?}, want EAGAIN")),
     }
@@ -101,7 +90,7 @@ fn check() -> Vec<String> {
     if unsafe { libc::poll(&mut pfd, 1, 1000) } != 1 {
         problems.push(format!("fd {PERIODIC} did not expire within a second"));
     } else {
-        match read(PERIODIC) {
+        match wl::read_u64(PERIODIC) {
             Ok(n) if n >= 1 => {}
             other => problems.push(format!("fd {PERIODIC} read {other:?}")),
         }
