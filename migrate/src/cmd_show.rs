@@ -145,6 +145,16 @@ pub fn run(dir: &Path, show_pages: bool) -> anyhow::Result<i32> {
                     },
                     if f.cloexec { " cloexec" } else { "" }
                 ),
+                Some(crm_proto::image::fd_entry::Kind::Epoll(e)) => println!(
+                    "    fd {} epoll watching {}{}",
+                    f.fd,
+                    e.targets
+                        .iter()
+                        .map(|t| format!("fd {} events {:#x} data {:#x}", t.fd, t.events, t.data))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    if f.cloexec { " cloexec" } else { "" }
+                ),
                 None => println!("    fd {} (unknown kind)", f.fd),
             }
         }

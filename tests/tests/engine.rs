@@ -892,3 +892,19 @@ fn timerfd_states() {
         ],
     );
 }
+
+/// An epoll instance keeps its watched descriptors, event masks (level and
+/// edge triggered) and data.
+#[test]
+fn epoll_watches() {
+    event_fd_cycle(
+        "epoll",
+        workload_bin!(wl_epoll),
+        // The kernel adds EPOLLERR | EPOLLHUP (0x18) to every mask.
+        &[
+            "fd 52 epoll watching",
+            "fd 50 events 0x19 data 0xdead",
+            "fd 51 events 0x80000019 data 0x7",
+        ],
+    );
+}

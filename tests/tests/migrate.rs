@@ -645,7 +645,8 @@ fn migrate_unprivileged_process_without_lazy_pages() {
 }
 
 /// Event objects travel in the final state: eventfd counters, a signalfd
-/// with a pending signal and timerfds work on the destination.
+/// with a pending signal, timerfds and an epoll instance work on the
+/// destination.
 #[test]
 fn migrate_event_fds() {
     h::init();
@@ -654,6 +655,7 @@ fn migrate_event_fds() {
         ("eventfd", workload_bin!(wl_eventfd)),
         ("signalfd", workload_bin!(wl_signalfd)),
         ("timerfd", workload_bin!(wl_timerfd)),
+        ("epoll", workload_bin!(wl_epoll)),
     ] {
         let s = Setup::new(&format!("mig-{name}"));
         let mut wl = Workload::start(bin, &[], s.dir());

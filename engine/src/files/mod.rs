@@ -2,6 +2,7 @@
 //! `dump` (inspect the target's fd from `/proc`) and a `restore` (recreate it
 //! in the restoring task). Kinds the engine cannot restore yet make the dump
 //! fail before anything is touched, naming the fd and its kind.
+pub mod epoll;
 pub mod eventfd;
 pub mod regular;
 pub mod signalfd;
@@ -52,6 +53,7 @@ enum Kind {
     EventFd,
     SignalFd,
     TimerFd,
+    Epoll,
 }
 
 /// Names the kind of a descriptor from its `/proc/PID/fd` link and type;
@@ -72,6 +74,9 @@ fn kind_of(link: &str, meta: &std::fs::Metadata) -> Result<Kind, &'static str> {
     }
     if link == "anon_inode:[timerfd]" {
         return Ok(Kind::TimerFd);
+    }
+    if link == "anon_inode:[eventpoll]" {
+        return Ok(Kind::Epoll);
     }
     if let Some(rest) = link.strip_prefix("anon_inode:") {
         return Err(match rest {
@@ -131,6 +136,7 @@ pub fn dump(pid: i32) -> Result<FilesCore, FilesError> {
             Kind::EventFd => fd_entry::Kind::Eventfd(eventfd::dump(pid, fd, &info)?),
             Kind::SignalFd => fd_entry::Kind::Signalfd(signalfd::dump(pid, fd, &info)?),
             Kind::TimerFd => fd_entry::Kind::Timerfd(timerfd::dump(pid, fd, &info)?),
+            Kind::Epoll => fd_entry::Kind::Epoll(epoll::dump(&info)),
         };
         fds.push(FdEntry {
             fd,
@@ -138,6 +144,7 @@ pub fn dump(pid: i32) -> Result<FilesCore, FilesError> {
             kind: Some(kind),
         });
     }
+    epoll::check_targets(pid, &fds)?;
     Ok(FilesCore { fds })
 }
 
@@ -148,6 +155,7 @@ pub fn restore(fd: i32, kind: &fd_entry::Kind) -> Result<std::os::fd::OwnedFd, F
         fd_entry::Kind::Eventfd(e) => eventfd::restore(fd, e),
         fd_entry::Kind::Signalfd(s) => signalfd::restore(fd, s),
         fd_entry::Kind::Timerfd(t) => timerfd::restore(fd, t),
+        fd_entry::Kind::Epoll(e) => epoll::restore(fd, e),
     }
 }
 

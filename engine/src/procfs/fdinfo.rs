@@ -17,6 +17,8 @@ pub struct FdInfo {
     /// timerfd: present when the `clockid`, `ticks`, `it_value` and
     /// `it_interval` lines all are.
     pub timerfd: Option<TimerFdInfo>,
+    /// epoll: one `(fd, events, data)` per watched descriptor (`tfd:` lines).
+    pub epoll_targets: Vec<(i32, u32, u64)>,
 }
 
 /// The state of a timerfd as fdinfo shows it.
@@ -79,6 +81,17 @@ impl FdInfo {
                 "it_interval" => {
                     timer.interval = pair(value).ok_or_else(bad)?;
                     timer_seen |= 8;
+                }
+                "tfd" => {
+                    let t: Vec<&str> = value.split_whitespace().collect();
+                    match t.as_slice() {
+                        [fd, "events:", ev, "data:", data, ..] => info.epoll_targets.push((
+                            fd.parse().map_err(|_| bad())?,
+                            u32::from_str_radix(ev, 16).map_err(|_| bad())?,
+                            u64::from_str_radix(data, 16).map_err(|_| bad())?,
+                        )),
+                        _ => return Err(bad()),
+                    }
                 }
                 "sigmask" => {
                     info.signalfd_mask = Some(u64::from_str_radix(value, 16).map_err(|_| bad())?)
@@ -145,6 +158,15 @@ mod tests {
             })
         );
         assert!(FdInfo::parse(Path::new("x"), &tfd.replace("(1, 0)", "(1 0)")).is_err());
+        let ep = "pos:\t0\nflags:\t02000002\nmnt_id:\t17\nino:\t1038\n\
+                  tfd:        4 events: 80000019 data:                4  pos:0 ino:40e sdev:10\n\
+                  tfd:        3 events:       19 data:         deadbeef  pos:0 ino:40e sdev:10\n";
+        let i = FdInfo::parse(Path::new("x"), ep).unwrap();
+        assert_eq!(
+            i.epoll_targets,
+            vec![(4, 0x8000_0019, 4), (3, 0x19, 0xdead_beef)]
+        );
+        assert!(FdInfo::parse(Path::new("x"), &ep.replace("data:", "dat:")).is_err());
         let bad = text.replace("semaphore: 1", "semaphore: 2");
         assert!(FdInfo::parse(Path::new("x"), &bad).is_err());
     }

@@ -519,6 +519,8 @@ pub fn build(input: &Inputs<'_>, host: &Host) -> Result<Plan, RestoreError> {
             None => return Err(invalid(format!("fd {} has no kind", f.fd))),
         }
     }
+    // epoll instances last: what they watch must exist when they are made.
+    fds.sort_by_key(|(_, _, k)| matches!(k, fd_entry::Kind::Epoll(_)));
     let close_from = (crate::files::max_fd(input.files) + 1).max(3);
 
     let mut specials_arr = [VmaMove::default(); 3];
