@@ -155,6 +155,20 @@ pub fn run(dir: &Path, show_pages: bool) -> anyhow::Result<i32> {
                         .join(", "),
                     if f.cloexec { " cloexec" } else { "" }
                 ),
+                Some(crm_proto::image::fd_entry::Kind::Pipe(p)) => println!(
+                    "    fd {} pipe:[{}] {} end, size {}, {} bytes buffered{}{}",
+                    f.fd,
+                    p.id,
+                    if p.write_end { "write" } else { "read" },
+                    p.size,
+                    p.data.len(),
+                    if p.flags & libc::O_NONBLOCK as u32 != 0 {
+                        " nonblock"
+                    } else {
+                        ""
+                    },
+                    if f.cloexec { " cloexec" } else { "" }
+                ),
                 None => println!("    fd {} (unknown kind)", f.fd),
             }
         }

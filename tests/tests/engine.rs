@@ -83,11 +83,31 @@ struct Snapshot {
     maps: Vec<String>,
 }
 
+/// Pipes get new inode numbers when restored: names them by the order they
+/// first appear in (`pipe:#1`), so which fds share a pipe still counts.
+fn same_object_names(
+    fds: std::collections::BTreeMap<i32, String>,
+) -> std::collections::BTreeMap<i32, String> {
+    let mut seen: Vec<String> = Vec::new();
+    fds.into_iter()
+        .map(|(fd, link)| {
+            if !link.starts_with("pipe:[") {
+                return (fd, link);
+            }
+            let i = seen.iter().position(|l| *l == link).unwrap_or_else(|| {
+                seen.push(link.clone());
+                seen.len() - 1
+            });
+            (fd, format!("pipe:#{}", i + 1))
+        })
+        .collect()
+}
+
 impl Snapshot {
     fn take(pid: i32) -> Snapshot {
         Snapshot {
             pid,
-            fds: procs::fds(pid),
+            fds: same_object_names(procs::fds(pid)),
             maps: procs::maps(pid),
         }
     }
@@ -603,33 +623,33 @@ fn dump_refuses_the_test_process_itself() {
 }
 
 #[test]
-fn dump_refuses_pipe_fd_and_leaves_target_running() {
+fn dump_refuses_socket_fd_and_leaves_target_running() {
     h::init();
-    let tmp = TempDir::new("pipe-fd");
+    let tmp = TempDir::new("socket-fd");
     let images = tmp.subdir("images");
     let wl = Workload::start(workload_bin!(wl_unsupported_fd), &[], tmp.path());
-    let fds: Vec<&str> = ["pipe_read_fd", "pipe_write_fd"]
+    let fds: Vec<&str> = ["sock_fd_a", "sock_fd_b"]
         .iter()
         .filter_map(|k| wl.ready_field(k))
         .collect();
     assert_eq!(fds.len(), 2, "READY line: {}", wl.ready_line());
     let pid = wl.pid().to_string();
     let out = run_crm(&["dump", "--pid", &pid, "--images-dir", path_str(&images)]);
-    assert_refused(&out, "dump of a process holding a pipe");
+    assert_refused(&out, "dump of a process holding a socket");
     let err = stderr(&out);
     assert!(
-        err.to_lowercase().contains("pipe"),
-        "the error should say the fd is a pipe:\n{err}"
+        err.to_lowercase().contains("socket"),
+        "the error should say the fd is a socket:\n{err}"
     );
     let names_fd = err
         .split(|c: char| !c.is_ascii_digit())
         .any(|n| fds.contains(&n));
     assert!(
         names_fd,
-        "the error should name the pipe fd ({}):\n{err}",
+        "the error should name the socket fd ({}):\n{err}",
         fds.join(" or ")
     );
-    println!("checked: dump refused the pipe fd: {}", err.trim());
+    println!("checked: dump refused the socket fd: {}", err.trim());
     assert_untouched(&wl, "the refused dump");
 }
 
@@ -905,6 +925,23 @@ fn epoll_watches() {
             "fd 52 epoll watching",
             "fd 50 events 0x19 data 0xdead",
             "fd 51 events 0x80000019 data 0x7",
+        ],
+    );
+}
+
+/// Pipes whose both ends the process holds keep their buffered data (read
+/// without consuming it at the dump), size, O_NONBLOCK and dup'd ends.
+#[test]
+fn pipes_with_data() {
+    event_fd_cycle(
+        "pipes",
+        workload_bin!(wl_pipes),
+        &[
+            "fd 60 pipe:[",
+            "read end, size 262144, 10 bytes buffered",
+            "fd 62 pipe:[",
+            "read end, size 65536, 0 bytes buffered nonblock",
+            "fd 64 pipe:[",
         ],
     );
 }

@@ -656,6 +656,7 @@ fn migrate_event_fds() {
         ("signalfd", workload_bin!(wl_signalfd)),
         ("timerfd", workload_bin!(wl_timerfd)),
         ("epoll", workload_bin!(wl_epoll)),
+        ("pipes", workload_bin!(wl_pipes)),
     ] {
         let s = Setup::new(&format!("mig-{name}"));
         let mut wl = Workload::start(bin, &[], s.dir());

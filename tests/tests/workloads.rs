@@ -90,7 +90,7 @@ fn signals_self_check() {
 }
 
 #[test]
-fn sleeper_and_pipe_holder_pass() {
+fn sleeper_and_socket_holder_pass() {
     h::init();
     let tmp = TempDir::new("simple-selftest");
     for exe in [workload_bin!(wl_sleeper), workload_bin!(wl_unsupported_fd)] {

@@ -4,6 +4,7 @@
 //! fail before anything is touched, naming the fd and its kind.
 pub mod epoll;
 pub mod eventfd;
+pub mod pipe;
 pub mod regular;
 pub mod signalfd;
 pub mod timerfd;
@@ -54,14 +55,18 @@ enum Kind {
     SignalFd,
     TimerFd,
     Epoll,
+    Pipe,
 }
 
 /// Names the kind of a descriptor from its `/proc/PID/fd` link and type;
 /// `Err` names a kind that cannot be saved yet.
 fn kind_of(link: &str, meta: &std::fs::Metadata) -> Result<Kind, &'static str> {
     let ft = meta.file_type();
-    if link.starts_with("pipe:") || ft.is_fifo() {
-        return Err("a pipe or FIFO");
+    if link.starts_with("pipe:") {
+        return Ok(Kind::Pipe);
+    }
+    if ft.is_fifo() {
+        return Err("a FIFO");
     }
     if link.starts_with("socket:") || ft.is_socket() {
         return Err("a socket");
@@ -112,6 +117,7 @@ fn kind_of(link: &str, meta: &std::fs::Metadata) -> Result<Kind, &'static str> {
 /// restored yet.
 pub fn dump(pid: i32) -> Result<FilesCore, FilesError> {
     let mut fds = Vec::new();
+    let mut pipes_with_data = std::collections::HashSet::new();
     for fd in procfs::list_fds(pid)? {
         let link_path = PathBuf::from(format!("/proc/{pid}/fd/{fd}"));
         let link = std::fs::read_link(&link_path)
@@ -137,6 +143,9 @@ pub fn dump(pid: i32) -> Result<FilesCore, FilesError> {
             Kind::SignalFd => fd_entry::Kind::Signalfd(signalfd::dump(pid, fd, &info)?),
             Kind::TimerFd => fd_entry::Kind::Timerfd(timerfd::dump(pid, fd, &info)?),
             Kind::Epoll => fd_entry::Kind::Epoll(epoll::dump(&info)),
+            Kind::Pipe => {
+                fd_entry::Kind::Pipe(pipe::dump(pid, fd, &link, &info, &mut pipes_with_data)?)
+            }
         };
         fds.push(FdEntry {
             fd,
@@ -145,12 +154,19 @@ pub fn dump(pid: i32) -> Result<FilesCore, FilesError> {
         });
     }
     epoll::check_targets(pid, &fds)?;
+    pipe::check_ends(pid, &fds)?;
     Ok(FilesCore { fds })
 }
 
 /// Recreates a descriptor of the image (not yet at its number, close-on-exec).
-pub fn restore(fd: i32, kind: &fd_entry::Kind) -> Result<std::os::fd::OwnedFd, FilesError> {
+/// `pipes` holds the pipes made so far (a pipe has several descriptors).
+pub fn restore(
+    fd: i32,
+    kind: &fd_entry::Kind,
+    pipes: &mut pipe::Pipes,
+) -> Result<std::os::fd::OwnedFd, FilesError> {
     match kind {
+        fd_entry::Kind::Pipe(p) => pipe::restore(fd, p, pipes),
         fd_entry::Kind::Regular(r) => regular::restore(fd, r),
         fd_entry::Kind::Eventfd(e) => eventfd::restore(fd, e),
         fd_entry::Kind::Signalfd(s) => signalfd::restore(fd, s),

@@ -208,8 +208,11 @@ fn prepare(
         )
     };
 
+    // Pipe ends wait above the image's numbers (the blob closes them).
+    let mut pipes = files::pipe::Pipes::new(plan.close_from);
     for (fd, cloexec, kind) in &plan.fds {
-        let opened = files::restore(*fd, kind).map_err(|e| fail(e.to_string(), err_fd))?;
+        let opened =
+            files::restore(*fd, kind, &mut pipes).map_err(|e| fail(e.to_string(), err_fd))?;
         let raw = opened.into_raw_fd();
         let cloexec = *cloexec;
         if raw != *fd {

@@ -1,0 +1,218 @@
+//! Pipes whose both ends the task holds (a pipe to another process needs
+//! process trees, issue 4, and is refused). Saved per descriptor as the
+//! pipe's inode, which end it is, O_NONBLOCK and the pipe's size; the data
+//! buffered in the pipe is copied with `tee(2)` from a duplicate of a read
+//! end (pulled with `pidfd_getfd`), so the dump does not consume it, and
+//! stored once, with the lowest-numbered read end. Restored by creating the
+//! pipe when its first descriptor comes up, setting its size and writing the
+//! data back; the other ends come from the same pipe.
+use super::FilesError;
+use crate::dirty::uffd_sys;
+use crate::procfs::FdInfo;
+use crm_proto::image::{fd_entry, FdEntry, Pipe};
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+
+/// The inode of a `pipe:[N]` link.
+pub fn inode(link: &str) -> Option<u64> {
+    link.strip_prefix("pipe:[")?.strip_suffix(']')?.parse().ok()
+}
+
+fn err(pid: i32, fd: i32) -> impl Fn(io::Error) -> FilesError {
+    move |source| FilesError::Inspect { pid, fd, source }
+}
+
+fn pipe2() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the local array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors are fresh and ours.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn fcntl(fd: &impl AsFd, cmd: i32, arg: i32) -> io::Result<i32> {
+    // SAFETY: fcntl with an integer argument on a descriptor we hold.
+    let r = unsafe { libc::fcntl(fd.as_fd().as_raw_fd(), cmd, arg) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// The bytes buffered in the pipe read through `read_end` (a descriptor of
+/// ours for the target's read end), without consuming them.
+fn peek(read_end: &OwnedFd, size: usize) -> io::Result<Vec<u8>> {
+    let (r, w) = pipe2()?;
+    fcntl(&w, libc::F_SETPIPE_SZ, size as i32)?;
+    // SAFETY: tee between two pipe descriptors we hold; it copies at most
+    // `size` bytes without consuming them from the source.
+    let n = unsafe {
+        libc::tee(
+            read_end.as_raw_fd(),
+            w.as_raw_fd(),
+            size,
+            libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::EAGAIN) {
+            Ok(Vec::new()) // empty
+        } else {
+            Err(e)
+        };
+    }
+    let mut data = vec![0u8; n as usize];
+    let mut got = 0;
+    while got < data.len() {
+        // SAFETY: reading into the rest of a local buffer.
+        let k = unsafe {
+            libc::read(
+                r.as_raw_fd(),
+                data[got..].as_mut_ptr() as *mut libc::c_void,
+                data.len() - got,
+            )
+        };
+        if k <= 0 {
+            return Err(io::Error::last_os_error());
+        }
+        got += k as usize;
+    }
+    Ok(data)
+}
+
+/// Saves fd `fd` (a pipe end, `link` `pipe:[N]`); the data goes with the
+/// first read end of each pipe (`with_data` tracks which pipes have it).
+pub fn dump(
+    pid: i32,
+    fd: i32,
+    link: &str,
+    info: &FdInfo,
+    with_data: &mut std::collections::HashSet<u64>,
+) -> Result<Pipe, FilesError> {
+    let id = inode(link).ok_or_else(|| FilesError::Unsupported {
+        pid,
+        fd,
+        kind: "a pipe",
+        target: link.to_string(),
+    })?;
+    let write_end = info.flags & libc::O_ACCMODE as u32 == libc::O_WRONLY as u32;
+    let pidfd = uffd_sys::pidfd_open(pid).map_err(err(pid, fd))?;
+    let mine = uffd_sys::pidfd_getfd(pidfd.as_fd(), fd).map_err(err(pid, fd))?;
+    let size = fcntl(&mine, libc::F_GETPIPE_SZ, 0).map_err(err(pid, fd))? as u32;
+    let data = if !write_end && with_data.insert(id) {
+        peek(&mine, size as usize).map_err(err(pid, fd))?
+    } else {
+        Vec::new()
+    };
+    Ok(Pipe {
+        id,
+        write_end,
+        flags: info.flags & libc::O_NONBLOCK as u32,
+        size,
+        data,
+    })
+}
+
+/// Refuses pipes of which the task holds only one end.
+pub fn check_ends(pid: i32, fds: &[FdEntry]) -> Result<(), FilesError> {
+    let mut ends: HashMap<u64, (bool, bool, i32)> = HashMap::new();
+    for f in fds {
+        if let Some(fd_entry::Kind::Pipe(p)) = &f.kind {
+            let e = ends.entry(p.id).or_insert((false, false, f.fd));
+            if p.write_end {
+                e.1 = true;
+            } else {
+                e.0 = true;
+            }
+        }
+    }
+    for (id, (r, w, fd)) in ends {
+        if !(r && w) {
+            return Err(FilesError::Unsupported {
+                pid,
+                fd,
+                kind: "a pipe to another process",
+                target: format!(
+                    "pipe:[{id}], whose {} end is not held by this process",
+                    if r { "write" } else { "read" }
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Pipes created so far in a restore: both ends, kept at numbers at or
+/// above `high` (out of the way of the image's descriptors).
+#[derive(Debug)]
+pub struct Pipes {
+    high: i32,
+    made: HashMap<u64, (OwnedFd, OwnedFd)>,
+}
+
+impl Pipes {
+    pub fn new(high: i32) -> Pipes {
+        Pipes {
+            high,
+            made: HashMap::new(),
+        }
+    }
+
+    fn lift(&self, fd: OwnedFd) -> io::Result<OwnedFd> {
+        let n = fcntl(&fd, libc::F_DUPFD_CLOEXEC, self.high)?;
+        // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor nothing owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(n) })
+    }
+}
+
+/// A descriptor for fd `fd` of the image: its end of the pipe, created
+/// (with its size and data) when the pipe's first descriptor comes up.
+pub fn restore(fd: i32, p: &Pipe, pipes: &mut Pipes) -> Result<OwnedFd, FilesError> {
+    let err = |source| FilesError::Create {
+        fd,
+        kind: "pipe",
+        source,
+    };
+    if !pipes.made.contains_key(&p.id) {
+        let (r, w) = pipe2().map_err(err)?;
+        if p.size as usize > p.data.len() && p.size != 0 {
+            fcntl(&w, libc::F_SETPIPE_SZ, p.size as i32).map_err(err)?;
+        }
+        if !p.data.is_empty() {
+            // Non-blocking while refilled: data that does not fit is an error,
+            // not a hang.
+            fcntl(&w, libc::F_SETFL, libc::O_NONBLOCK).map_err(err)?;
+            // SAFETY: writing the saved bytes from the image's buffer.
+            let n = unsafe {
+                libc::write(
+                    w.as_raw_fd(),
+                    p.data.as_ptr() as *const libc::c_void,
+                    p.data.len(),
+                )
+            };
+            if n != p.data.len() as isize {
+                return Err(err(io::Error::last_os_error()));
+            }
+            fcntl(&w, libc::F_SETFL, 0).map_err(err)?;
+        }
+        let r = pipes.lift(r).map_err(err)?;
+        let w = pipes.lift(w).map_err(err)?;
+        pipes.made.insert(p.id, (r, w));
+    }
+    let (r, w) = &pipes.made[&p.id];
+    let end = if p.write_end { w } else { r };
+    // Each image fd of this end shares one open file description, as dup'd
+    // descriptors do; its O_NONBLOCK is that end's.
+    fcntl(
+        end,
+        libc::F_SETFL,
+        (p.flags & libc::O_NONBLOCK as u32) as i32,
+    )
+    .map_err(err)?;
+    end.try_clone().map_err(err)
+}
