@@ -82,6 +82,27 @@ pub fn verdict(what: &str, problems: &[String]) {
     }
 }
 
+/// A fresh private anonymous read-write mapping of `len` bytes, at an
+/// address the kernel chooses; exits with a setup failure if there is none.
+pub fn map_anon(len: usize) -> *mut u8 {
+    // SAFETY: a new private anonymous mapping overlaps nothing we own; the
+    // result is checked against MAP_FAILED.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        fail_setup(&format!("mmap of {len} bytes"));
+    }
+    addr.cast()
+}
+
 /// One 8-byte read (eventfd, timerfd): `Ok(value)` or `Err(errno)`.
 pub fn read_u64(fd: libc::c_int) -> Result<u64, i32> {
     let mut v = [0u8; 8];

@@ -132,18 +132,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// Half of this host's RAM in MiB, as `receive` defaults to.
-fn crm_mem_default_mib() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(4096, |kib| kib / 1024 / 2)
-}
-
 fn usage() -> &'static str {
     "usage: bench_migrate [--size-mib 1024] [--rate-mbps 100] [--runs 1] [--dir /var/tmp] [--recv-memory-mib N]   (as root)"
 }
@@ -805,30 +793,24 @@ fn migrate_once(case: Case, opts: &Opts, work: &Dir, run: usize) -> Res<Outcome>
     let t0 = Instant::now();
     let port = free_udp_port()?;
     let listen = format!("127.0.0.1:{port}");
-    // receive's default (half the RAM) unless the bench was told otherwise.
-    let recv_memory = opts
-        .recv_memory_mib
-        .unwrap_or_else(crm_mem_default_mib)
-        .to_string();
-    let mut recv = Crm::spawn(
-        "recv",
-        &[
-            "-v",
-            "receive",
-            "--listen",
-            &listen,
-            "--token-file",
-            token_s,
-            "--state-dir",
-            state.str()?,
-            "--work-dir",
-            incoming.str()?,
-            "--memory-limit-mib",
-            &recv_memory,
-        ],
-        &tl,
-        t0,
-    )?;
+    // receive's own default (half the RAM) unless the bench was told otherwise.
+    let recv_memory = opts.recv_memory_mib.map(|m| m.to_string());
+    let mut recv_args = vec![
+        "-v",
+        "receive",
+        "--listen",
+        &listen,
+        "--token-file",
+        token_s,
+        "--state-dir",
+        state.str()?,
+        "--work-dir",
+        incoming.str()?,
+    ];
+    if let Some(m) = &recv_memory {
+        recv_args.extend(["--memory-limit-mib", m]);
+    }
+    let mut recv = Crm::spawn("recv", &recv_args, &tl, t0)?;
     // Wait for it to listen.
     let deadline = Instant::now() + LISTEN_TIMEOUT;
     loop {

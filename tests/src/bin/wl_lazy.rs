@@ -49,21 +49,7 @@ fn main() {
         .unwrap_or(512);
     let len = size_mib * MIB;
     let q = len / 4;
-    // SAFETY: a fresh anonymous private mapping.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if base == libc::MAP_FAILED {
-        wl::fail_setup("mmap");
-    }
-    let base = base as usize;
+    let base = wl::map_anon(len) as usize;
     for i in 0..len / 8 {
         // SAFETY: inside the mapping.
         unsafe { std::ptr::write((base + i * 8) as *mut u64, word(i * 8)) };

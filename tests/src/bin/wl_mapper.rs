@@ -77,21 +77,7 @@ struct Region {
 
 impl Region {
     fn map(len: usize, seed: u64) -> Region {
-        // SAFETY: a fresh private anonymous mapping at an address the kernel chooses;
-        // it overlaps nothing we own. The result is checked against MAP_FAILED.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            wl::fail_setup(&format!("mmap of {len} bytes"));
-        }
+        let addr = wl::map_anon(len);
         let mut r = Region {
             addr: addr.cast(),
             len,
