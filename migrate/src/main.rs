@@ -124,6 +124,11 @@ enum Command {
         /// Parallel page streams.
         #[arg(long, default_value_t = 4)]
         streams: usize,
+        /// What carries the pages: auto (TCP page channels when the
+        /// destination is this host, at the same port number over TCP;
+        /// QUIC streams otherwise) or quic (always QUIC streams).
+        #[arg(long, value_enum, default_value_t = PageTransportArg::Auto)]
+        page_transport: PageTransportArg,
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
@@ -169,6 +174,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PageTransportArg {
+    Auto,
+    Quic,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -231,6 +242,7 @@ fn main() {
             max_rounds,
             compress,
             streams,
+            page_transport,
             json,
             shell_job,
         } => cmd_send::run(cmd_send::Args {
@@ -246,6 +258,10 @@ fn main() {
                 CompressArg::Never => transport::Compress::Never,
             },
             streams,
+            page_transport: match page_transport {
+                PageTransportArg::Auto => transport::PageTransport::Auto,
+                PageTransportArg::Quic => transport::PageTransport::Quic,
+            },
             json,
             shell_job,
         }),

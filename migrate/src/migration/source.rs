@@ -14,7 +14,7 @@
 use super::policy::{self, Decision, Policy, RoundRecord};
 use super::report::{Report, RoundReport};
 use super::{now_unix_us, Progress};
-use crate::transport::{Compress, PageSender, Session};
+use crate::transport::{Compress, PageSender, PageTransport, Session};
 use anyhow::{anyhow, bail, Context, Result};
 use crm_engine::dump::{DumpError, DumpOptions, PageSink, TaskState};
 use crm_engine::precopy::{PreCopy, RoundStats};
@@ -32,6 +32,7 @@ pub struct SendOptions {
     pub policy: Policy,
     pub compress: Compress,
     pub streams: usize,
+    pub page_transport: PageTransport,
     pub shell_job: bool,
 }
 
@@ -490,9 +491,18 @@ pub async fn send(session: Session, opts: &SendOptions, progress: Progress) -> R
         .spawn(move || engine_thread(pid, dump_opts, cmd_rx, ev_tx))
         .context("starting the engine thread")?;
     let pages = session
-        .page_sender(opts.streams, opts.compress)
+        .page_sender(opts.streams, opts.compress, opts.page_transport)
         .await
         .with_context(|| format!("opening page streams to {}", session.peer()))?;
+    tracing::debug!(
+        streams = pages.streams(),
+        "pages travel on {}",
+        if pages.uses_tcp_channels() {
+            "TCP page channels (same host)"
+        } else {
+            "QUIC page streams"
+        }
+    );
     let mut d = Driver {
         session: &session,
         pages,

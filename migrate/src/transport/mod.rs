@@ -82,6 +82,7 @@ pub mod error;
 pub mod frame;
 pub mod pages;
 pub mod quic;
+pub mod tcp_channel;
 
 #[allow(unused_imports)]
 pub use auth::{format_fingerprint, parse_fingerprint, read_token_file, Auth};
@@ -89,7 +90,8 @@ pub use auth::{format_fingerprint, parse_fingerprint, read_token_file, Auth};
 pub use error::{Result, TransportError};
 #[allow(unused_imports)]
 pub use pages::{
-    compression_pays, Compress, LinkSample, PageReceiver, PageSender, ReceivedBatch, SenderStats,
+    compression_pays, Compress, LinkSample, PageReceiver, PageSender, PageTransport, ReceivedBatch,
+    SenderStats,
 };
 #[allow(unused_imports)]
 pub use quic::{connect, control_kind, listen, Listener, Session};

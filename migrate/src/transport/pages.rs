@@ -57,6 +57,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crm_proto::migrate::{Compression, PageBatchHeader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, Instrument};
@@ -66,6 +68,7 @@ use super::frame::{
     batch_decompressor, decode_batch_data, encode_batch_prefix, read_batch, read_stream_magic,
     MAX_BATCH_BYTES, PAGE_SIZE, PAGE_STREAM_MAGIC,
 };
+use super::tcp_channel::{self, ChannelSecret};
 use super::{code, MAX_PAGE_STREAMS};
 
 /// Batches queued per sending stream.
@@ -128,6 +131,17 @@ pub fn compression_pays(s: &LinkSample, compressing_now: bool) -> bool {
     } else {
         c > raw_rate * SWITCH_ON_GAIN
     }
+}
+
+/// Which streams carry page data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PageTransport {
+    /// TCP page channels to a receiver on this host that offers them
+    /// ([`super::tcp_channel`]), QUIC page streams otherwise.
+    #[default]
+    Auto,
+    /// QUIC page streams always.
+    Quic,
 }
 
 /// Counters of a [`PageSender`].
@@ -270,17 +284,22 @@ struct Worker {
 pub struct PageSender {
     shared: Arc<Shared>,
     workers: Vec<Worker>,
+    tcp: bool,
     next: usize,
     batches: u64,
     raw_bytes: u64,
 }
 
 impl PageSender {
+    /// Opens `n_streams` page streams: TCP page channels when `channels`
+    /// is given (falling back to QUIC streams if a channel cannot be
+    /// opened), QUIC unidirectional streams otherwise.
     pub(super) async fn open(
         conn: quinn::Connection,
         peer: SocketAddr,
         n_streams: usize,
         policy: Compress,
+        channels: Option<&ChannelSecret>,
     ) -> Result<PageSender> {
         let n = n_streams.clamp(1, MAX_PAGE_STREAMS as usize);
         let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
@@ -301,19 +320,23 @@ impl PageSender {
                 last_sample: None,
             }),
         });
+        let outs = match channels {
+            Some(secret) => match open_channels(peer, secret, n).await {
+                Ok(outs) => outs,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "no TCP page channels; pages go on QUIC streams");
+                    open_quic_streams(&conn, peer, n).await?
+                }
+            },
+            None => open_quic_streams(&conn, peer, n).await?,
+        };
+        let tcp = outs.iter().any(|o| matches!(o, PageOut::Tcp(_)));
         let mut workers = Vec::with_capacity(n);
-        for i in 0..n {
-            let stream = conn
-                .open_uni()
-                .await
-                .map_err(|source| TransportError::OpenStream {
-                    peer,
-                    what: "page",
-                    source,
-                })?;
+        for (i, out) in outs.into_iter().enumerate() {
             let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-            let span = tracing::debug_span!("page_stream_out", %peer, stream = i);
-            let task = tokio::spawn(worker(stream, rx, shared.clone()).instrument(span));
+            let span =
+                tracing::debug_span!("page_stream_out", %peer, stream = i, kind = out.kind());
+            let task = tokio::spawn(worker(out, rx, shared.clone()).instrument(span));
             workers.push(Worker {
                 tx: Some(tx),
                 task: Some(task),
@@ -322,6 +345,7 @@ impl PageSender {
         Ok(PageSender {
             shared,
             workers,
+            tcp,
             next: 0,
             batches: 0,
             raw_bytes: 0,
@@ -332,6 +356,11 @@ impl PageSender {
     #[allow(dead_code)] // API for the commands and reports; exercised by the tests
     pub fn streams(&self) -> usize {
         self.workers.len()
+    }
+
+    /// Whether the pages travel on TCP page channels (else QUIC streams).
+    pub fn uses_tcp_channels(&self) -> bool {
+        self.tcp
     }
 
     /// Queues one batch: `data` holds `data.len() / 4096` whole pages starting
@@ -498,21 +527,9 @@ fn compress(
     Ok((out, start.elapsed()))
 }
 
-async fn worker(
-    mut stream: quinn::SendStream,
-    mut rx: mpsc::Receiver<Job>,
-    shared: Arc<Shared>,
-) -> Result<()> {
+async fn worker(mut out: PageOut, mut rx: mpsc::Receiver<Job>, shared: Arc<Shared>) -> Result<()> {
     let peer = shared.peer;
-    let write_err = |source| TransportError::Write {
-        peer,
-        what: "page batch",
-        source,
-    };
-    stream
-        .write_all(&PAGE_STREAM_MAGIC)
-        .await
-        .map_err(write_err)?;
+    out.write_all(peer, &PAGE_STREAM_MAGIC).await?;
     shared.wrote(PAGE_STREAM_MAGIC.len());
     let mut comp: Option<zstd::bulk::Compressor<'static>> = None;
     while let Some(job) = rx.recv().await {
@@ -574,27 +591,167 @@ async fn worker(
         };
         let prefix = encode_batch_prefix(&header, payload.len());
         let wire = prefix.len() + payload.len();
-        let mut chunks = [Bytes::from(prefix), Bytes::from(payload)];
-        stream
-            .write_all_chunks(&mut chunks)
-            .await
-            .map_err(write_err)?;
+        out.write_batch(peer, prefix, payload).await?;
         shared.wrote(wire);
     }
     // Sender dropped: no more batches. Close the stream and wait until the
-    // peer has acknowledged everything on it.
-    let _ = stream.finish();
-    match stream.stopped().await {
-        Ok(None) => Ok(()),
-        Ok(Some(code)) => Err(TransportError::PageStreamStopped {
-            peer,
-            what: format!("the receiver stopped the stream (code {code})"),
-        }),
-        Err(e) => Err(TransportError::PageStreamStopped {
-            peer,
-            what: format!("waiting for acknowledgement: {e}"),
-        }),
+    // peer has taken everything on it.
+    out.finish(peer).await
+}
+
+async fn open_quic_streams(
+    conn: &quinn::Connection,
+    peer: SocketAddr,
+    n: usize,
+) -> Result<Vec<PageOut>> {
+    let mut outs = Vec::with_capacity(n);
+    for _ in 0..n {
+        let stream = conn
+            .open_uni()
+            .await
+            .map_err(|source| TransportError::OpenStream {
+                peer,
+                what: "page",
+                source,
+            })?;
+        outs.push(PageOut::Quic(stream));
     }
+    Ok(outs)
+}
+
+async fn open_channels(peer: SocketAddr, secret: &ChannelSecret, n: usize) -> Result<Vec<PageOut>> {
+    let mut outs = Vec::with_capacity(n);
+    for i in 0..n {
+        let index = u16::try_from(i).unwrap_or(u16::MAX);
+        outs.push(PageOut::Tcp(
+            tcp_channel::connect(peer, secret, index).await?,
+        ));
+    }
+    Ok(outs)
+}
+
+/// Where a page-stream worker writes: a QUIC unidirectional stream or a TCP
+/// page channel ([`tcp_channel`]). Both carry the same bytes.
+enum PageOut {
+    Quic(quinn::SendStream),
+    Tcp(TcpStream),
+}
+
+impl PageOut {
+    fn kind(&self) -> &'static str {
+        match self {
+            PageOut::Quic(_) => "quic",
+            PageOut::Tcp(_) => "tcp",
+        }
+    }
+
+    async fn write_all(&mut self, peer: SocketAddr, buf: &[u8]) -> Result<()> {
+        match self {
+            PageOut::Quic(s) => s
+                .write_all(buf)
+                .await
+                .map_err(|source| TransportError::Write {
+                    peer,
+                    what: "page stream",
+                    source,
+                }),
+            PageOut::Tcp(s) => s
+                .write_all(buf)
+                .await
+                .map_err(|source| TransportError::Channel {
+                    peer,
+                    what: "writing to a page channel",
+                    source,
+                }),
+        }
+    }
+
+    async fn write_batch(
+        &mut self,
+        peer: SocketAddr,
+        prefix: Vec<u8>,
+        payload: Vec<u8>,
+    ) -> Result<()> {
+        match self {
+            PageOut::Quic(s) => {
+                let mut chunks = [Bytes::from(prefix), Bytes::from(payload)];
+                s.write_all_chunks(&mut chunks)
+                    .await
+                    .map_err(|source| TransportError::Write {
+                        peer,
+                        what: "page batch",
+                        source,
+                    })
+            }
+            PageOut::Tcp(s) => {
+                write_two(s, &prefix, &payload)
+                    .await
+                    .map_err(|source| TransportError::Channel {
+                        peer,
+                        what: "writing a page batch",
+                        source,
+                    })
+            }
+        }
+    }
+
+    /// Ends the stream and waits until the receiver has read all of it (QUIC:
+    /// acknowledged; TCP: the receiver closed its side after our end).
+    async fn finish(self, peer: SocketAddr) -> Result<()> {
+        match self {
+            PageOut::Quic(mut stream) => {
+                let _ = stream.finish();
+                match stream.stopped().await {
+                    Ok(None) => Ok(()),
+                    Ok(Some(code)) => Err(TransportError::PageStreamStopped {
+                        peer,
+                        what: format!("the receiver stopped the stream (code {code})"),
+                    }),
+                    Err(e) => Err(TransportError::PageStreamStopped {
+                        peer,
+                        what: format!("waiting for acknowledgement: {e}"),
+                    }),
+                }
+            }
+            PageOut::Tcp(mut stream) => {
+                let err = |what| move |source| TransportError::Channel { peer, what, source };
+                stream
+                    .shutdown()
+                    .await
+                    .map_err(err("closing a page channel"))?;
+                let mut rest = [0u8; 64];
+                loop {
+                    let n = stream
+                        .read(&mut rest)
+                        .await
+                        .map_err(err("waiting for the receiver to close a page channel"))?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Writes `a` then `b` with as few syscalls as the kernel allows.
+async fn write_two(s: &mut TcpStream, mut a: &[u8], mut b: &[u8]) -> std::io::Result<()> {
+    use std::io::IoSlice;
+    while !a.is_empty() {
+        let n = s
+            .write_vectored(&[IoSlice::new(a), IoSlice::new(b)])
+            .await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        if n < a.len() {
+            a = &a[n..];
+        } else {
+            b = &b[n - a.len()..];
+            a = &[];
+        }
+    }
+    s.write_all(b).await
 }
 
 /// One decoded page batch: header and raw pages (`header.raw_len` bytes,
@@ -616,10 +773,16 @@ impl Drop for PageReceiver {
 }
 
 impl PageReceiver {
-    pub(super) fn start(conn: quinn::Connection, peer: SocketAddr) -> PageReceiver {
+    /// Reads the peer's QUIC page streams and, when given, the TCP page
+    /// channels the session's registration hands over.
+    pub(super) fn start(
+        conn: quinn::Connection,
+        peer: SocketAddr,
+        channels: Option<mpsc::Receiver<TcpStream>>,
+    ) -> PageReceiver {
         let (tx, rx) = mpsc::channel(RECV_QUEUE);
         let span = tracing::debug_span!("page_streams_in", %peer);
-        let task = tokio::spawn(accept_streams(conn, peer, tx).instrument(span));
+        let task = tokio::spawn(accept_streams(conn, peer, channels, tx).instrument(span));
         PageReceiver { rx, task }
     }
 
@@ -639,12 +802,21 @@ impl PageReceiver {
 async fn accept_streams(
     conn: quinn::Connection,
     peer: SocketAddr,
+    mut channels: Option<mpsc::Receiver<TcpStream>>,
     tx: mpsc::Sender<Result<ReceivedBatch>>,
 ) {
     let mut readers = JoinSet::new();
     let mut index = 0u32;
     loop {
         tokio::select! {
+            c = async { channels.as_mut()?.recv().await }, if channels.is_some() => match c {
+                Some(stream) => {
+                    let span = tracing::debug_span!("page_channel_in", stream = index);
+                    index += 1;
+                    readers.spawn(read_channel(stream, peer, tx.clone()).instrument(span));
+                }
+                None => channels = None,
+            },
             r = conn.accept_uni() => match r {
                 Ok(stream) => {
                     let span = tracing::debug_span!("page_stream_in", stream = index);
@@ -677,8 +849,19 @@ async fn read_stream(
     }
 }
 
-async fn read_stream_inner(
-    stream: &mut quinn::RecvStream,
+async fn read_channel(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    tx: mpsc::Sender<Result<ReceivedBatch>>,
+) {
+    if let Err(e) = read_stream_inner(&mut stream, peer, &tx).await {
+        let _ = tx.send(Err(e)).await;
+    }
+    // Dropping the stream closes it: the sender's `finish` sees the end.
+}
+
+async fn read_stream_inner<R: AsyncRead + Unpin>(
+    stream: &mut R,
     peer: SocketAddr,
     tx: &mpsc::Sender<Result<ReceivedBatch>>,
 ) -> Result<()> {
