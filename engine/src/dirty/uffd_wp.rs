@@ -393,7 +393,9 @@ fn create_in_target(
     frozen: &FrozenProcess,
 ) -> Result<(OwnedFd, bool, OwnedFd), DirtyError> {
     let proc_err = |source| DirtyError::Proc { pid, source };
-    let maps = procfs::read_smaps(pid).map_err(proc_err)?;
+    // `maps`, not `smaps`: only the vDSO's bounds are needed, and smaps
+    // walks every page table (tens of ms on a GiB, with the process frozen).
+    let maps = procfs::read_maps(pid).map_err(proc_err)?;
     let vdso = maps
         .iter()
         .find(|m| m.name == "[vdso]")

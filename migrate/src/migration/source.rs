@@ -17,6 +17,7 @@ use super::{now_unix_us, Progress};
 use crate::transport::{Compress, PageSender, PageTransport, Session};
 use anyhow::{anyhow, bail, Context, Result};
 use crm_engine::dump::{DumpError, DumpOptions, PageSink, TaskState};
+use crm_engine::mm_holder::MemoryHolder;
 use crm_engine::precopy::{PreCopy, RoundStats};
 use crm_proto::migrate::{control, Control};
 use prost::Message;
@@ -163,10 +164,27 @@ fn engine_thread(
                 });
                 // Only an explicit Kill ends the process; anything else resumes it.
                 match cmds.recv() {
-                    Ok(Cmd::Kill) => match frozen.kill() {
-                        Ok(()) => send(Event::Killed),
-                        Err(e) => send(Event::Error(format!("killing process {pid}: {e}"))),
-                    },
+                    Ok(Cmd::Kill) => {
+                        // A second task holding the address space lets the
+                        // process exit (and free its PID) without tearing
+                        // down its memory first; that happens when the
+                        // holder is dropped, after `Killed` went out.
+                        let holder = MemoryHolder::spawn(&frozen)
+                            .map_err(|e| {
+                                tracing::debug!(
+                                    pid,
+                                    "killing without a memory holder: {}",
+                                    chain(&e)
+                                )
+                            })
+                            .ok();
+                        match frozen.kill() {
+                            Ok(()) => send(Event::Killed),
+                            Err(e) => send(Event::Error(format!("killing process {pid}: {e}"))),
+                        };
+                        drop(holder);
+                        true
+                    }
                     _ => match frozen.thaw() {
                         Ok(()) => send(Event::Resumed),
                         Err(e) => send(Event::Error(format!("resuming process {pid}: {e}"))),
