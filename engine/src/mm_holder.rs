@@ -205,3 +205,102 @@ fn step_over_clone(tid: i32, nr: u64) -> Result<i32, HolderError> {
     }
     .into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: usize = 1 << 20;
+
+    /// Forks a session leader holding `mib` MiB of written memory, which
+    /// then sleeps.
+    fn spawn_session_leader(mib: usize) -> i32 {
+        // SAFETY: the child only makes raw syscalls and writes its own
+        // fresh mapping, never allocates or takes a lock, and never returns.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", io::Error::last_os_error());
+        if pid == 0 {
+            // SAFETY: raw syscalls in the child; the mapping is ours.
+            unsafe {
+                libc::setsid();
+                let len = mib * MIB;
+                let p = libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                if p != libc::MAP_FAILED {
+                    libc::memset(p, 0x5a, len);
+                }
+                loop {
+                    libc::pause();
+                }
+            }
+        }
+        pid
+    }
+
+    fn status_field(pid: i32, key: &str) -> Option<String> {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        s.lines()
+            .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_owned()))
+    }
+
+    fn session_of(pid: i32) -> i32 {
+        let stat = procfs::read_stat(pid).expect("stat of a live task");
+        stat.session
+    }
+
+    #[test]
+    fn holder_keeps_the_memory_and_frees_the_pid() {
+        // Orphans (the holder, once its parent is killed) must come back to
+        // us to be reaped: PID 1 may never reap them.
+        // SAFETY: prctl with integer arguments only.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        let pid = spawn_session_leader(64);
+        // Wait until the child has written its memory.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let rss = status_field(pid, "VmRSS:").unwrap_or_default();
+            let kb: usize = rss.trim_end_matches(" kB").parse().unwrap_or(0);
+            if kb >= 64 * 1024 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "child never wrote its memory"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(session_of(pid), pid, "the child leads its session");
+
+        let frozen = FrozenProcess::freeze(pid).expect("freeze");
+        let holder = MemoryHolder::spawn(&frozen).expect("spawn a holder");
+        let h = holder.pid();
+        assert_ne!(h, pid);
+        assert_eq!(session_of(h), h, "the holder left the child's session");
+        frozen.kill().expect("kill");
+        let mut st = 0;
+        // As tracer and parent both, `kill`'s wait for the exit already
+        // reaped it; reap it here otherwise.
+        // SAFETY: reaping our own child.
+        let r = unsafe { libc::waitpid(pid, &mut st, 0) };
+        assert!(r == pid || io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD));
+        // The PID is free, the memory lives on in the holder.
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+        let rss = status_field(h, "VmRSS:").expect("holder alive");
+        let kb: usize = rss.trim_end_matches(" kB").parse().unwrap();
+        assert!(kb >= 64 * 1024, "holder RSS {kb} kB");
+
+        drop(holder);
+        // Reparented to us (subreaper), so the tracer's wait in `drop`
+        // reaped it already; reap it otherwise.
+        // SAFETY: reaping a task that is now our child.
+        let r = unsafe { libc::waitpid(h, &mut st, libc::__WALL) };
+        assert!(r == h || io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD));
+        assert!(!std::path::Path::new(&format!("/proc/{h}")).exists());
+    }
+}
