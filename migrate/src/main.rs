@@ -124,9 +124,11 @@ enum Command {
         /// Parallel page streams.
         #[arg(long, default_value_t = 4)]
         streams: usize,
-        /// What carries the pages: auto (TCP page channels when the
-        /// destination is this host, at the same port number over TCP;
-        /// QUIC streams otherwise) or quic (always QUIC streams).
+        /// What carries the pages: auto (TCP page channels to the same port
+        /// number over TCP, sealed with AES-256-GCM unless the destination
+        /// is this host; QUIC streams if the destination offers none),
+        /// quic (QUIC streams only), or sealed (sealed TCP channels even to
+        /// this host, to measure what a migration between hosts costs).
         #[arg(long, value_enum, default_value_t = PageTransportArg::Auto)]
         page_transport: PageTransportArg,
         /// Print the summary as JSON.
@@ -180,6 +182,7 @@ enum Command {
 enum PageTransportArg {
     Auto,
     Quic,
+    Sealed,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -261,6 +264,7 @@ fn main() {
             page_transport: match page_transport {
                 PageTransportArg::Auto => transport::PageTransport::Auto,
                 PageTransportArg::Quic => transport::PageTransport::Quic,
+                PageTransportArg::Sealed => transport::PageTransport::Sealed,
             },
             json,
             shell_job,

@@ -512,14 +512,15 @@ pub async fn send(session: Session, opts: &SendOptions, progress: Progress) -> R
         .page_sender(opts.streams, opts.compress, opts.page_transport)
         .await
         .with_context(|| format!("opening page streams to {}", session.peer()))?;
+    let page_transport = match (pages.uses_tcp_channels(), pages.sealed()) {
+        (true, true) => "tcp-sealed",
+        (true, false) => "tcp",
+        _ => "quic",
+    };
     tracing::debug!(
         streams = pages.streams(),
-        "pages travel on {}",
-        if pages.uses_tcp_channels() {
-            "TCP page channels (same host)"
-        } else {
-            "QUIC page streams"
-        }
+        page_transport,
+        "page streams open"
     );
     let mut d = Driver {
         session: &session,
@@ -528,7 +529,10 @@ pub async fn send(session: Session, opts: &SendOptions, progress: Progress) -> R
         events: ev_rx,
         pid,
         progress,
-        report: Report::default(),
+        report: Report {
+            page_transport,
+            ..Report::default()
+        },
         settled: false,
     };
     let outcome = tokio::select! {

@@ -88,6 +88,7 @@ pub mod error;
 pub mod frame;
 pub mod pages;
 pub mod quic;
+pub mod sealed;
 pub mod tcp_channel;
 
 #[allow(unused_imports)]

@@ -66,9 +66,10 @@ use tracing::{debug, Instrument};
 use super::error::{Result, TransportError};
 use super::frame::{
     batch_decompressor, decode_batch_data, encode_batch_prefix, read_batch, read_stream_magic,
-    MAX_BATCH_BYTES, PAGE_SIZE, PAGE_STREAM_MAGIC,
+    FrameKind, MAX_BATCH_BYTES, PAGE_SIZE, PAGE_STREAM_MAGIC,
 };
-use super::tcp_channel::{self, ChannelSecret};
+use super::sealed::{Opener, Sealer};
+use super::tcp_channel::{self, ChannelSecret, IncomingChannel};
 use super::{code, MAX_PAGE_STREAMS};
 
 /// Batches queued per sending stream.
@@ -142,6 +143,9 @@ pub enum PageTransport {
     Auto,
     /// QUIC page streams always.
     Quic,
+    /// TCP page channels, sealed even to a receiver on this host (what a
+    /// migration between hosts uses; to measure or test it on one host).
+    Sealed,
 }
 
 /// Counters of a [`PageSender`].
@@ -285,6 +289,7 @@ pub struct PageSender {
     shared: Arc<Shared>,
     workers: Vec<Worker>,
     tcp: bool,
+    sealed: bool,
     next: usize,
     batches: u64,
     raw_bytes: u64,
@@ -299,7 +304,7 @@ impl PageSender {
         peer: SocketAddr,
         n_streams: usize,
         policy: Compress,
-        channels: Option<&ChannelSecret>,
+        channels: Option<(&ChannelSecret, bool)>,
     ) -> Result<PageSender> {
         let n = n_streams.clamp(1, MAX_PAGE_STREAMS as usize);
         let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
@@ -321,7 +326,7 @@ impl PageSender {
             }),
         });
         let outs = match channels {
-            Some(secret) => match open_channels(peer, secret, n).await {
+            Some((secret, sealed)) => match open_channels(peer, secret, n, sealed).await {
                 Ok(outs) => outs,
                 Err(e) => {
                     tracing::warn!(%peer, error = %e, "no TCP page channels; pages go on QUIC streams");
@@ -330,7 +335,8 @@ impl PageSender {
             },
             None => open_quic_streams(&conn, peer, n).await?,
         };
-        let tcp = outs.iter().any(|o| matches!(o, PageOut::Tcp(_)));
+        let tcp = outs.iter().any(|o| matches!(o, PageOut::Tcp(..)));
+        let sealed = outs.iter().any(|o| matches!(o, PageOut::Tcp(_, Some(_))));
         let mut workers = Vec::with_capacity(n);
         for (i, out) in outs.into_iter().enumerate() {
             let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
@@ -346,6 +352,7 @@ impl PageSender {
             shared,
             workers,
             tcp,
+            sealed,
             next: 0,
             batches: 0,
             raw_bytes: 0,
@@ -361,6 +368,11 @@ impl PageSender {
     /// Whether the pages travel on TCP page channels (else QUIC streams).
     pub fn uses_tcp_channels(&self) -> bool {
         self.tcp
+    }
+
+    /// Whether the TCP page channels are sealed (encrypted).
+    pub fn sealed(&self) -> bool {
+        self.sealed
     }
 
     /// Queues one batch: `data` holds `data.len() / 4096` whole pages starting
@@ -619,84 +631,95 @@ async fn open_quic_streams(
     Ok(outs)
 }
 
-async fn open_channels(peer: SocketAddr, secret: &ChannelSecret, n: usize) -> Result<Vec<PageOut>> {
+/// Opens `n` TCP page channels.
+async fn open_channels(
+    peer: SocketAddr,
+    secret: &ChannelSecret,
+    n: usize,
+    sealed: bool,
+) -> Result<Vec<PageOut>> {
     let mut outs = Vec::with_capacity(n);
     for i in 0..n {
         let index = u16::try_from(i).unwrap_or(u16::MAX);
-        outs.push(PageOut::Tcp(
-            tcp_channel::connect(peer, secret, index).await?,
-        ));
+        let (stream, sealer) = tcp_channel::connect(peer, secret, index, sealed).await?;
+        outs.push(PageOut::Tcp(stream, sealer));
     }
     Ok(outs)
 }
 
 /// Where a page-stream worker writes: a QUIC unidirectional stream or a TCP
-/// page channel ([`tcp_channel`]). Both carry the same bytes.
+/// page channel ([`tcp_channel`]), plain or sealed. All carry the same
+/// bytes; a sealed channel puts the magic, each batch's prefix and each
+/// batch's data in records of their own.
 enum PageOut {
     Quic(quinn::SendStream),
-    Tcp(TcpStream),
+    Tcp(TcpStream, Option<Sealer>),
 }
 
 impl PageOut {
     fn kind(&self) -> &'static str {
         match self {
             PageOut::Quic(_) => "quic",
-            PageOut::Tcp(_) => "tcp",
+            PageOut::Tcp(_, None) => "tcp",
+            PageOut::Tcp(_, Some(_)) => "tcp-sealed",
         }
     }
 
     async fn write_all(&mut self, peer: SocketAddr, buf: &[u8]) -> Result<()> {
-        match self {
-            PageOut::Quic(s) => s
-                .write_all(buf)
-                .await
-                .map_err(|source| TransportError::Write {
-                    peer,
-                    what: "page stream",
-                    source,
-                }),
-            PageOut::Tcp(s) => s
-                .write_all(buf)
-                .await
-                .map_err(|source| TransportError::Channel {
-                    peer,
-                    what: "writing to a page channel",
-                    source,
-                }),
-        }
+        let r = match self {
+            PageOut::Quic(s) => {
+                return s
+                    .write_all(buf)
+                    .await
+                    .map_err(|source| TransportError::Write {
+                        peer,
+                        what: "page stream",
+                        source,
+                    })
+            }
+            PageOut::Tcp(s, None) => s.write_all(buf).await,
+            PageOut::Tcp(s, Some(sealer)) => sealer.write(s, &mut buf.to_vec()).await,
+        };
+        r.map_err(|source| TransportError::Channel {
+            peer,
+            what: "writing to a page channel",
+            source,
+        })
     }
 
     async fn write_batch(
         &mut self,
         peer: SocketAddr,
-        prefix: Vec<u8>,
-        payload: Vec<u8>,
+        mut prefix: Vec<u8>,
+        mut payload: Vec<u8>,
     ) -> Result<()> {
-        match self {
+        let r = match self {
             PageOut::Quic(s) => {
                 let mut chunks = [Bytes::from(prefix), Bytes::from(payload)];
-                s.write_all_chunks(&mut chunks)
-                    .await
-                    .map_err(|source| TransportError::Write {
+                return s.write_all_chunks(&mut chunks).await.map_err(|source| {
+                    TransportError::Write {
                         peer,
                         what: "page batch",
                         source,
-                    })
+                    }
+                });
             }
-            PageOut::Tcp(s) => {
-                write_two(s, &prefix, &payload)
-                    .await
-                    .map_err(|source| TransportError::Channel {
-                        peer,
-                        what: "writing a page batch",
-                        source,
-                    })
-            }
-        }
+            PageOut::Tcp(s, None) => write_two(s, &prefix, &payload).await,
+            PageOut::Tcp(s, Some(sealer)) => match sealer.write(s, &mut prefix).await {
+                Ok(()) => sealer.write(s, &mut payload).await,
+                Err(e) => Err(e),
+            },
+        };
+        r.map_err(|source| TransportError::Channel {
+            peer,
+            what: "writing a page batch",
+            source,
+        })
     }
 
     /// Ends the stream and waits until the receiver has read all of it (QUIC:
-    /// acknowledged; TCP: the receiver closed its side after our end).
+    /// acknowledged; TCP: the receiver closed its side after our end, and a
+    /// sealed channel sent its end record first).
     async fn finish(self, peer: SocketAddr) -> Result<()> {
         match self {
             PageOut::Quic(mut stream) => {
@@ -713,8 +736,14 @@ impl PageOut {
                     }),
                 }
             }
-            PageOut::Tcp(mut stream) => {
+            PageOut::Tcp(mut stream, sealer) => {
                 let err = |what| move |source| TransportError::Channel { peer, what, source };
+                if let Some(mut sealer) = sealer {
+                    sealer
+                        .write_end(&mut stream)
+                        .await
+                        .map_err(err("ending a sealed page channel"))?;
+                }
                 stream
                     .shutdown()
                     .await
@@ -778,7 +807,7 @@ impl PageReceiver {
     pub(super) fn start(
         conn: quinn::Connection,
         peer: SocketAddr,
-        channels: Option<mpsc::Receiver<TcpStream>>,
+        channels: Option<mpsc::Receiver<IncomingChannel>>,
     ) -> PageReceiver {
         let (tx, rx) = mpsc::channel(RECV_QUEUE);
         let span = tracing::debug_span!("page_streams_in", %peer);
@@ -802,7 +831,7 @@ impl PageReceiver {
 async fn accept_streams(
     conn: quinn::Connection,
     peer: SocketAddr,
-    mut channels: Option<mpsc::Receiver<TcpStream>>,
+    mut channels: Option<mpsc::Receiver<IncomingChannel>>,
     tx: mpsc::Sender<Result<ReceivedBatch>>,
 ) {
     let mut readers = JoinSet::new();
@@ -810,10 +839,11 @@ async fn accept_streams(
     loop {
         tokio::select! {
             c = async { channels.as_mut()?.recv().await }, if channels.is_some() => match c {
-                Some(stream) => {
-                    let span = tracing::debug_span!("page_channel_in", stream = index);
+                Some(ch) => {
+                    let sealed = ch.opener.is_some();
+                    let span = tracing::debug_span!("page_channel_in", stream = index, sealed);
                     index += 1;
-                    readers.spawn(read_channel(stream, peer, tx.clone()).instrument(span));
+                    readers.spawn(read_channel(ch, peer, tx.clone()).instrument(span));
                 }
                 None => channels = None,
             },
@@ -850,14 +880,92 @@ async fn read_stream(
 }
 
 async fn read_channel(
-    mut stream: TcpStream,
+    mut ch: IncomingChannel,
     peer: SocketAddr,
     tx: mpsc::Sender<Result<ReceivedBatch>>,
 ) {
-    if let Err(e) = read_stream_inner(&mut stream, peer, &tx).await {
+    let r = match ch.opener.take() {
+        None => read_stream_inner(&mut ch.stream, peer, &tx).await,
+        Some(opener) => read_sealed(&mut ch.stream, opener, peer, &tx).await,
+    };
+    if let Err(e) = r {
         let _ = tx.send(Err(e)).await;
     }
     // Dropping the stream closes it: the sender's `finish` sees the end.
+}
+
+/// A sealed channel: a record with the magic, then per batch a record with
+/// its prefix and one with its data, then the end record.
+async fn read_sealed(
+    stream: &mut TcpStream,
+    mut opener: Opener,
+    peer: SocketAddr,
+    tx: &mpsc::Sender<Result<ReceivedBatch>>,
+) -> Result<()> {
+    let missing = |what: &str| TransportError::Invalid {
+        peer,
+        kind: FrameKind::SealedRecord,
+        what: what.to_owned(),
+    };
+    let magic = opener
+        .read(stream, peer)
+        .await?
+        .ok_or_else(|| missing("channel ended before its preamble"))?;
+    let mut m = &magic[..];
+    read_stream_magic(&mut m, peer).await?;
+    if !m.is_empty() {
+        return Err(missing("extra bytes after the preamble"));
+    }
+    let mut dec = batch_decompressor()?;
+    while let Some(prefix) = opener.read(stream, peer).await? {
+        let data = opener
+            .read(stream, peer)
+            .await?
+            .ok_or_else(|| missing("channel ended between a batch header and its data"))?;
+        let mut r = (&prefix[..]).chain(&data[..]);
+        let Some((h, data)) = read_batch(&mut r, peer).await? else {
+            return Err(missing("empty batch record"));
+        };
+        let (a, b) = r.get_ref();
+        if !a.is_empty() || !b.is_empty() {
+            return Err(missing("extra bytes after a batch"));
+        }
+        if !deliver(h, data, &mut dec, peer, tx).await? {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Decodes one batch (decompressing off the async threads when needed)
+/// and queues it. `Ok(false)` when nobody receives any more.
+async fn deliver(
+    h: PageBatchHeader,
+    data: Vec<u8>,
+    dec: &mut zstd::bulk::Decompressor<'static>,
+    peer: SocketAddr,
+    tx: &mpsc::Sender<Result<ReceivedBatch>>,
+) -> Result<bool> {
+    let batch = if h.compression == Compression::Zstd as i32 {
+        let mut d = std::mem::replace(dec, batch_decompressor()?);
+        let (d, h2, res) = tokio::task::spawn_blocking(move || {
+            let r = decode_batch_data(peer, &h, data, &mut d);
+            (d, h, r)
+        })
+        .await
+        .map_err(|e| TransportError::PageStreamStopped {
+            peer,
+            what: format!("decompression task failed: {e}"),
+        })?;
+        *dec = d;
+        (h2, res?)
+    } else {
+        // Uncompressed: only a CRC, cheap enough here.
+        let raw = decode_batch_data(peer, &h, data, dec)?;
+        (h, raw)
+    };
+    // An error means the receiver was dropped: nobody wants the pages.
+    Ok(tx.send(Ok(batch)).await.is_ok())
 }
 
 async fn read_stream_inner<R: AsyncRead + Unpin>(
@@ -866,39 +974,9 @@ async fn read_stream_inner<R: AsyncRead + Unpin>(
     tx: &mpsc::Sender<Result<ReceivedBatch>>,
 ) -> Result<()> {
     read_stream_magic(stream, peer).await?;
-    let mut dec = Some(batch_decompressor()?);
+    let mut dec = batch_decompressor()?;
     while let Some((h, data)) = read_batch(stream, peer).await? {
-        let raw = if h.compression == Compression::Zstd as i32 {
-            let Some(mut d) = dec.take() else {
-                return Err(TransportError::PageStreamStopped {
-                    peer,
-                    what: "decompressor lost".into(),
-                });
-            };
-            let (d, h2, res) = tokio::task::spawn_blocking(move || {
-                let r = decode_batch_data(peer, &h, data, &mut d);
-                (d, h, r)
-            })
-            .await
-            .map_err(|e| TransportError::PageStreamStopped {
-                peer,
-                what: format!("decompression task failed: {e}"),
-            })?;
-            dec = Some(d);
-            (h2, res?)
-        } else {
-            // Uncompressed: only a CRC, cheap enough here.
-            let d = dec
-                .as_mut()
-                .ok_or_else(|| TransportError::PageStreamStopped {
-                    peer,
-                    what: "decompressor lost".into(),
-                })?;
-            let raw = decode_batch_data(peer, &h, data, d)?;
-            (h, raw)
-        };
-        if tx.send(Ok(raw)).await.is_err() {
-            // The receiver was dropped: nobody wants the pages.
+        if !deliver(h, data, &mut dec, peer, tx).await? {
             return Ok(());
         }
     }

@@ -660,13 +660,11 @@ async fn client_handshake(
         }
     }
     conn.set_max_concurrent_uni_streams(VarInt::from_u32(MAX_PAGE_STREAMS));
-    // Pages go on TCP channels when the receiver offers them and the
-    // receiver is on this host (unencrypted channels stay on loopback).
+    // Pages go on TCP channels when the receiver offers them.
     let channel_secret = if reply
         .capabilities
         .iter()
         .any(|c| c == tcp_channel::CAPABILITY)
-        && peer.ip().is_loopback()
     {
         Some(ChannelSecret::new(exporter_with(
             &conn,
@@ -870,8 +868,13 @@ impl Session {
         compress: Compress,
         transport: PageTransport,
     ) -> Result<PageSender> {
+        // Unsealed only to this host (loopback), see `tcp_channel`.
         let channels = match transport {
-            PageTransport::Auto => self.channel_secret.as_ref(),
+            PageTransport::Auto => self
+                .channel_secret
+                .as_ref()
+                .map(|s| (s, !self.peer.ip().is_loopback())),
+            PageTransport::Sealed => self.channel_secret.as_ref().map(|s| (s, true)),
             PageTransport::Quic => None,
         };
         PageSender::open(self.conn.clone(), self.peer, n_streams, compress, channels).await

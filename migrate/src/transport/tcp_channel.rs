@@ -5,9 +5,9 @@
 //! path): on a 2-core machine quinn moves ~500 MiB/s, a fraction of what the
 //! link carries. TCP hands the kernel large writes (TSO/GRO, 64 KiB
 //! segments on loopback), so the pages of a migration travel on TCP
-//! channels when both sides can, and on QUIC page streams otherwise. The
-//! QUIC connection stays the session: handshake, authentication and every
-//! control message.
+//! channels when the receiver offers them, and on QUIC page streams
+//! otherwise. The QUIC connection stays the session: handshake,
+//! authentication and every control message.
 //!
 //! # Who may open a channel
 //!
@@ -25,12 +25,14 @@
 //!   then the page stream format of QUIC page streams ("CRMP", batches)
 //! ```
 //!
-//! The nonce makes every proof single-use. Page data on a channel is not
-//! encrypted, so a channel is opened only between two loopback addresses
-//! (the same host: the bytes never leave the kernel, and injecting into a
-//! loopback TCP connection needs root, which could read the process's
-//! memory anyway). The receiver enforces this too: a channel from any other
-//! address is refused. Between hosts the pages travel on QUIC (TLS 1.3).
+//! The nonce makes every proof single-use. `flags` says whether the channel
+//! is sealed ([`FLAG_SEALED`]): its bytes then travel in AES-256-GCM records
+//! ([`super::sealed`]) under a key only the two ends can derive
+//! (`HMAC(secret, "page channel key" ‖ nonce ‖ index)`). A channel between
+//! two loopback addresses (the same host) is not sealed: the bytes never
+//! leave the kernel, and reading or injecting into a loopback TCP
+//! connection needs root, which could read the process's memory anyway.
+//! The receiver refuses an unsealed channel from any other address.
 //!
 //! The receiver bounds the work an unauthenticated peer can cause: at most
 //! [`MAX_PENDING_HANDSHAKES`] channel handshakes at once, each within
@@ -50,6 +52,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, warn, Instrument};
 
 use super::error::{Result, TransportError};
+use super::sealed::{Opener, Sealer};
 use super::MAX_PAGE_STREAMS;
 
 /// Capability a receiver announces when it accepts TCP page channels.
@@ -69,6 +72,8 @@ const SESSION_ID_LEN: usize = 16;
 const NONCE_LEN: usize = 32;
 const PROOF_LEN: usize = 32;
 const ACCEPTED: u8 = 1;
+/// Channel flag: the channel's bytes are sealed records.
+pub const FLAG_SEALED: u8 = 1;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -112,6 +117,16 @@ impl ChannelSecret {
             .into()
     }
 
+    /// The AES-256-GCM key of channel `index` on the connection that
+    /// received `nonce`.
+    pub fn channel_key(&self, nonce: &[u8; NONCE_LEN], index: u16) -> [u8; 32] {
+        let mut m = self.mac();
+        m.update(b"page channel key");
+        m.update(nonce);
+        m.update(&index.to_le_bytes());
+        m.finalize().into_bytes().into()
+    }
+
     /// Checks a proof in constant time.
     pub fn verify(&self, nonce: &[u8; NONCE_LEN], index: u16, flags: u8, proof: &[u8]) -> bool {
         self.proof_mac(nonce, index, flags)
@@ -140,9 +155,16 @@ fn tune(stream: &TcpStream) {
     let _ = setsockopt(stream, sockopt::RcvBuf, &CHANNEL_BUFFER);
 }
 
+/// An authenticated channel as the receiver gets it.
+pub struct IncomingChannel {
+    pub stream: TcpStream,
+    /// Present when the channel is sealed.
+    pub opener: Option<Opener>,
+}
+
 struct Entry {
     secret: ChannelSecret,
-    tx: mpsc::Sender<TcpStream>,
+    tx: mpsc::Sender<IncomingChannel>,
 }
 
 /// Sessions of a listener that accept channels, by session id.
@@ -171,7 +193,7 @@ impl Registry {
     fn lookup(
         &self,
         id: &[u8; SESSION_ID_LEN],
-    ) -> Option<(ChannelSecret, mpsc::Sender<TcpStream>)> {
+    ) -> Option<(ChannelSecret, mpsc::Sender<IncomingChannel>)> {
         self.sessions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -184,12 +206,12 @@ impl Registry {
 pub struct Registration {
     registry: Arc<Registry>,
     id: [u8; SESSION_ID_LEN],
-    rx: Option<mpsc::Receiver<TcpStream>>,
+    rx: Option<mpsc::Receiver<IncomingChannel>>,
 }
 
 impl Registration {
     /// The authenticated channels of this session (once).
-    pub fn take_channels(&mut self) -> Option<mpsc::Receiver<TcpStream>> {
+    pub fn take_channels(&mut self) -> Option<mpsc::Receiver<IncomingChannel>> {
         self.rx.take()
     }
 }
@@ -320,13 +342,14 @@ async fn server_handshake(
     if !secret.verify(&nonce, index, flags, &answer[3..]) {
         return Err(refused(peer, "wrong page channel proof".into()));
     }
-    if flags != 0 {
+    if flags & !FLAG_SEALED != 0 {
         return Err(refused(
             peer,
             format!("unknown page channel flags {flags:#x}"),
         ));
     }
-    if !plaintext_allowed(local, peer) {
+    let sealed = flags & FLAG_SEALED != 0;
+    if !sealed && !plaintext_allowed(local, peer) {
         return Err(refused(
             peer,
             format!(
@@ -346,12 +369,19 @@ async fn server_handshake(
         .map_err(channel_err(peer, "accepting the channel"))?;
     tune(&stream);
     debug!(%peer, index, "page channel accepted");
-    tx.try_send(stream)
+    let opener = sealed.then(|| Opener::new(&secret.channel_key(&nonce, index)));
+    tx.try_send(IncomingChannel { stream, opener })
         .map_err(|_| refused(peer, "the session takes no more page channels".into()))
 }
 
-/// Client side: opens channel `index` of the session to `peer`.
-pub async fn connect(peer: SocketAddr, secret: &ChannelSecret, index: u16) -> Result<TcpStream> {
+/// Client side: opens channel `index` of the session to `peer`, sealed
+/// (with the returned [`Sealer`]) when `sealed`.
+pub async fn connect(
+    peer: SocketAddr,
+    secret: &ChannelSecret,
+    index: u16,
+    sealed: bool,
+) -> Result<(TcpStream, Option<Sealer>)> {
     let fut = async {
         let mut stream = TcpStream::connect(peer)
             .await
@@ -368,7 +398,7 @@ pub async fn connect(peer: SocketAddr, secret: &ChannelSecret, index: u16) -> Re
             .read_exact(&mut nonce)
             .await
             .map_err(channel_err(peer, "reading the channel nonce"))?;
-        let flags = 0u8;
+        let flags = if sealed { FLAG_SEALED } else { 0 };
         let mut answer = Vec::with_capacity(2 + 1 + PROOF_LEN);
         answer.extend_from_slice(&index.to_le_bytes());
         answer.push(flags);
@@ -389,7 +419,8 @@ pub async fn connect(peer: SocketAddr, secret: &ChannelSecret, index: u16) -> Re
             ));
         }
         tune(&stream);
-        Ok(stream)
+        let sealer = sealed.then(|| Sealer::new(&secret.channel_key(&nonce, index)));
+        Ok((stream, sealer))
     };
     tokio::time::timeout(CHANNEL_HANDSHAKE_TIMEOUT, fut)
         .await
@@ -426,6 +457,17 @@ mod tests {
         assert!(!s.verify(&n2, 3, 0, &p), "replayed on another nonce");
         assert!(!s.verify(&n1, 4, 0, &p), "other channel index");
         assert!(!s.verify(&n1, 3, 1, &p), "other flags");
+        assert_ne!(
+            s.channel_key(&n1, 3),
+            s.channel_key(&n2, 3),
+            "per connection"
+        );
+        assert_ne!(s.channel_key(&n1, 3), s.channel_key(&n1, 4), "per channel");
+        assert_ne!(
+            s.channel_key(&n1, 3),
+            other.channel_key(&n1, 3),
+            "per session"
+        );
         assert!(!s.verify(&n1, 3, 0, &p[..31]), "truncated");
         assert_ne!(s.session_id(), other.session_id());
     }
@@ -451,20 +493,35 @@ mod tests {
         let mut reg = listener.registry().register(secret.clone());
         let mut rx = reg.take_channels().unwrap();
 
-        let mut c = connect(addr, &secret, 0).await.unwrap();
+        let (mut c, sealer) = connect(addr, &secret, 0, false).await.unwrap();
+        assert!(sealer.is_none());
         let mut s = rx.recv().await.unwrap();
+        assert!(s.opener.is_none());
         c.write_all(b"hello").await.unwrap();
         let mut buf = [0u8; 5];
-        s.read_exact(&mut buf).await.unwrap();
+        s.stream.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"hello");
+
+        // A sealed channel: both ends hold the same per-channel key.
+        let (mut c, sealer) = connect(addr, &secret, 1, true).await.unwrap();
+        let mut s = rx.recv().await.unwrap();
+        let (mut sealer, mut opener) = (sealer.unwrap(), s.opener.take().unwrap());
+        sealer.write(&mut c, &mut b"sealed".to_vec()).await.unwrap();
+        sealer.write_end(&mut c).await.unwrap();
+        let peer = c.local_addr().unwrap();
+        assert_eq!(
+            opener.read(&mut s.stream, peer).await.unwrap().unwrap(),
+            b"sealed"
+        );
+        assert!(opener.read(&mut s.stream, peer).await.unwrap().is_none());
 
         // A client with another secret (another session) is refused.
         let stranger = ChannelSecret::new([10; 32]);
-        let e = connect(addr, &stranger, 0).await.unwrap_err();
+        let e = connect(addr, &stranger, 0, false).await.unwrap_err();
         assert!(matches!(e, TransportError::Channel { .. }), "{e}");
 
         // Once the session is gone its channels are refused.
         drop(reg);
-        assert!(connect(addr, &secret, 1).await.is_err());
+        assert!(connect(addr, &secret, 2, false).await.is_err());
     }
 }

@@ -323,8 +323,9 @@ async fn transfer_checked(
     });
     let mut tx = c.page_sender(4, policy, transport).await.unwrap();
     assert_eq!(tx.streams(), 4);
-    // The listener is on loopback: `Auto` takes TCP page channels.
-    assert_eq!(tx.uses_tcp_channels(), transport == PageTransport::Auto);
+    // The listener is on loopback: `Auto` takes unsealed TCP page channels.
+    assert_eq!(tx.uses_tcp_channels(), transport != PageTransport::Quic);
+    assert_eq!(tx.sealed(), transport == PageTransport::Sealed);
     let sizes = [1usize, 7, 64, 256, 1024, 3];
     let (mut sent, mut vaddr, mut i) = (0, BASE, 0);
     while sent < total {
@@ -354,6 +355,19 @@ async fn pages_64mib_over_4_streams_raw() {
     println!("Never: {st:?}");
     assert_eq!(st.compressed_batches, 0);
     assert!(st.wire_bytes > st.raw_bytes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_64mib_over_4_sealed_tcp_channels_zstd() {
+    let st = transfer_checked(
+        "sealed64",
+        Compress::Always,
+        PageTransport::Sealed,
+        64 * MIB,
+    )
+    .await;
+    println!("Always over sealed TCP channels: {st:?}");
+    assert_eq!(st.compressed_batches, st.batches);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -470,7 +484,7 @@ async fn malformed_page_streams_and_control_frames() {
         .channel_secret
         .clone()
         .expect("loopback peer: TCP channels");
-    let mut ch = tcp_channel::connect(l.local_addr(), &secret, 7)
+    let (mut ch, _) = tcp_channel::connect(l.local_addr(), &secret, 7, false)
         .await
         .unwrap();
     ch.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
@@ -548,6 +562,7 @@ async fn loopback_throughput() {
         (Compress::Auto, PageTransport::Quic),
         (Compress::Never, PageTransport::Auto),
         (Compress::Auto, PageTransport::Auto),
+        (Compress::Never, PageTransport::Sealed),
     ] {
         let (c, s, _l, _dir) = pair("tput").await;
         let mut rx = s.page_receiver().unwrap();
@@ -566,7 +581,7 @@ async fn loopback_throughput() {
             tx.send_batch(1, 0, vaddr, batch.clone()).await.unwrap();
             vaddr += batch.len() as u64;
         }
-        let tx_tcp = tx.uses_tcp_channels();
+        let (tx_tcp, tx_sealed) = (tx.uses_tcp_channels(), tx.sealed());
         let st = tx.finish().await.unwrap();
         assert_eq!(receiver.await.unwrap().unwrap(), total);
         let secs = start.elapsed().as_secs_f64();
@@ -575,7 +590,11 @@ async fn loopback_throughput() {
             "loopback {policy:?} over {}: {} MiB in {secs:.3} s = {:.0} MiB/s raw pages, wire/raw {:.3}, \
              compressed batches {}/{}, compressing at end: {}, last sample: {:?}, \
              path rtt {:?} cwnd {} B mtu {}",
-            if tx_tcp { "TCP channels" } else { "QUIC streams" },
+            match (tx_tcp, tx_sealed) {
+                (true, true) => "sealed TCP channels",
+                (true, false) => "TCP channels",
+                _ => "QUIC streams",
+            },
             total / MIB,
             total as f64 / MIB as f64 / secs,
             st.wire_bytes as f64 / st.raw_bytes as f64,
