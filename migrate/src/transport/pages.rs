@@ -642,7 +642,7 @@ async fn open_channels(
     for i in 0..n {
         let index = u16::try_from(i).unwrap_or(u16::MAX);
         let (stream, sealer) = tcp_channel::connect(peer, secret, index, sealed).await?;
-        outs.push(PageOut::Tcp(stream, sealer));
+        outs.push(PageOut::Tcp(stream, sealer.map(Box::new)));
     }
     Ok(outs)
 }
@@ -653,7 +653,8 @@ async fn open_channels(
 /// batch's data in records of their own.
 enum PageOut {
     Quic(quinn::SendStream),
-    Tcp(TcpStream, Option<Sealer>),
+    /// The sealer is boxed: it holds an expanded AES key schedule.
+    Tcp(TcpStream, Option<Box<Sealer>>),
 }
 
 impl PageOut {
