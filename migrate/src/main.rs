@@ -102,7 +102,7 @@ enum Command {
     Send {
         /// The process to migrate.
         pid: i32,
-        /// The destination, e.g. 10.0.0.2:7070 (UDP, QUIC).
+        /// The destination, e.g. 10.0.0.2:7070 (QUIC over UDP; page channels over TCP, same port).
         dest: String,
         /// File holding the shared secret both sides use to authenticate.
         #[arg(long)]
@@ -143,7 +143,7 @@ enum Command {
     /// Refuses to start without --token-file: the destination restores code
     /// as root, so every peer must authenticate.
     Receive {
-        /// Address to listen on (UDP), e.g. 0.0.0.0:7070.
+        /// Address to listen on, e.g. 0.0.0.0:7070: UDP for the QUIC session, TCP (same port) for page channels.
         #[arg(long)]
         listen: std::net::SocketAddr,
         /// File holding the shared secret (the same file as the sender's).
