@@ -256,7 +256,14 @@ impl DirtyTracker for UffdWpAsync {
     fn arm(&mut self, vmas: &[VmaRange]) -> Result<(), DirtyError> {
         let pid = self.pid;
         let wanted = normalize(pid, vmas)?;
-        let maps = self.smaps()?;
+        // Which VMAs carry our registration (`uw` in smaps' VmFlags) matters
+        // only once something is tracked; the first arm reads the cheap
+        // `maps` (smaps walks every page table).
+        let maps = if self.tracked.is_empty() {
+            procfs::read_maps(pid).map_err(|source| DirtyError::Proc { pid, source })?
+        } else {
+            self.smaps()?
+        };
         let uffd = self.uffd.as_ref().ok_or_else(|| self.disarmed())?.as_fd();
         let ioctl_err = |ioctl, start, end| {
             move |source| DirtyError::Ioctl {

@@ -33,6 +33,7 @@ use crm_proto::image::{FilesCore, Inventory, MmCore, TaskCore};
 use crm_proto::IMAGE_FORMAT_VERSION;
 
 pub use error::{ImageError, ImageErrorKind};
+pub use framing::Durability;
 use framing::FileKind;
 pub use pages::{PagesReader, PagesWriter, PAGE_SIZE};
 
@@ -43,6 +44,7 @@ pub const INVENTORY_FILE: &str = "inventory.img";
 #[derive(Clone, Debug)]
 pub struct ImageDir {
     path: PathBuf,
+    durability: Durability,
 }
 
 impl ImageDir {
@@ -55,15 +57,26 @@ impl ImageDir {
             Ok(_) => Err(ImageError::new(inventory, ImageErrorKind::AlreadyExists)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ImageDir {
                 path: path.to_owned(),
+                durability: Durability::Durable,
             }),
             Err(e) => Err(ImageError::io(&inventory, "stat", e)),
         }
+    }
+
+    /// [`ImageDir::create`] for an image that only has to outlive this
+    /// process's next step, not a crash: files are not fsynced (see
+    /// [`Durability::Scratch`]).
+    pub fn create_scratch(path: &Path) -> Result<ImageDir, ImageError> {
+        let mut dir = Self::create(path)?;
+        dir.durability = Durability::Scratch;
+        Ok(dir)
     }
 
     /// Opens an existing image: reads and checks `inventory.img` (magic, versions, page size).
     pub fn open(path: &Path) -> Result<ImageDir, ImageError> {
         let dir = ImageDir {
             path: path.to_owned(),
+            durability: Durability::Durable,
         };
         dir.read_inventory()?;
         Ok(dir)
@@ -81,7 +94,12 @@ impl ImageDir {
             format_version: IMAGE_FORMAT_VERSION,
             ..inv.clone()
         };
-        framing::write_single(&self.inventory_path(), FileKind::Inventory, &inv)
+        framing::write_single(
+            &self.inventory_path(),
+            FileKind::Inventory,
+            &inv,
+            self.durability,
+        )
     }
 
     /// Reads `inventory.img`, checking its `format_version` and `page_size`
@@ -112,7 +130,12 @@ impl ImageDir {
 
     /// Writes `core-PID.img`.
     pub fn write_core(&self, pid: i32, core: &TaskCore) -> Result<(), ImageError> {
-        framing::write_single(&self.task_file("core", pid)?, FileKind::Core, core)
+        framing::write_single(
+            &self.task_file("core", pid)?,
+            FileKind::Core,
+            core,
+            self.durability,
+        )
     }
 
     /// Reads `core-PID.img`.
@@ -122,7 +145,12 @@ impl ImageDir {
 
     /// Writes `mm-PID.img`.
     pub fn write_mm(&self, pid: i32, mm: &MmCore) -> Result<(), ImageError> {
-        framing::write_single(&self.task_file("mm", pid)?, FileKind::Mm, mm)
+        framing::write_single(
+            &self.task_file("mm", pid)?,
+            FileKind::Mm,
+            mm,
+            self.durability,
+        )
     }
 
     /// Reads `mm-PID.img`.
@@ -132,7 +160,12 @@ impl ImageDir {
 
     /// Writes `files-PID.img`.
     pub fn write_files(&self, pid: i32, f: &FilesCore) -> Result<(), ImageError> {
-        framing::write_single(&self.task_file("files", pid)?, FileKind::Files, f)
+        framing::write_single(
+            &self.task_file("files", pid)?,
+            FileKind::Files,
+            f,
+            self.durability,
+        )
     }
 
     /// Reads `files-PID.img`.
@@ -145,6 +178,7 @@ impl ImageDir {
         PagesWriter::create(
             &self.task_file("pages", pid)?,
             &self.task_file("pagemap", pid)?,
+            self.durability,
         )
     }
 

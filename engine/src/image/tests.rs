@@ -485,7 +485,8 @@ fn pagemap_missing_a_record_is_refused() {
     let runs = dir.pages_reader(PID).unwrap().runs().to_vec();
     // The same runs, one record each, as a longer pagemap would be split.
     let pagemap = tmp.0.join("pagemap-42.img");
-    let mut w = RecordWriter::create(&pagemap, FileKind::PageMap).unwrap();
+    let mut w =
+        RecordWriter::create(&pagemap, FileKind::PageMap, super::Durability::Durable).unwrap();
     for (i, run) in runs.iter().enumerate() {
         let last = i + 1 == runs.len();
         w.append(&PageMapChunk {

@@ -19,7 +19,10 @@
 //!   compressing, every batch is), giving the single-core zstd speed `z`
 //!   (raw bytes per second) and the ratio `r` (compressed / raw, smoothed).
 //! - The link rate `L` is the larger of the congestion controller's estimate
-//!   `cwnd / smoothed RTT` (QUIC `Connection::stats()`) and the wire rate we
+//!   `cwnd / smoothed RTT` (QUIC `Connection::stats()`, or on TCP page
+//!   channels the sum over the channels of `TCP_INFO`'s `cwnd × mss / rtt`:
+//!   the QUIC connection then carries only control messages and its window
+//!   says nothing about the link) and the wire rate we
 //!   actually achieved since the last decision. The first undershoots before
 //!   slow start has opened the window, the second when we do not keep the
 //!   link busy; each covers the other's blind spot, and neither collapses
@@ -189,6 +192,9 @@ struct AutoState {
 
 struct Shared {
     conn: quinn::Connection,
+    /// Duplicates of the TCP page channels' sockets, to ask their
+    /// congestion control for the link rate (empty on QUIC streams).
+    tcp_probes: Vec<std::os::fd::OwnedFd>,
     peer: SocketAddr,
     policy: Compress,
     parallelism: u32,
@@ -240,12 +246,21 @@ impl Shared {
         if !decide {
             return;
         }
-        let stats = self.conn.stats();
-        let rtt = stats.path.rtt.as_secs_f64();
-        let cwnd_rate = if rtt > 0.0 {
-            stats.path.cwnd as f64 / rtt
+        let cwnd_rate = if self.tcp_probes.is_empty() {
+            let stats = self.conn.stats();
+            let rtt = stats.path.rtt.as_secs_f64();
+            if rtt > 0.0 {
+                stats.path.cwnd as f64 / rtt
+            } else {
+                0.0
+            }
         } else {
-            0.0
+            // Page channels are separate flows: the link carries their sum.
+            use std::os::fd::AsFd;
+            self.tcp_probes
+                .iter()
+                .filter_map(|fd| tcp_channel::link_rate(fd.as_fd()))
+                .sum()
         };
         let elapsed = a.window_start.elapsed().as_secs_f64().max(1e-6);
         let observed = a.window_wire as f64 / elapsed;
@@ -308,8 +323,29 @@ impl PageSender {
     ) -> Result<PageSender> {
         let n = n_streams.clamp(1, MAX_PAGE_STREAMS as usize);
         let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        let outs = match channels {
+            Some((secret, sealed)) => match open_channels(peer, secret, n, sealed).await {
+                Ok(outs) => outs,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "no TCP page channels; pages go on QUIC streams");
+                    open_quic_streams(&conn, peer, n).await?
+                }
+            },
+            None => open_quic_streams(&conn, peer, n).await?,
+        };
+        let tcp_probes = outs
+            .iter()
+            .filter_map(|o| match o {
+                PageOut::Tcp(s, _) => {
+                    use std::os::fd::AsFd;
+                    s.as_fd().try_clone_to_owned().ok()
+                }
+                PageOut::Quic(_) => None,
+            })
+            .collect();
         let shared = Arc::new(Shared {
             conn: conn.clone(),
+            tcp_probes,
             peer,
             policy,
             parallelism: n.min(cores) as u32,
@@ -325,16 +361,6 @@ impl PageSender {
                 last_sample: None,
             }),
         });
-        let outs = match channels {
-            Some((secret, sealed)) => match open_channels(peer, secret, n, sealed).await {
-                Ok(outs) => outs,
-                Err(e) => {
-                    tracing::warn!(%peer, error = %e, "no TCP page channels; pages go on QUIC streams");
-                    open_quic_streams(&conn, peer, n).await?
-                }
-            },
-            None => open_quic_streams(&conn, peer, n).await?,
-        };
         let tcp = outs.iter().any(|o| matches!(o, PageOut::Tcp(..)));
         let sealed = outs.iter().any(|o| matches!(o, PageOut::Tcp(_, Some(_))));
         let mut workers = Vec::with_capacity(n);

@@ -431,6 +431,32 @@ pub async fn connect(
         }))
 }
 
+/// What the kernel's congestion control of one TCP connection says it can
+/// carry: `cwnd × mss / smoothed RTT`, bytes per second (`None` if the
+/// socket gives no answer).
+pub fn link_rate(socket: std::os::fd::BorrowedFd<'_>) -> Option<f64> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: all-zero is a valid tcp_info (plain integers).
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, which is
+    // that large and lives for the call; the fd is borrowed, so open.
+    let r = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 || info.tcpi_rtt == 0 {
+        return None;
+    }
+    let bytes_in_flight = f64::from(info.tcpi_snd_cwnd) * f64::from(info.tcpi_snd_mss);
+    Some(bytes_in_flight / (f64::from(info.tcpi_rtt) * 1e-6))
+}
+
 fn random_nonce() -> [u8; NONCE_LEN] {
     use ring::rand::SecureRandom;
     let mut n = [0u8; NONCE_LEN];
