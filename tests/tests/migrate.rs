@@ -672,6 +672,7 @@ fn migrate_event_fds() {
         ("timerfd", workload_bin!(wl_timerfd)),
         ("epoll", workload_bin!(wl_epoll)),
         ("pipes", workload_bin!(wl_pipes)),
+        ("unlinked", workload_bin!(wl_unlinked)),
     ] {
         let s = Setup::new(&format!("mig-{name}"));
         let mut wl = Workload::start(bin, &[], s.dir());

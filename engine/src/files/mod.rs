@@ -39,6 +39,17 @@ pub enum FilesError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "process {pid}: fd {fd} is {path}, unlinked while open; its {size} bytes exceed \
+         what is saved of unlinked files ({limit} bytes per process)"
+    )]
+    GhostTooLarge {
+        pid: i32,
+        fd: i32,
+        path: String,
+        size: u64,
+        limit: u64,
+    },
     #[error("cannot reopen {path} as fd {fd}")]
     Reopen {
         fd: i32,
@@ -94,8 +105,8 @@ fn kind_of(link: &str, meta: &std::fs::Metadata) -> Result<Kind, &'static str> {
             _ => "an anonymous-inode file",
         });
     }
-    if link.ends_with(" (deleted)") {
-        return Err("an unlinked file");
+    if link.ends_with(" (deleted)") && !regular::is_ghost(link, meta) {
+        return Err("an unlinked file that is not a regular file");
     }
     if link.starts_with("/memfd:") {
         return Err("a memfd");
@@ -118,6 +129,7 @@ fn kind_of(link: &str, meta: &std::fs::Metadata) -> Result<Kind, &'static str> {
 pub fn dump(pid: i32) -> Result<FilesCore, FilesError> {
     let mut fds = Vec::new();
     let mut pipes_with_data = std::collections::HashSet::new();
+    let mut ghost_budget = regular::GHOST_LIMIT;
     for fd in procfs::list_fds(pid)? {
         let link_path = PathBuf::from(format!("/proc/{pid}/fd/{fd}"));
         let link = std::fs::read_link(&link_path)
@@ -138,7 +150,14 @@ pub fn dump(pid: i32) -> Result<FilesCore, FilesError> {
         let info = procfs::read_fdinfo(pid, fd)?;
         let cloexec = info.flags & libc::O_CLOEXEC as u32 != 0;
         let kind = match kind {
-            Kind::Regular => fd_entry::Kind::Regular(regular::dump(&link, &meta, &info)),
+            Kind::Regular => fd_entry::Kind::Regular(regular::dump(
+                pid,
+                fd,
+                &link,
+                &meta,
+                &info,
+                &mut ghost_budget,
+            )?),
             Kind::EventFd => fd_entry::Kind::Eventfd(eventfd::dump(pid, fd, &info)?),
             Kind::SignalFd => fd_entry::Kind::Signalfd(signalfd::dump(pid, fd, &info)?),
             Kind::TimerFd => fd_entry::Kind::Timerfd(timerfd::dump(pid, fd, &info)?),

@@ -164,6 +164,7 @@ fn sample_files() -> FilesCore {
                     }),
                     flags: 2,
                     pos: fd as u64,
+                    ghost: None,
                 })),
             })
             .collect(),
