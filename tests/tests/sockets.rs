@@ -126,20 +126,60 @@ fn established_tcp_is_refused_naming_the_fd() {
     let tmp = TempDir::new("tcp-refused");
     let images = tmp.subdir("images");
     let wl = Workload::start(workload_bin!(wl_unsupported_fd), &[], tmp.path());
+    assert_refused(
+        &wl,
+        &images,
+        "37",
+        &["established TCP connections need TCP repair, not supported yet"],
+    );
+}
+
+/// A dump of `wl` must fail naming its pid, `fd` and every piece of `why`;
+/// the workload must PASS afterwards (nothing consumed, nothing left
+/// traced).
+fn assert_refused(wl: &Workload, images: &Path, fd: &str, why: &[&str]) {
     let pid = wl.pid().to_string();
-    let out = run_crm(&["dump", "--pid", &pid, "--images-dir", path_str(&images)]);
+    let out = run_crm(&["dump", "--pid", &pid, "--images-dir", path_str(images)]);
     let err = stderr(&out);
     assert!(!out.status.success(), "the dump should fail:\n{err}");
     assert!(!err.contains("panicked"), "{err}");
-    for want in [
-        format!("process {pid}: fd 37"),
-        "established TCP connections need TCP repair, not supported yet".to_string(),
-    ] {
-        assert!(err.contains(&want), "the error should say {want:?}:\n{err}");
+    let mut want = vec![format!("process {pid}: fd {fd}")];
+    want.extend(why.iter().map(|w| w.to_string()));
+    for w in want {
+        assert!(err.contains(&w), "the error should say {w:?}:\n{err}");
     }
     assert_eq!(procs::tracer_pid(wl.pid()), Some(0), "still traced");
     let pass = wl.expect_pass("after the refused dump");
     println!("checked: refused with {}; then {pass}", err.trim());
+}
+
+/// A unix socket with a file descriptor in flight (SCM_RIGHTS) is refused;
+/// the message and its descriptor are still there afterwards.
+#[test]
+fn unix_fds_in_flight_are_refused() {
+    h::init();
+    let tmp = TempDir::new("unix-scm");
+    let images = tmp.subdir("images");
+    let wl = Workload::start(workload_bin!(wl_unix_refused), &["scm"], tmp.path());
+    wl.expect_pass("before the dump");
+    assert_refused(&wl, &images, "91", &["SCM_RIGHTS", "unix socket"]);
+}
+
+/// A unix socket connected to another process is refused.
+#[test]
+fn unix_peer_outside_the_process_is_refused() {
+    h::init();
+    let tmp = TempDir::new("unix-outside");
+    let images = tmp.subdir("images");
+    let path = tmp.path().join("outside.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind a unix listener");
+    let wl = Workload::start(
+        workload_bin!(wl_unix_refused),
+        &["outside", path_str(&path)],
+        tmp.path(),
+    );
+    let (_conn, _) = listener.accept().expect("accept the workload");
+    assert_refused(&wl, &images, "93", &["outside the process"]);
 }
 
 /// Connects to `addr`, sends a line and returns the reply line; closes

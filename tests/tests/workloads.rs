@@ -100,6 +100,11 @@ fn inotify_self_check() {
 }
 
 #[test]
+fn unix_refused_self_check() {
+    pass_then_fail(workload_bin!(wl_unix_refused), &["scm"], &[]);
+}
+
+#[test]
 fn inet_self_check() {
     pass_then_fail(workload_bin!(wl_inet), &[], &[]);
 }
