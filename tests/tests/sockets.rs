@@ -112,6 +112,11 @@ fn unix_sockets_keep_queues_names_and_pending_connections() {
             "fd 89 unix stream socket:[",
             "waiting on listener socket:[",
             "wl_unix.sock listening backlog 3",
+            "fd 95 unix socket:[",
+            "(same as a lower fd)",
+            "gone.sock (unlinked)",
+            "fd 97 unix stream socket:[",
+            "1 queued (10 bytes) shutdown 3",
         ],
     );
     let pass = wl.expect_pass("after restore");

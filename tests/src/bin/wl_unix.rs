@@ -12,6 +12,9 @@
 //! - 88 stream socket listening on `@crm-wl-listen-PID` (backlog 5) with
 //!   the connection of 89 (a client in this process) not accepted yet.
 //! - 90 stream socket listening on `./wl_unix.sock`.
+//! - 95: a duplicate of 86; 96: a datagram socket bound to `./gone.sock`,
+//!   which was then unlinked; 81 has SO_PASSCRED.
+//! - 97: a stream socket whose peer closed after sending "last words".
 //!
 //! Protocol: `READY pid=N`; on SIGUSR2 reads every queue and checks each
 //! message whole, the names, peers and flags, accepts the pending
@@ -30,6 +33,7 @@ struct Names {
     abstract87: Vec<u8>,
     listen88: Vec<u8>,
     listen90: Vec<u8>,
+    gone: Vec<u8>,
 }
 
 fn names() -> Names {
@@ -41,6 +45,7 @@ fn names() -> Names {
         abstract87: format!("\0crm-wl-unix-{pid}").into_bytes(),
         listen88: format!("\0crm-wl-listen-{pid}").into_bytes(),
         listen90: p("wl_unix.sock"),
+        gone: p("gone.sock"),
     }
 }
 
@@ -60,6 +65,9 @@ fn fill(n: &Names) -> Result<(), String> {
     sock::send_to(tmp, b"to-bound", &sock::unix_addr(&n.dgram_path))?;
     sock::close(tmp);
     send(87, b"from87")?;
+    sock::pair(libc::SOCK_STREAM, 97, 98);
+    send(98, b"last words")?;
+    sock::close(98);
     let c = sock::socket(libc::AF_UNIX, libc::SOCK_STREAM);
     sock::connect(c, &sock::unix_addr(&n.listen88)).map_err(|e| format!("connect to 88: {e}"))?;
     sock::place(c, 89);
@@ -89,6 +97,16 @@ fn setup(n: &Names) {
     sock::bind(s, &sock::unix_addr(&n.listen90)).unwrap_or_else(|_| wl::fail_setup("bind 90"));
     sock::listen(s, 3).unwrap_or_else(|_| wl::fail_setup("listen 90"));
     sock::place(s, 90);
+    // SAFETY: duplicating our own descriptor onto a free number.
+    if unsafe { libc::dup2(86, 95) } != 95 {
+        wl::fail_setup("dup2 86");
+    }
+    let _ = std::fs::remove_file("gone.sock");
+    let s = sock::socket(libc::AF_UNIX, libc::SOCK_DGRAM);
+    sock::bind(s, &sock::unix_addr(&n.gone)).unwrap_or_else(|_| wl::fail_setup("bind 96"));
+    let _ = std::fs::remove_file("gone.sock");
+    sock::place(s, 96);
+    sock::set_opt(81, libc::SOL_SOCKET, libc::SO_PASSCRED, 1);
     if let Err(e) = fill(n) {
         wl::fail_setup(&e);
     }
@@ -122,7 +140,11 @@ fn expect(fd: i32, want: &[&[u8]], problems: &mut Vec<String>) {
             )),
         }
     }
-    if let Ok(extra) = recv(fd, 1 << 17) {
+    if let Ok(extra) =
+        recv(fd, 1 << 17)
+            .map_err(|_| ())
+            .and_then(|b| if b.is_empty() { Err(()) } else { Ok(b) })
+    {
         problems.push(format!("fd {fd}: unexpected extra {} bytes", extra.len()));
     }
 }
@@ -174,6 +196,26 @@ fn check(n: &Names) -> Vec<String> {
         p.push(e);
     }
     expect(86, &[b"again"], &mut p);
+    // The duplicate shares the socket; the unlinked name stays unlinked.
+    if let Err(e) = send(87, b"via95") {
+        p.push(e);
+    }
+    expect(95, &[b"via95"], &mut p);
+    if !is(sock::local_name(96), &n.gone) {
+        p.push(format!("fd 96 is bound to {:?}", sock::local_name(96)));
+    }
+    if std::path::Path::new("gone.sock").exists() {
+        p.push("gone.sock exists again".into());
+    }
+    if sock::opt(81, libc::SOL_SOCKET, libc::SO_PASSCRED) != 1 {
+        p.push("fd 81 lost SO_PASSCRED".into());
+    }
+    // The orphan: its data, then the end.
+    expect(97, &[b"last words"], &mut p);
+    if recv(97, 16) != Ok(Vec::new()) {
+        p.push("fd 97 does not read as closed by its peer".into());
+    }
+    sock::close(97);
     // The pending connection.
     if sock::opt(88, libc::SOL_SOCKET, libc::SO_ACCEPTCONN) != 1 {
         p.push("fd 88 is not listening".into());

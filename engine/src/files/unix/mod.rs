@@ -236,7 +236,7 @@ pub fn check(pid: i32, fds: &mut [FdEntry], seen: &Seen) -> Result<(), FilesErro
                             .filter(|p| !p.name.is_empty())
                             .map_or("unnamed".into(), |p| format!(
                                 "named {}",
-                                String::from_utf8_lossy(&p.name).replace('\0', "@")
+                                show_name(&p.name)
                             ))
                     ),
                 ))
@@ -447,6 +447,12 @@ impl Made {
 }
 
 fn show_name(name: &[u8]) -> String {
+    let mut name = name;
+    if name.first().is_some_and(|&c| c != 0) {
+        // A path name as sock_diag gives it ends in a NUL.
+        let end = name.iter().position(|&c| c == 0).unwrap_or(name.len());
+        name = &name[..end];
+    }
     let s = String::from_utf8_lossy(name);
     match s.strip_prefix('\0') {
         Some(abs) => format!("@{abs}"),
