@@ -88,7 +88,9 @@ fn cycle(wl: &mut Workload, images: &Path, shown: &[&str]) -> String {
 /// Unix socketpairs (stream, datagram, seqpacket) keep the data queued in
 /// each direction message by message; sockets bound to a path and to an
 /// abstract name keep their names, queues and connections; a listener keeps
-/// its backlog and the pending connection of a client in the process.
+/// its backlog, the pending connection of a client in the process, and a
+/// connection it accepted keeps its addresses; a duplicated socket, a name
+/// whose file was unlinked and a socket whose peer closed come back too.
 #[test]
 fn unix_sockets_keep_queues_names_and_pending_connections() {
     h::init();
@@ -117,6 +119,8 @@ fn unix_sockets_keep_queues_names_and_pending_connections() {
             "gone.sock (unlinked)",
             "fd 97 unix stream socket:[",
             "1 queued (10 bytes) shutdown 3",
+            "fd 94 unix stream socket:[",
+            "wl_unix.sock peer socket:[",
         ],
     );
     let pass = wl.expect_pass("after restore");

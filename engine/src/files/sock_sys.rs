@@ -129,6 +129,19 @@ pub fn listen(fd: BorrowedFd<'_>, backlog: i32) -> io::Result<()> {
     check(unsafe { libc::listen(fd.as_raw_fd(), backlog) }).map(drop)
 }
 
+/// `accept4(fd, NULL, NULL, SOCK_CLOEXEC)`.
+pub fn accept(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // SAFETY: accept4 without an address buffer returns a new descriptor.
+    owned(unsafe {
+        libc::accept4(
+            fd.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
+    })
+}
+
 pub fn shutdown(fd: BorrowedFd<'_>, how: i32) -> io::Result<()> {
     // SAFETY: shutdown on a descriptor we hold.
     check(unsafe { libc::shutdown(fd.as_raw_fd(), how) }).map(drop)

@@ -15,6 +15,8 @@
 //! - 95: a duplicate of 86; 96: a datagram socket bound to `./gone.sock`,
 //!   which was then unlinked; 81 has SO_PASSCRED.
 //! - 97: a stream socket whose peer closed after sending "last words".
+//! - 99 connected to 90 and accepted as 94: 94 holds "to-server", 99 holds
+//!   "to-client".
 //!
 //! Protocol: `READY pid=N`; on SIGUSR2 reads every queue and checks each
 //! message whole, the names, peers and flags, accepts the pending
@@ -68,6 +70,8 @@ fn fill(n: &Names) -> Result<(), String> {
     sock::pair(libc::SOCK_STREAM, 97, 98);
     send(98, b"last words")?;
     sock::close(98);
+    send(99, b"to-server")?;
+    send(94, b"to-client")?;
     let c = sock::socket(libc::AF_UNIX, libc::SOCK_STREAM);
     sock::connect(c, &sock::unix_addr(&n.listen88)).map_err(|e| format!("connect to 88: {e}"))?;
     sock::place(c, 89);
@@ -107,6 +111,12 @@ fn setup(n: &Names) {
     let _ = std::fs::remove_file("gone.sock");
     sock::place(s, 96);
     sock::set_opt(81, libc::SOL_SOCKET, libc::SO_PASSCRED, 1);
+    let c = sock::socket(libc::AF_UNIX, libc::SOCK_STREAM);
+    sock::connect(c, &sock::unix_addr(&n.listen90))
+        .unwrap_or_else(|_| wl::fail_setup("connect 99"));
+    sock::place(c, 99);
+    let a = sock::accept(90, 1000).unwrap_or_else(|_| wl::fail_setup("accept 94"));
+    sock::place(a, 94);
     if let Err(e) = fill(n) {
         wl::fail_setup(&e);
     }
@@ -216,6 +226,16 @@ fn check(n: &Names) -> Vec<String> {
         p.push("fd 97 does not read as closed by its peer".into());
     }
     sock::close(97);
+    // The connection accepted from 90 keeps its addresses and data.
+    if !is(sock::local_name(94), &n.listen90) || !is(sock::peer_name(99), &n.listen90) {
+        p.push(format!(
+            "fds 94/99 are {:?} -> {:?}, want the name of fd 90 on both",
+            sock::local_name(94),
+            sock::peer_name(99)
+        ));
+    }
+    expect(94, &[b"to-server"], &mut p);
+    expect(99, &[b"to-client"], &mut p);
     // The pending connection.
     if sock::opt(88, libc::SOL_SOCKET, libc::SO_ACCEPTCONN) != 1 {
         p.push("fd 88 is not listening".into());

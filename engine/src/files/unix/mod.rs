@@ -10,10 +10,11 @@
 //! Restored all at once when the first unix descriptor comes up: every
 //! socket is created (pairs with `socketpair`), bound and put listening;
 //! then pending and datagram connections are made; then queues are refilled
-//! from the peer, and shutdown state, flags and peek offsets set. Limits:
-//! the two ends of a connected pair come back as a socketpair, so an
-//! accepted connection loses its addresses (getsockname/getpeername), and
-//! the credentials attached to queued messages are the restored task's.
+//! from the peer, and shutdown state, flags and peek offsets set. A
+//! connection the task accepted from its own listener is connected and
+//! accepted again (both ends keep their addresses); other connected pairs
+//! come back as socketpairs (a name bound on a socketpair end is lost).
+//! The credentials attached to queued messages are the restored task's.
 pub mod diag;
 pub mod queue;
 
@@ -267,6 +268,30 @@ fn mutual(entries: &BTreeMap<u64, UnixSocket>, s: &UnixSocket) -> bool {
     s.peer != 0 && entries.get(&s.peer).is_some_and(|p| p.peer == s.id)
 }
 
+/// For the accepted end `s` of a connection whose both ends the task
+/// holds: the listener of the task it came from (it carries the
+/// listener's name, its client does not).
+fn accepted_from(entries: &BTreeMap<u64, UnixSocket>, s: &UnixSocket) -> Option<u64> {
+    if s.state != diag::STATE_CONNECTED || s.name.is_empty() || !mutual(entries, s) {
+        return None;
+    }
+    if entries.get(&s.peer).is_some_and(|p| p.name == s.name) {
+        return None;
+    }
+    entries
+        .values()
+        .find(|l| l.state == diag::STATE_LISTEN && l.name == s.name)
+        .map(|l| l.id)
+}
+
+/// Whether `s` is the client end of such an accepted connection.
+fn accepting_client(entries: &BTreeMap<u64, UnixSocket>, s: &UnixSocket) -> bool {
+    mutual(entries, s)
+        && entries
+            .get(&s.peer)
+            .is_some_and(|p| accepted_from(entries, p).is_some())
+}
+
 /// Whether a socket's queue can be written back: from its pair's other
 /// end, or (datagrams) sent to its name.
 fn can_refill(s: &UnixSocket, by_id: &BTreeMap<u64, (i32, UnixSocket)>) -> bool {
@@ -346,7 +371,13 @@ impl Made {
                 continue;
             }
             let ty = s.r#type as i32;
-            if mutual(entries, s) {
+            if accepted_from(entries, s).is_some() {
+                // Made by accept below, once its listener exists.
+            } else if accepting_client(entries, s) {
+                let sock =
+                    sock_sys::socket(libc::AF_UNIX, ty, 0).map_err(ctx(*id, "create a socket"))?;
+                self.keep(*id, sock).map_err(ctx(*id, "move a socket"))?;
+            } else if mutual(entries, s) {
                 let (a, b) = sock_sys::socketpair(ty).map_err(ctx(*id, "create a socketpair"))?;
                 self.keep(*id, a).map_err(ctx(*id, "move a socket"))?;
                 self.keep(s.peer, b).map_err(ctx(*id, "move a socket"))?;
@@ -365,17 +396,37 @@ impl Made {
             }
         }
         for (id, s) in entries {
+            if accepted_from(entries, s).is_some() {
+                continue;
+            }
             let sock = self.get(*id).map_err(ctx(*id, "find"))?;
             set_options(sock, s).map_err(ctx(*id, "set socket options"))?;
-            if !s.name.is_empty() && !mutual(entries, s) {
+            if !s.name.is_empty() && (!mutual(entries, s) || accepting_client(entries, s)) {
                 bind(sock, s).map_err(ctx(*id, &format!("bind to {}", show_name(&s.name))))?;
             }
             if s.state == diag::STATE_LISTEN {
                 sock_sys::listen(sock, s.backlog as i32).map_err(ctx(*id, "listen"))?;
             }
         }
-        // 2. Connections: the task's pending connections in accept order,
-        // datagram sockets connected to a bound socket.
+        // 2. Connections: connections the task accepted from its own
+        // listeners (connected and accepted again, so both ends keep their
+        // addresses), then the pending ones in accept order, then datagram
+        // sockets connected to a bound socket.
+        for (id, s) in entries {
+            let Some(l) = accepted_from(entries, s) else {
+                continue;
+            };
+            let addr = unix_addr(&entries[&l].name).map_err(ctx(*id, "name"))?;
+            let client = self.get(s.peer).map_err(ctx(s.peer, "find"))?;
+            sock_sys::connect(client, &addr).map_err(ctx(
+                s.peer,
+                &format!("connect to {}", show_name(&entries[&l].name)),
+            ))?;
+            let listener = self.get(l).map_err(ctx(l, "find"))?;
+            let sock = sock_sys::accept(listener).map_err(ctx(*id, "accept its connection"))?;
+            set_options(sock.as_fd(), s).map_err(ctx(*id, "set socket options"))?;
+            self.keep(*id, sock).map_err(ctx(*id, "move a socket"))?;
+        }
         for (id, l) in entries
             .iter()
             .filter(|(_, l)| l.state == diag::STATE_LISTEN)
