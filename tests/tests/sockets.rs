@@ -213,7 +213,8 @@ fn talk(addr: &str) -> Result<String, String> {
 
 /// TCP listeners (IPv4 with SO_REUSEADDR after connections it closed first,
 /// which left TIME_WAIT behind; IPv6 v6only without it) keep their ports and accept new
-/// clients after the restore; connected UDP pairs keep their addresses.
+/// clients after the restore; connected UDP pairs keep their addresses; a
+/// duplicated listener and a bound, not listening, TCP socket come back.
 #[test]
 fn tcp_listeners_and_udp_sockets() {
     h::init();
@@ -239,6 +240,8 @@ fn tcp_listeners_and_udp_sockets() {
             "fd 102 udp socket:[",
             "fd 105 udp6 socket:[",
             "connected to [::1]:",
+            "fd 106 tcp socket:[",
+            "fd 107 tcp socket:[",
         ],
     );
     for a in &addrs {

@@ -3,7 +3,9 @@
 //! - 100: TCP listening on 127.0.0.1 (SO_REUSEADDR, backlog 7);
 //! - 101: TCP listening on [::1] (IPV6_V6ONLY, no SO_REUSEADDR, backlog 4);
 //! - 102/103: UDP sockets on 127.0.0.1 connected to each other;
-//! - 104/105: UDP sockets on [::1] connected to each other.
+//! - 104/105: UDP sockets on [::1] connected to each other;
+//! - 106: a duplicate of 100; 107: a TCP socket bound to 127.0.0.1, not
+//!   listening.
 //!
 //! The main loop serves both listeners: a client's line `L` is answered
 //! with `echo L`; the IPv4 server then closes first (its port keeps
@@ -19,6 +21,7 @@ use crm_tests::wl;
 
 struct Ports {
     tcp4: u16,
+    bound: u16,
     tcp6: u16,
     udp: [u16; 4],
 }
@@ -89,6 +92,8 @@ fn check(p: &Ports) -> Vec<String> {
         (103, p.udp[1], false),
         (104, p.udp[2], true),
         (105, p.udp[3], true),
+        (106, p.tcp4, false),
+        (107, p.bound, false),
     ] {
         if sock::local_name(fd) != sock::loopback(v6, port) {
             out.push(format!(
@@ -100,6 +105,8 @@ fn check(p: &Ports) -> Vec<String> {
     for (fd, opt, want) in [
         (100, libc::SO_ACCEPTCONN, 1),
         (101, libc::SO_ACCEPTCONN, 1),
+        (106, libc::SO_ACCEPTCONN, 1),
+        (107, libc::SO_ACCEPTCONN, 0),
         (100, libc::SO_REUSEADDR, 1),
         (101, libc::SO_REUSEADDR, 0),
     ] {
@@ -144,7 +151,17 @@ fn main() {
     let tcp6 = listener(true, 101, 4);
     let [u0, u1] = udp_pair(false, 102, 103);
     let [u2, u3] = udp_pair(true, 104, 105);
+    // SAFETY: duplicating our own descriptor onto a free number.
+    if unsafe { libc::dup2(100, 106) } != 106 {
+        wl::fail_setup("dup2 100");
+    }
+    let b = sock::socket(libc::AF_INET, libc::SOCK_STREAM);
+    if sock::bind(b, &sock::loopback(false, 0)).is_err() {
+        wl::fail_setup("bind 107");
+    }
+    sock::place(b, 107);
     let ports = Ports {
+        bound: sock::port_of(&sock::local_name(107)),
         tcp4,
         tcp6,
         udp: [u0, u1, u2, u3],
