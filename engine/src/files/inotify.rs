@@ -4,7 +4,8 @@
 //! device). Restored by adding each watch again; to give it its original
 //! watch descriptor, a watch is added and removed until the kernel's
 //! (cyclic) counter reaches it, and the `IN_IGNORED` events that leaves
-//! are drained. Events queued at dump time are lost.
+//! are drained. Events queued at dump time are lost. Two descriptors of
+//! one instance (dup) come back as two instances with the same watches.
 use super::{inotify_sys, FilesError};
 use crate::procfs::{FdInfo, InotifyMark};
 use crm_proto::image::{Inotify, InotifyWatch};

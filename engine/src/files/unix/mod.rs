@@ -5,7 +5,9 @@
 //! the task. Saved from sock_diag ([`diag`]) and a `pidfd_getfd` duplicate
 //! (options, and the queued data read without consuming it, [`queue`]).
 //! Refused, naming the fd: a peer outside the task, file descriptors in
-//! flight (SCM_RIGHTS), data on a connection not accepted yet.
+//! flight (SCM_RIGHTS), data on a connection not accepted yet. The dump's
+//! early check (before the freeze) peeks too: a task that itself peeks
+//! with `SO_PEEK_OFF` at that moment may see its offset moved.
 //!
 //! Restored all at once when the first unix descriptor comes up: every
 //! socket is created (pairs with `socketpair`), bound and put listening;
