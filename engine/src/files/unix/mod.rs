@@ -664,3 +664,108 @@ pub fn describe(s: &UnixSocket) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sock(id: u64, ty: i32, state: u32, peer: u64) -> UnixSocket {
+        UnixSocket {
+            id,
+            r#type: ty as u32,
+            state,
+            peer,
+            ..Default::default()
+        }
+    }
+
+    fn entries(list: Vec<UnixSocket>) -> Vec<FdEntry> {
+        list.into_iter()
+            .enumerate()
+            .map(|(i, s)| FdEntry {
+                fd: 10 + i as i32,
+                cloexec: false,
+                kind: Some(fd_entry::Kind::UnixSocket(s)),
+            })
+            .collect()
+    }
+
+    fn refusal(fds: &mut [FdEntry], seen: &Seen) -> Option<(i32, String)> {
+        match check(1, fds, seen) {
+            Err(FilesError::Refused { fd, what, .. }) => Some((fd, what)),
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(()) => None,
+        }
+    }
+
+    #[test]
+    fn pairs_pass_and_outside_peers_are_refused() {
+        let st = libc::SOCK_STREAM;
+        let seen = Seen::default();
+        let mut pair = entries(vec![
+            sock(1, st, diag::STATE_CONNECTED, 2),
+            sock(2, st, diag::STATE_CONNECTED, 1),
+        ]);
+        assert_eq!(refusal(&mut pair, &seen), None);
+        let mut outside = entries(vec![sock(1, st, diag::STATE_CONNECTED, 9)]);
+        let (fd, what) = refusal(&mut outside, &seen).unwrap();
+        assert_eq!(fd, 10);
+        assert!(what.contains("outside the process"), "{what}");
+        // A stream socket connected one way only cannot be remade.
+        let mut oneway = entries(vec![
+            sock(1, st, diag::STATE_CONNECTED, 2),
+            sock(2, st, diag::STATE_CONNECTED, 3),
+            sock(3, st, diag::STATE_CONNECTED, 2),
+        ]);
+        assert!(refusal(&mut oneway, &seen).is_some());
+        // Queued data on an unbound, unconnected datagram socket.
+        let mut lone = sock(1, libc::SOCK_DGRAM, 7, 0);
+        lone.queue = vec![b"x".to_vec()];
+        let (_, what) = refusal(&mut entries(vec![lone]), &seen).unwrap();
+        assert!(what.contains("queued data"), "{what}");
+    }
+
+    #[test]
+    fn pending_connections_are_matched_to_their_clients() {
+        let st = libc::SOCK_STREAM;
+        let mut l = sock(1, st, diag::STATE_LISTEN, 0);
+        l.name = b"\0l".to_vec();
+        // Kernels name the embryo (5, whose peer is the client 2) or the
+        // client itself (3).
+        l.pending = vec![5, 3];
+        let mut seen = Seen::default();
+        seen.peers.insert(
+            5,
+            diag::UnixDiag {
+                ino: 5,
+                peer: 2,
+                ..Default::default()
+            },
+        );
+        let mut fds = entries(vec![
+            l.clone(),
+            sock(2, st, diag::STATE_CONNECTED, 5),
+            sock(3, st, diag::STATE_CONNECTED, 0),
+        ]);
+        assert_eq!(refusal(&mut fds, &seen), None);
+        let get = |fds: &[FdEntry], i: usize| match &fds[i].kind {
+            Some(fd_entry::Kind::UnixSocket(s)) => s.clone(),
+            _ => unreachable!(),
+        };
+        assert_eq!(get(&fds, 0).pending, vec![2, 3], "clients in accept order");
+        assert_eq!((get(&fds, 1).listener, get(&fds, 1).peer), (1, 0));
+        assert_eq!(get(&fds, 2).listener, 1);
+        // A connection from elsewhere is refused at the listener's fd; data
+        // sent on a pending connection at the client's.
+        l.pending = vec![8];
+        let (fd, what) = refusal(&mut entries(vec![l.clone()]), &seen).unwrap();
+        assert_eq!(fd, 10);
+        assert!(what.contains("waiting to be accepted"), "{what}");
+        l.pending = vec![5];
+        seen.peers.get_mut(&5).unwrap().rqlen = (4, 0);
+        let mut fds = entries(vec![l, sock(2, st, diag::STATE_CONNECTED, 5)]);
+        let (fd, what) = refusal(&mut fds, &seen).unwrap();
+        assert_eq!(fd, 11);
+        assert!(what.contains("not accepted yet"), "{what}");
+    }
+}
