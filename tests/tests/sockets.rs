@@ -277,3 +277,72 @@ fn inotify_watches() {
     let pass = wl.expect_pass("after restore");
     println!("checked: {pass}");
 }
+
+/// `GET /index.txt` over HTTP/1.0: the whole response.
+fn http_get(port: u16) -> Result<String, String> {
+    let addr = format!("127.0.0.1:{port}");
+    let mut s = std::net::TcpStream::connect(&addr).map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"GET /index.txt HTTP/1.0\r\n\r\n")
+        .map_err(|e| format!("write {addr}: {e}"))?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)
+        .map_err(|e| format!("read {addr}: {e}"))?;
+    Ok(reply)
+}
+
+/// A real program: `python3 -m http.server` answers a client before the
+/// dump and, restored with its listening socket, after it.
+#[test]
+fn python_http_server_serves_after_restore() {
+    h::init();
+    let has_python = std::process::Command::new("python3")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_python {
+        h::skip_test!(
+            "python_http_server_serves_after_restore",
+            "python3 is not installed"
+        );
+    }
+    let _serial = h::serial();
+    let tmp = TempDir::new("http-server");
+    let images = tmp.subdir("images");
+    std::fs::write(
+        tmp.path().join("index.txt"),
+        "hello from the restored server\n",
+    )
+    .expect("writing index.txt");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    // The shell prints READY and becomes python (same PID).
+    let script =
+        format!("echo READY pid=$$; exec python3 -u -m http.server --bind 127.0.0.1 {port}");
+    let mut wl = Workload::start(Path::new("/bin/sh"), &["-c", &script], tmp.path());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let first = loop {
+        match http_get(port) {
+            Ok(r) => break r,
+            Err(e) if std::time::Instant::now() > deadline => {
+                panic!("the server never answered: {e}\n{}", wl.log_tail(20))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    assert!(first.contains("hello from the restored server"), "{first}");
+    cycle(
+        &mut wl,
+        &images,
+        &["tcp socket:[", &format!("127.0.0.1:{port} listening")],
+    );
+    let reply = http_get(port).unwrap_or_else(|e| panic!("after the restore: {e}"));
+    assert!(
+        reply.starts_with("HTTP/1.0 200") && reply.contains("hello from the restored server"),
+        "after the restore: {reply}"
+    );
+    println!("checked: python3 http.server on port {port} answers after the restore");
+}
