@@ -444,7 +444,16 @@ impl Made {
         }
         for (id, s) in entries {
             if s.peer != 0 && !mutual(entries, s) {
-                let p = &entries[&s.peer];
+                let p = entries.get(&s.peer).ok_or_else(|| {
+                    (
+                        *id,
+                        "connect".to_string(),
+                        io::Error::other(format!(
+                            "its peer socket:[{}] is not in the image",
+                            s.peer
+                        )),
+                    )
+                })?;
                 let addr = unix_addr(&p.name).map_err(ctx(*id, "name"))?;
                 let sock = self.get(*id).map_err(ctx(*id, "find"))?;
                 sock_sys::connect(sock, &addr)
