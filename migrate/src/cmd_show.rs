@@ -174,6 +174,24 @@ pub fn run(dir: &Path, show_pages: bool) -> anyhow::Result<i32> {
                     },
                     if f.cloexec { " cloexec" } else { "" }
                 ),
+                Some(crm_proto::image::fd_entry::Kind::UnixSocket(s)) => println!(
+                    "    fd {} {}{}",
+                    f.fd,
+                    crm_engine::files::unix::describe(s),
+                    if f.cloexec { " cloexec" } else { "" }
+                ),
+                Some(crm_proto::image::fd_entry::Kind::InetSocket(s)) => println!(
+                    "    fd {} {}{}",
+                    f.fd,
+                    crm_engine::files::inet::describe(s),
+                    if f.cloexec { " cloexec" } else { "" }
+                ),
+                Some(crm_proto::image::fd_entry::Kind::Inotify(i)) => println!(
+                    "    fd {} {}{}",
+                    f.fd,
+                    crm_engine::files::inotify::describe(i),
+                    if f.cloexec { " cloexec" } else { "" }
+                ),
                 None => println!("    fd {} (unknown kind)", f.fd),
             }
         }

@@ -15,7 +15,8 @@
 //! - [`workload`]: the guard that starts, talks to and finally kills a workload;
 //! - [`wl`]: the workload side of the line protocol (used by `src/bin/*`);
 //! - [`bg`]: background commands (a `receive` and a `send` running at once);
-//! - [`netns`]: two network namespaces joined by a veth pair, removed on drop.
+//! - [`netns`]: two network namespaces joined by a veth pair, removed on drop;
+//! - [`sock`]: socket helpers for the socket workloads.
 
 use std::sync::{Mutex, MutexGuard, Once};
 
@@ -23,6 +24,7 @@ pub mod bg;
 pub mod crm;
 pub mod netns;
 pub mod procs;
+pub mod sock;
 pub mod tmp;
 pub mod wl;
 pub mod workload;

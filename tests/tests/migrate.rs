@@ -660,8 +660,8 @@ fn migrate_unprivileged_process_without_lazy_pages() {
 }
 
 /// Event objects travel in the final state: eventfd counters, a signalfd
-/// with a pending signal, timerfds and an epoll instance work on the
-/// destination.
+/// with a pending signal, timerfds, an epoll instance, pipes, unix and inet
+/// sockets and inotify watches work on the destination.
 #[test]
 fn migrate_event_fds() {
     h::init();
@@ -673,6 +673,9 @@ fn migrate_event_fds() {
         ("epoll", workload_bin!(wl_epoll)),
         ("pipes", workload_bin!(wl_pipes)),
         ("unlinked", workload_bin!(wl_unlinked)),
+        ("unix", workload_bin!(wl_unix)),
+        ("inet", workload_bin!(wl_inet)),
+        ("inotify", workload_bin!(wl_inotify)),
     ] {
         let s = Setup::new(&format!("mig-{name}"));
         let mut wl = Workload::start(bin, &[], s.dir());

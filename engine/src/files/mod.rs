@@ -4,10 +4,16 @@
 //! fail before anything is touched, naming the fd and its kind.
 pub mod epoll;
 pub mod eventfd;
+pub mod inet;
+pub mod inotify;
+mod inotify_sys;
 pub mod pipe;
 pub mod regular;
 pub mod signalfd;
+mod sock_sys;
+pub mod socket;
 pub mod timerfd;
+pub mod unix;
 
 use crate::procfs;
 use crm_proto::image::{fd_entry, FdEntry, FilesCore};
@@ -30,6 +36,8 @@ pub enum FilesError {
         #[source]
         source: std::io::Error,
     },
+    #[error("process {pid}: fd {fd} cannot be checkpointed: it is {what}")]
+    Refused { pid: i32, fd: i32, what: String },
     #[error(transparent)]
     Proc(#[from] procfs::ProcError),
     #[error("cannot create the {kind} of fd {fd}")]
@@ -50,6 +58,13 @@ pub enum FilesError {
         size: u64,
         limit: u64,
     },
+    #[error("fd {fd}: cannot {what}")]
+    Socket {
+        fd: i32,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot reopen {path} as fd {fd}")]
     Reopen {
         fd: i32,
@@ -67,6 +82,8 @@ enum Kind {
     TimerFd,
     Epoll,
     Pipe,
+    Socket,
+    Inotify,
 }
 
 /// Names the kind of a descriptor from its `/proc/PID/fd` link and type;
@@ -80,7 +97,7 @@ fn kind_of(link: &str, meta: &std::fs::Metadata) -> Result<Kind, &'static str> {
         return Err("a FIFO");
     }
     if link.starts_with("socket:") || ft.is_socket() {
-        return Err("a socket");
+        return Ok(Kind::Socket);
     }
     if link == "anon_inode:[eventfd]" {
         return Ok(Kind::EventFd);
@@ -93,6 +110,9 @@ fn kind_of(link: &str, meta: &std::fs::Metadata) -> Result<Kind, &'static str> {
     }
     if link == "anon_inode:[eventpoll]" {
         return Ok(Kind::Epoll);
+    }
+    if link == "anon_inode:inotify" {
+        return Ok(Kind::Inotify);
     }
     if let Some(rest) = link.strip_prefix("anon_inode:") {
         return Err(match rest {
@@ -130,6 +150,7 @@ pub fn dump(pid: i32) -> Result<FilesCore, FilesError> {
     let mut fds = Vec::new();
     let mut pipes_with_data = std::collections::HashSet::new();
     let mut ghost_budget = regular::GHOST_LIMIT;
+    let mut sockets = unix::Seen::default();
     for fd in procfs::list_fds(pid)? {
         let link_path = PathBuf::from(format!("/proc/{pid}/fd/{fd}"));
         let link = std::fs::read_link(&link_path)
@@ -165,6 +186,8 @@ pub fn dump(pid: i32) -> Result<FilesCore, FilesError> {
             Kind::Pipe => {
                 fd_entry::Kind::Pipe(pipe::dump(pid, fd, &link, &info, &mut pipes_with_data)?)
             }
+            Kind::Socket => socket::dump(pid, fd, &link, &info, &mut sockets)?,
+            Kind::Inotify => fd_entry::Kind::Inotify(inotify::dump(pid, fd, &info)?),
         };
         fds.push(FdEntry {
             fd,
@@ -174,24 +197,75 @@ pub fn dump(pid: i32) -> Result<FilesCore, FilesError> {
     }
     epoll::check_targets(pid, &fds)?;
     pipe::check_ends(pid, &fds)?;
+    unix::check(pid, &mut fds, &sockets)?;
     Ok(FilesCore { fds })
 }
 
+/// The objects a restore has made so far that have several descriptors
+/// (pipes, sockets), kept at numbers at or above `high` (out of the way of
+/// the image's descriptors).
+#[derive(Debug)]
+pub struct Restoring {
+    pipes: pipe::Pipes,
+    unix: unix::Made,
+    inet: inet::Made,
+}
+
+impl Restoring {
+    /// `fds`: every descriptor of the image (unix sockets are created
+    /// together, and need to know each other).
+    pub fn new(high: i32, fds: &[(i32, bool, fd_entry::Kind)]) -> Restoring {
+        Restoring {
+            pipes: pipe::Pipes::new(high),
+            unix: unix::Made::new(high, fds),
+            inet: inet::Made::new(high),
+        }
+    }
+}
+
 /// Recreates a descriptor of the image (not yet at its number, close-on-exec).
-/// `pipes` holds the pipes made so far (a pipe has several descriptors).
 pub fn restore(
     fd: i32,
     kind: &fd_entry::Kind,
-    pipes: &mut pipe::Pipes,
+    made: &mut Restoring,
 ) -> Result<std::os::fd::OwnedFd, FilesError> {
     match kind {
-        fd_entry::Kind::Pipe(p) => pipe::restore(fd, p, pipes),
+        fd_entry::Kind::Pipe(p) => pipe::restore(fd, p, &mut made.pipes),
+        fd_entry::Kind::UnixSocket(s) => unix::restore(fd, s, &mut made.unix),
+        fd_entry::Kind::InetSocket(s) => inet::restore(fd, s, &mut made.inet),
+        fd_entry::Kind::Inotify(i) => inotify::restore(fd, i),
         fd_entry::Kind::Regular(r) => regular::restore(fd, r),
         fd_entry::Kind::Eventfd(e) => eventfd::restore(fd, e),
         fd_entry::Kind::Signalfd(s) => signalfd::restore(fd, s),
         fd_entry::Kind::Timerfd(t) => timerfd::restore(fd, t),
         fd_entry::Kind::Epoll(e) => epoll::restore(fd, e),
     }
+}
+
+/// Why a decoded descriptor is beyond what a dump writes (more queued
+/// messages or inotify watches than the limits), if it is.
+pub fn too_large(kind: &fd_entry::Kind) -> Option<String> {
+    match kind {
+        fd_entry::Kind::UnixSocket(s) if s.queue.len() > unix::queue::MAX_QUEUE_MESSAGES => {
+            Some(format!("{} queued messages", s.queue.len()))
+        }
+        fd_entry::Kind::Inotify(i) if i.watches.len() > inotify::MAX_WATCHES => {
+            Some(format!("{} inotify watches", i.watches.len()))
+        }
+        _ => None,
+    }
+}
+
+/// `e` and its sources, `: `-separated (the restoring child reports its
+/// error as one line).
+pub fn chain(e: &FilesError) -> String {
+    let mut out = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        out += &format!(": {s}");
+        src = s.source();
+    }
+    out
 }
 
 /// Highest fd number in an image (or -1).
