@@ -71,7 +71,7 @@ use super::frame::{
     batch_decompressor, decode_batch_data, encode_batch_prefix, read_batch, read_stream_magic,
     FrameKind, MAX_BATCH_BYTES, PAGE_SIZE, PAGE_STREAM_MAGIC,
 };
-use super::sealed::{Opener, Sealer};
+use super::sealed::{write_parts, Opener, Sealer};
 use super::tcp_channel::{self, ChannelSecret, IncomingChannel};
 use super::{code, MAX_PAGE_STREAMS};
 
@@ -731,7 +731,7 @@ impl PageOut {
                     }
                 });
             }
-            PageOut::Tcp(s, None) => write_two(s, &prefix, &payload).await,
+            PageOut::Tcp(s, None) => write_parts(s, &[&prefix, &payload]).await,
             PageOut::Tcp(s, Some(sealer)) => match sealer.write(s, &mut prefix).await {
                 Ok(()) => sealer.write(s, &mut payload).await,
                 Err(e) => Err(e),
@@ -788,26 +788,6 @@ impl PageOut {
             }
         }
     }
-}
-
-/// Writes `a` then `b` with as few syscalls as the kernel allows.
-async fn write_two(s: &mut TcpStream, mut a: &[u8], mut b: &[u8]) -> std::io::Result<()> {
-    use std::io::IoSlice;
-    while !a.is_empty() {
-        let n = s
-            .write_vectored(&[IoSlice::new(a), IoSlice::new(b)])
-            .await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        if n < a.len() {
-            a = &a[n..];
-        } else {
-            b = &b[n - a.len()..];
-            a = &[];
-        }
-    }
-    s.write_all(b).await
 }
 
 /// One decoded page batch: header and raw pages (`header.raw_len` bytes,
