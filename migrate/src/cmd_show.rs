@@ -71,6 +71,17 @@ pub fn run(dir: &Path, show_pages: bool) -> anyhow::Result<i32> {
                 t.which, t.value_us, t.interval_us
             );
         }
+        for t in &core.posix_timers {
+            let notify = match t.notify {
+                0 => format!("signal {}", t.signo),
+                1 => "no signal".to_string(),
+                _ => format!("signal {} to thread {}", t.signo, t.notify_tid),
+            };
+            println!(
+                "  posix timer {}: clock {}, {notify}, value {:#x}, {} ns left, interval {} ns",
+                t.id, t.clock, t.sigev_value, t.value_ns, t.interval_ns
+            );
+        }
         println!(
             "  mm: code {:#x}-{:#x} brk {:#x}-{:#x} stack {:#x} exe {}",
             mm.start_code,

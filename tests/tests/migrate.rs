@@ -673,6 +673,7 @@ fn migrate_event_fds() {
         ("epoll", workload_bin!(wl_epoll)),
         ("pipes", workload_bin!(wl_pipes)),
         ("unlinked", workload_bin!(wl_unlinked)),
+        ("posix-timers", workload_bin!(wl_posix_timers)),
         ("unix", workload_bin!(wl_unix)),
         ("inet", workload_bin!(wl_inet)),
         ("inotify", workload_bin!(wl_inotify)),

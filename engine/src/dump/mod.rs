@@ -6,6 +6,7 @@
 //! kill the process (or resume it with `leave_running`). Any error resumes
 //! the process untouched: the [`FrozenProcess`] is released on drop.
 mod memory;
+mod posix_timers;
 mod task;
 
 pub use memory::{

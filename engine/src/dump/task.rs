@@ -215,6 +215,8 @@ pub fn collect(
         });
     }
 
+    let posix_timers = super::posix_timers::dump(pid, &main, scratch)?;
+
     let mut rlimits = Vec::new();
     for res in 0..16u32 {
         let mut old = libc::rlimit64 {
@@ -295,6 +297,7 @@ pub fn collect(
         rlimits,
         sigactions,
         itimers,
+        posix_timers,
         shared_pending,
         threads,
         exit_signal: stat.exit_signal,

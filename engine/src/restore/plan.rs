@@ -475,6 +475,38 @@ pub fn build(input: &Inputs<'_>, host: &Host) -> Result<Plan, RestoreError> {
             value_usec: (t.value_us % 1_000_000) as i64,
         };
     }
+    let mut posix_timers = [PosixTimerArgs::default(); MAX_POSIX_TIMERS];
+    if core.posix_timers.len() > MAX_POSIX_TIMERS {
+        return Err(invalid(format!(
+            "{} POSIX timers (at most {MAX_POSIX_TIMERS})",
+            core.posix_timers.len()
+        )));
+    }
+    for (slot, t) in posix_timers.iter_mut().zip(&core.posix_timers) {
+        let ts = |ns: u64| Timespec {
+            sec: (ns / 1_000_000_000) as i64,
+            nsec: (ns % 1_000_000_000) as i64,
+        };
+        if t.id < 0 || !(0..=64).contains(&t.signo) || ![0, 1, 4].contains(&t.notify) {
+            return Err(invalid(format!(
+                "POSIX timer {} (signal {}, notify {})",
+                t.id, t.signo, t.notify
+            )));
+        }
+        *slot = PosixTimerArgs {
+            id: t.id,
+            clock: t.clock,
+            sigev: KernelSigevent {
+                value: t.sigev_value,
+                signo: t.signo,
+                notify: t.notify,
+                tid: t.notify_tid,
+                pad: [0; 11],
+            },
+            interval: ts(t.interval_ns),
+            value: ts(t.value_ns),
+        };
+    }
     let mut rlimit_res = [0u64; NRLIMITS];
     let mut rlimits = [RLimit64::default(); NRLIMITS];
     let mut nr_rlimits = 0;
@@ -564,6 +596,8 @@ pub fn build(input: &Inputs<'_>, host: &Host) -> Result<Plan, RestoreError> {
         sigaction_mask,
         sigactions,
         itimers,
+        posix_timers,
+        nr_posix_timers: core.posix_timers.len() as u64,
         nr_rlimits: nr_rlimits as u64,
         rlimit_res,
         rlimits,
