@@ -35,9 +35,12 @@
 //!   `C < L` (hysteresis, so noise near the break-even point does not flip
 //!   it). See [`compression_pays`], a pure function tested with given numbers.
 //!
-//! So on a fast link (loopback, 10 GbE: `L` several GB/s, above what level-1
-//! zstd can feed) pages go raw, and on a slow link (1 GbE and below, WAN)
-//! compressible memory is compressed.
+//! So on a fast link (10 GbE: `L` above what level-1 zstd can feed) pages
+//! go raw, and on a slow link (1 GbE and below, WAN) compressible memory is
+//! compressed. To a receiver on the same host (unsealed TCP page channels)
+//! `Auto` never compresses: there is no link to spare, and on a loaded host
+//! the congestion window's RTT, inflated by scheduling, made the rule switch
+//! compression on and spend the CPU the transfer needed.
 //!
 //! Limit: the model counts the link, not the CPU that QUIC itself spends per
 //! byte (encryption, UDP syscalls). Where that is the bottleneck — loopback
@@ -343,6 +346,14 @@ impl PageSender {
                 PageOut::Quic(_) => None,
             })
             .collect();
+        // An unsealed channel runs between two loopback addresses: there is
+        // no network to save bytes on, only CPU (shared by sender, receiver
+        // and the process) to spend, so `Auto` sends raw there.
+        let same_host = outs.iter().any(|o| matches!(o, PageOut::Tcp(_, None)));
+        let policy = match policy {
+            Compress::Auto if same_host => Compress::Never,
+            p => p,
+        };
         let shared = Arc::new(Shared {
             conn: conn.clone(),
             tcp_probes,
