@@ -16,13 +16,15 @@
 //! - [`wl`]: the workload side of the line protocol (used by `src/bin/*`);
 //! - [`bg`]: background commands (a `receive` and a `send` running at once);
 //! - [`netns`]: two network namespaces joined by a veth pair, removed on drop;
-//! - [`sock`]: socket helpers for the socket workloads.
+//! - [`sock`]: socket helpers for the socket workloads;
+//! - [`port`]: a port free for both UDP and TCP (receive listens on both).
 
 use std::sync::{Mutex, MutexGuard, Once};
 
 pub mod bg;
 pub mod crm;
 pub mod netns;
+pub mod port;
 pub mod procs;
 pub mod sock;
 pub mod tmp;

@@ -61,7 +61,7 @@
 //! failure, 2 on bad usage.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -762,9 +762,9 @@ fn mib(b: u64) -> f64 {
 }
 
 /// A free UDP port on 127.0.0.1 (bound and released; `receive` binds it right after).
-fn free_udp_port() -> Res<u16> {
-    let s = UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("UDP bind: {e}"))?;
-    Ok(s.local_addr().map_err(|e| format!("UDP addr: {e}"))?.port())
+/// A port free for UDP (QUIC) and TCP (page channels).
+fn free_port() -> Res<u16> {
+    crm_tests::port::free_port().map_err(|e| format!("finding a free port: {e}"))
 }
 
 /// Migrates one workload over 127.0.0.1 and verifies it afterwards.
@@ -831,7 +831,7 @@ fn migrate_once(case: Case, opts: &Opts, work: &Dir, run: usize) -> Res<Outcome>
 
     let tl: Timeline = Arc::new(Mutex::new(Vec::new()));
     let t0 = Instant::now();
-    let port = free_udp_port()?;
+    let port = free_port()?;
     let listen = format!("127.0.0.1:{port}");
     // receive's own default (half the RAM) unless the bench was told otherwise.
     let recv_memory = opts.recv_memory_mib.map(|m| m.to_string());
