@@ -1,6 +1,6 @@
 //! `bench_migrate`: end-to-end benchmark of live migration over loopback (not a test).
 //!
-//! Usage: `bench_migrate [--size-mib 1024] [--rate-mbps 100] [--runs 1] [--dir DIR] [--recv-memory-mib N]`
+//! Usage: `bench_migrate [--size-mib 1024] [--rate-mbps 100] [--runs 1] [--dir DIR] [--recv-memory-mib N] [--page-transport auto|quic|sealed]`
 //! (as root). Build and run:
 //!
 //! ```text
@@ -136,7 +136,7 @@ fn main() -> ExitCode {
 }
 
 fn usage() -> &'static str {
-    "usage: bench_migrate [--size-mib 1024] [--rate-mbps 100] [--runs 1] [--dir /var/tmp] [--recv-memory-mib N]   (as root)"
+    "usage: bench_migrate [--size-mib 1024] [--rate-mbps 100] [--runs 1] [--dir /var/tmp] [--recv-memory-mib N] [--page-transport auto|quic|sealed]   (as root)"
 }
 
 /// Command line options.
@@ -149,6 +149,8 @@ struct Opts {
     dir: PathBuf,
     /// `receive --memory-limit-mib` (default: receive's own default).
     recv_memory_mib: Option<u64>,
+    /// `send --page-transport` (default: send's own, auto).
+    page_transport: Option<String>,
 }
 
 /// `Ok(None)` for `--help`.
@@ -159,6 +161,7 @@ fn parse_args(args: &[String]) -> Res<Option<Opts>> {
         runs: 1,
         dir: PathBuf::from("/var/tmp"),
         recv_memory_mib: None,
+        page_transport: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -188,6 +191,10 @@ fn parse_args(args: &[String]) -> Res<Option<Opts>> {
                 opts.recv_memory_mib =
                     Some(positive("--recv-memory-mib", &value("--recv-memory-mib")?)?)
             }
+            "--page-transport" => match value("--page-transport")?.as_str() {
+                t @ ("auto" | "quic" | "sealed") => opts.page_transport = Some(t.to_string()),
+                t => return Err(format!("bad --page-transport {t:?} (auto, quic or sealed)")),
+            },
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -882,22 +889,21 @@ fn migrate_once(case: Case, opts: &Opts, work: &Dir, run: usize) -> Res<Outcome>
 
     let pid_s = pid.to_string();
     let budget = format!("{}", case.budget_ms());
-    let mut send = Crm::spawn(
+    let mut send_args = vec![
+        "-v",
         "send",
-        &[
-            "-v",
-            "send",
-            &pid_s,
-            &listen,
-            "--token-file",
-            token_s,
-            "--json",
-            "--max-downtime-ms",
-            &budget,
-        ],
-        &tl,
-        t0,
-    )?;
+        &pid_s,
+        &listen,
+        "--token-file",
+        token_s,
+        "--json",
+        "--max-downtime-ms",
+        &budget,
+    ];
+    if let Some(t) = &opts.page_transport {
+        send_args.extend(["--page-transport", t]);
+    }
+    let mut send = Crm::spawn("send", &send_args, &tl, t0)?;
 
     // Until send and receive have ended: reap the original as soon as the source
     // kills it (a zombie keeps the PID the restore needs), and collect both.
