@@ -82,9 +82,15 @@ pub unsafe fn mapped_slice<'a>(at: u64, len: u64) -> &'a mut [u8] {
 /// `clone3` with `set_tid = [pid]` and `exit_signal = SIGCHLD`: a new
 /// process with exactly this PID. Returns 0 in the child.
 pub fn clone3_with_pid(pid: i32) -> io::Result<i32> {
+    clone3_with_pid_signal(pid, libc::SIGCHLD)
+}
+
+/// [`clone3_with_pid`] with another signal for the parent when the child
+/// exits (0: none).
+pub fn clone3_with_pid_signal(pid: i32, exit_signal: i32) -> io::Result<i32> {
     let set_tid = [pid];
     let args = crate::restore::abi::CloneArgs {
-        exit_signal: libc::SIGCHLD as u64,
+        exit_signal: exit_signal as u64,
         set_tid: set_tid.as_ptr() as u64,
         set_tid_size: 1,
         ..Default::default()

@@ -131,6 +131,15 @@ pub struct MemStats {
     pub zero_pages: u64,
 }
 
+impl MemStats {
+    /// Adds the counts of `other` (another task of the same dump).
+    pub fn add(&mut self, other: &MemStats) {
+        self.pages_scanned += other.pages_scanned;
+        self.pages_written += other.pages_written;
+        self.zero_pages += other.zero_pages;
+    }
+}
+
 fn is_zero(page: &[u8]) -> bool {
     let head = u64::from_ne_bytes(page[..8].try_into().expect("page is 4096 bytes"));
     head == 0

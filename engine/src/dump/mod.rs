@@ -1,12 +1,16 @@
-//! `dump`: checkpoint one process (all its threads) into an image directory.
+//! `dump`: checkpoint a process tree (every task below a root, all their
+//! threads, and zombies) into an image directory.
 //!
 //! Order: refuse early what cannot be restored (shell jobs without
-//! `shell_job`, unsupported fds), freeze, collect state with ptrace and remote
-//! syscalls, classify VMAs, stream pages, write the records, and only then
-//! kill the process (or resume it with `leave_running`). Any error resumes
-//! the process untouched: the [`FrozenProcess`] is released on drop.
+//! `shell_job`, unsupported fds or mappings in any task, sessions and groups
+//! restore cannot rebuild), freeze the tree ([`tree`]), collect each task's
+//! state with ptrace and remote syscalls, classify VMAs, stream pages, write
+//! the per-task records, the tree record and the inventory last, and only
+//! then kill the tree (or resume it with `leave_running`). Any error resumes
+//! every task untouched: each [`FrozenProcess`] is released on drop.
 mod memory;
 mod task;
+pub mod tree;
 
 pub use memory::{
     classify, dump_pages, dump_ranges, resident_ranges, MemStats, PageSink, Target, PAGE,
@@ -16,7 +20,7 @@ use crate::freeze::{FreezeError, FrozenProcess};
 use crate::image::{ImageDir, ImageError};
 use crate::procfs::{self, ProcError};
 use crate::remote::{self, RemoteError};
-use crm_proto::image::{Inventory, VmaKind};
+use crm_proto::image::{Inventory, ProcessTree, VmaKind};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -63,6 +67,18 @@ pub enum DumpError {
     },
     #[error(transparent)]
     Image(#[from] ImageError),
+    #[error("the process tree of {root} cannot be checkpointed: {source}")]
+    TreeShape {
+        root: i32,
+        #[source]
+        source: crate::tree::ShapeError,
+    },
+    #[error(
+        "process {pid} has child processes ({}); live migration of process trees is \
+         not supported yet (checkpoint the tree with `cr-migrate dump` and restore it instead)",
+        children.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    HasChildren { pid: i32, children: Vec<i32> },
 }
 
 #[derive(Debug, Clone, Default)]
@@ -75,6 +91,11 @@ pub struct DumpOptions {
 
 #[derive(Debug, Clone, Default)]
 pub struct DumpStats {
+    /// Live tasks dumped.
+    pub tasks: usize,
+    /// Zombies recorded.
+    pub zombies: usize,
+    /// Threads of every task.
     pub threads: usize,
     pub vmas: usize,
     pub mem: MemStats,
@@ -95,9 +116,9 @@ pub struct TaskState {
     pub files: crm_proto::image::FilesCore,
 }
 
-/// Refusals that need no freeze: missing PID, ourselves, shell jobs without
-/// the flag, fds and mappings that cannot be restored yet.
-pub fn precheck(pid: i32, opts: &DumpOptions) -> Result<(), DumpError> {
+/// Refusals about the root that need no freeze: missing PID, ourselves,
+/// shell jobs without the flag.
+fn precheck_root(pid: i32, opts: &DumpOptions) -> Result<procfs::Stat, DumpError> {
     let stat = procfs::read_stat(pid).map_err(|e| {
         if e.is_not_found() {
             DumpError::Freeze(FreezeError::NoSuchProcess { pid })
@@ -114,9 +135,62 @@ pub fn precheck(pid: i32, opts: &DumpOptions) -> Result<(), DumpError> {
             sid: stat.session,
         });
     }
+    Ok(stat)
+}
+
+/// Refusals that need no freeze, for a single process (live migration):
+/// [`precheck_root`]'s, a process with children (trees are not migrated
+/// live yet), fds and mappings that cannot be restored yet.
+pub fn precheck(pid: i32, opts: &DumpOptions) -> Result<(), DumpError> {
+    precheck_root(pid, opts)?;
+    let children = procfs::list_children(pid)?;
+    if !children.is_empty() {
+        return Err(DumpError::HasChildren { pid, children });
+    }
     crate::files::dump(pid)?;
     classify(pid, &procfs::read_smaps(pid)?)?;
     Ok(())
+}
+
+/// Refusals that need no freeze, for the tree below `root`: the root's,
+/// then in every live task fds and mappings that cannot be restored yet,
+/// and sessions or groups the restore could not rebuild.
+pub fn precheck_tree(root: i32, opts: &DumpOptions) -> Result<(), DumpError> {
+    precheck_root(root, opts)?;
+    let me = std::process::id() as i32;
+    let stats = tree::discover(root)?;
+    let mut entries = Vec::with_capacity(stats.len());
+    for st in &stats {
+        let zombie = st.state == 'Z';
+        if st.pid == me {
+            return Err(FreezeError::IsSelf { pid: me }.into());
+        }
+        if !zombie {
+            crate::files::dump(st.pid)?;
+            classify(st.pid, &procfs::read_smaps(st.pid)?)?;
+        }
+        entries.push(crm_proto::image::TreeTask {
+            pid: st.pid,
+            ppid: st.ppid,
+            pgid: st.pgrp,
+            sid: st.session,
+            threads: if zombie { vec![] } else { vec![st.pid] },
+            exit_signal: st.exit_signal,
+            zombie,
+            exit_status: st.exit_code,
+        });
+    }
+    check_shape(root, &entries, opts)
+}
+
+fn check_shape(
+    root: i32,
+    entries: &[crm_proto::image::TreeTask],
+    opts: &DumpOptions,
+) -> Result<(), DumpError> {
+    crate::tree::plan(entries, root, opts.shell_job)
+        .map(drop)
+        .map_err(|source| DumpError::TreeShape { root, source })
 }
 
 /// Collects the state of a frozen task (registers, signals, creds, VMAs,
@@ -187,54 +261,78 @@ pub fn collect_task(
 /// Writes the records of `state` into `image`; the inventory last, so an
 /// image without one is known to be incomplete.
 pub fn write_state(image: &ImageDir, state: &TaskState) -> Result<(), DumpError> {
-    let pid = state.core.pid;
-    image.write_core(pid, &state.core)?;
-    image.write_mm(pid, &state.mm)?;
-    image.write_files(pid, &state.files)?;
+    write_task_records(image, state)?;
     image.write_inventory(&state.inventory)?;
     Ok(())
 }
 
-/// Checkpoints process `pid` into `dir` (created; must not hold an image).
+/// Writes the core, mm and files records of one task.
+pub fn write_task_records(image: &ImageDir, state: &TaskState) -> Result<(), DumpError> {
+    let pid = state.core.pid;
+    image.write_core(pid, &state.core)?;
+    image.write_mm(pid, &state.mm)?;
+    image.write_files(pid, &state.files)?;
+    Ok(())
+}
+
+/// Checkpoints the process tree below `pid` (`pid` itself, its children,
+/// theirs ...) into `dir` (created; must not hold an image).
 pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpStats, DumpError> {
     let started = Instant::now();
-    precheck(pid, opts)?;
-    let frozen = FrozenProcess::freeze(pid)?;
+    precheck_tree(pid, opts)?;
+    let frozen = tree::FrozenTree::freeze(pid)?;
     let frozen_at = Instant::now();
-    let state = collect_state(&frozen)?;
+    // The tree as frozen (it may have changed since the precheck).
+    check_shape(pid, &frozen.entries, opts)?;
     let image = ImageDir::create(dir)?;
-    let mut pages = image.pages_writer(pid)?;
-    let mem = memory::dump_pages(pid, Target::Frozen, &state.mm.vmas, &mut pages)?;
-    pages.finish()?;
-    write_state(&image, &state)?;
-    let frozen_for = frozen_at.elapsed();
+    let mut stats = DumpStats {
+        tasks: frozen.tasks.len(),
+        zombies: frozen.entries.len() - frozen.tasks.len(),
+        ..Default::default()
+    };
+    let mut inventory = None;
+    for task in &frozen.tasks {
+        let tpid = task.pid();
+        let state = collect_state(task)?;
+        let mut pages = image.pages_writer(tpid)?;
+        let mem = memory::dump_pages(tpid, Target::Frozen, &state.mm.vmas, &mut pages)?;
+        pages.finish()?;
+        write_task_records(&image, &state)?;
+        stats.threads += state.core.threads.len();
+        stats.vmas += state
+            .mm
+            .vmas
+            .iter()
+            .filter(|v| v.kind() != VmaKind::Vsyscall)
+            .count();
+        stats.mem.add(&mem);
+        if tpid == pid {
+            inventory = Some(state.inventory);
+        }
+        tracing::debug!(pid = tpid, pages = mem.pages_written, "task dumped");
+    }
+    let mut inventory = inventory.ok_or(FreezeError::NoSuchProcess { pid })?;
+    image.write_tree(&ProcessTree {
+        tasks: frozen.entries.clone(),
+    })?;
+    inventory.pids = frozen.entries.iter().map(|e| e.pid).collect();
+    image.write_inventory(&inventory)?;
+    stats.frozen_for = frozen_at.elapsed();
+    stats.page_bytes = stats.mem.pages_written * PAGE;
 
-    let threads = state.core.threads.len();
-    let nvmas = state
-        .mm
-        .vmas
-        .iter()
-        .filter(|v| v.kind() != VmaKind::Vsyscall)
-        .count();
     if opts.leave_running {
         frozen.thaw().map_err(|source| DumpError::Io {
             pid,
-            what: "resume the process after the dump".into(),
+            what: "resume the process tree after the dump".into(),
             source,
         })?;
     } else {
         frozen.kill().map_err(|source| DumpError::Io {
             pid,
-            what: "kill the process after the dump".into(),
+            what: "kill the process tree after the dump".into(),
             source,
         })?;
     }
-    Ok(DumpStats {
-        threads,
-        vmas: nvmas,
-        mem,
-        page_bytes: mem.pages_written * PAGE,
-        frozen_for,
-        total: started.elapsed(),
-    })
+    stats.total = started.elapsed();
+    Ok(stats)
 }

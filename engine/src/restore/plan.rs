@@ -69,6 +69,8 @@ pub struct Plan {
     pub cwd: CString,
     pub root: Option<CString>,
     pub session: SessionAction,
+    /// `prctl(PR_SET_CHILD_SUBREAPER, 1)` before the blob runs.
+    pub child_subreaper: bool,
 }
 
 impl Plan {
@@ -126,6 +128,9 @@ pub struct Inputs<'a> {
     pub shell_job: bool,
     /// Which private anonymous memory is left to lazy restore.
     pub lazy: LazyPlan,
+    /// The task is part of a tree: its session and group are set up by
+    /// `restore::tree` before this plan runs (`session` is `Inherit`).
+    pub tree_member: bool,
 }
 
 /// Which VMAs a restore leaves to lazy pages.
@@ -576,7 +581,9 @@ pub fn build(input: &Inputs<'_>, host: &Host) -> Result<Plan, RestoreError> {
         .exe
         .as_ref()
         .ok_or_else(|| invalid("no executable recorded".into()))?;
-    let session = if core.sid == pid {
+    let session = if input.tree_member {
+        SessionAction::Inherit
+    } else if core.sid == pid {
         SessionAction::NewSession
     } else if !input.shell_job {
         return Err(invalid(
@@ -616,6 +623,7 @@ pub fn build(input: &Inputs<'_>, host: &Host) -> Result<Plan, RestoreError> {
             Some(cstring(&core.root, "root")?)
         },
         session,
+        child_subreaper: core.child_subreaper,
     })
 }
 
