@@ -143,13 +143,27 @@ fn precheck_root(pid: i32, opts: &DumpOptions) -> Result<procfs::Stat, DumpError
 /// live yet), fds and mappings that cannot be restored yet.
 pub fn precheck(pid: i32, opts: &DumpOptions) -> Result<(), DumpError> {
     precheck_root(pid, opts)?;
-    let children = procfs::list_children(pid)?;
-    if !children.is_empty() {
-        return Err(DumpError::HasChildren { pid, children });
-    }
+    refuse_tree(pid)?;
     crate::files::dump(pid)?;
     classify(pid, &procfs::read_smaps(pid)?)?;
     Ok(())
+}
+
+/// Refuses a process that has children (zombies included): live migration
+/// moves single processes only.
+pub fn refuse_tree(pid: i32) -> Result<(), DumpError> {
+    let children = procfs::list_children(pid).map_err(|e| {
+        if e.is_not_found() {
+            DumpError::Freeze(FreezeError::NoSuchProcess { pid })
+        } else {
+            DumpError::Proc(e)
+        }
+    })?;
+    if children.is_empty() {
+        Ok(())
+    } else {
+        Err(DumpError::HasChildren { pid, children })
+    }
 }
 
 /// Refusals that need no freeze, for the tree below `root`: the root's,

@@ -1,0 +1,430 @@
+//! End-to-end tests of process trees: `cr-migrate dump --pid ROOT` takes every task
+//! below ROOT, `cr-migrate restore` recreates them with their PIDs, parents,
+//! process groups, sessions and zombies (issue 4).
+//!
+//! Each test starts `wl_tree MODE` below the test process (a child subreaper), records
+//! every task's parent, group, session and state from `/proc`, dumps the tree, waits
+//! until every original PID is free (the killed tasks come back to us to be reaped),
+//! restores with `--detach`, compares `/proc` with the record, and asks the tree to
+//! verify itself (the root checks itself, asks every member over queued signals and
+//! prints one `PASS`/`FAIL`). The [`Tree`] guard kills and reaps every task, also when
+//! an assertion fails, and complains if any is left.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use crm_tests::{self as h, procs, run_crm, workload_bin, TempDir, Workload};
+
+const GONE_TIMEOUT: Duration = Duration::from_secs(15);
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("temp paths are UTF-8")
+}
+
+fn assert_success(out: &Output, what: &str) {
+    assert!(
+        out.status.success() && !stderr(out).contains("panicked"),
+        "`cr-migrate {what}` failed ({}):\n{}",
+        out.status,
+        stderr(out)
+    );
+}
+
+fn assert_refused(out: &Output, what: &str) -> String {
+    let err = stderr(out);
+    assert!(
+        out.status.code().is_some_and(|c| c != 0) && !err.contains("panicked"),
+        "`cr-migrate {what}` should have failed cleanly ({}):\n{err}",
+        out.status
+    );
+    err
+}
+
+fn pids_field(wl: &Workload, key: &str) -> Vec<i32> {
+    wl.ready_field(key)
+        .unwrap_or("")
+        .split(',')
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// Parent, group, session and "zombie or not" of a task.
+type Links = (i32, i32, i32, bool);
+
+/// A running `wl_tree`: its root under a [`Workload`] guard, and the PIDs of its
+/// other tasks. Dropping it kills every task and waits until all PIDs are free.
+struct Tree {
+    wl: Workload,
+    members: Vec<i32>,
+    zombies: Vec<i32>,
+}
+
+impl Tree {
+    fn start(mode: &str, dir: &Path) -> Tree {
+        let wl = Workload::start(workload_bin!(wl_tree), &[mode], dir);
+        let members = pids_field(&wl, "members");
+        let zombies = pids_field(&wl, "zombies");
+        eprintln!(
+            "tree {mode}: root {} members {members:?} zombies {zombies:?}",
+            wl.pid()
+        );
+        Tree {
+            wl,
+            members,
+            zombies,
+        }
+    }
+
+    fn all(&self) -> Vec<i32> {
+        let mut v = vec![self.wl.pid()];
+        v.extend(&self.members);
+        v.extend(&self.zombies);
+        v
+    }
+
+    /// `/proc` view of every task; a missing task is left out.
+    fn links(&self) -> BTreeMap<i32, Links> {
+        self.all()
+            .into_iter()
+            .filter_map(|p| {
+                let s = procs::stat(p)?;
+                Some((p, (s.ppid, s.pgrp, s.session, s.state == 'Z')))
+            })
+            .collect()
+    }
+
+    /// Reaps what comes back to us until no task of the tree has a PID any more.
+    fn wait_all_gone(&self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            procs::reap_zombies();
+            let left: Vec<(i32, Option<procs::Stat>)> = self
+                .all()
+                .into_iter()
+                .filter_map(|p| procs::stat(p).map(|s| (p, Some(s))))
+                .collect();
+            if left.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("tasks still there after {timeout:?}: {left:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// After a dump that killed the tree: the root reaped by its guard, the others
+    /// (orphaned to us) reaped here, every PID free.
+    fn reap_dumped(&mut self) {
+        let how = self
+            .wl
+            .reap_killed(GONE_TIMEOUT)
+            .unwrap_or_else(|e| panic!("after `cr-migrate dump`: {e}"));
+        self.wait_all_gone(GONE_TIMEOUT)
+            .unwrap_or_else(|e| panic!("after `cr-migrate dump` (root {how}): {e}"));
+        println!(
+            "checked: the dump killed all {} tasks, every PID is free",
+            self.all().len()
+        );
+    }
+
+    /// `restore --detach` of `images`; the root is taken under the guard.
+    fn restore(&mut self, images: &Path) {
+        let out = run_crm(&["restore", "--images-dir", path_str(images), "--detach"]);
+        let adopted = self.wl.adopt_restored();
+        assert_success(&out, "restore --detach");
+        adopted.unwrap_or_else(|e| panic!("after restore: {e}"));
+    }
+
+    fn kill_all(&mut self) -> Result<(), String> {
+        for &p in self.members.iter().rev() {
+            if procs::stat(p).is_some_and(|s| s.comm == "wl_tree" && s.state != 'Z') {
+                let _ = procs::kill(p, libc::SIGKILL);
+            }
+        }
+        let root = self.wl.kill_and_reap();
+        let rest = self.wait_all_gone(GONE_TIMEOUT);
+        root.and(rest)
+    }
+}
+
+impl Drop for Tree {
+    fn drop(&mut self) {
+        if let Err(e) = self.kill_all() {
+            if std::thread::panicking() {
+                eprintln!("LINGERING: {e}");
+            } else {
+                panic!("LINGERING: {e}");
+            }
+        }
+    }
+}
+
+/// Every task has its parent, group, session and zombie state back.
+fn assert_same_links(before: &BTreeMap<i32, Links>, after: &BTreeMap<i32, Links>) {
+    assert_eq!(
+        after, before,
+        "(parent, group, session, zombie) per task after restore differs from before the dump"
+    );
+    println!(
+        "checked: {} tasks have their PIDs, parents, groups, sessions and zombie states back",
+        after.len()
+    );
+}
+
+/// After a refused dump: every task alive, not traced, not stopped, and the tree PASSes.
+fn assert_untouched(tree: &Tree, before: &BTreeMap<i32, Links>, what: &str) {
+    for p in tree.all() {
+        if tree.zombies.contains(&p) {
+            continue;
+        }
+        assert!(procs::alive(p), "{what}: task {p} is gone");
+        assert_eq!(
+            procs::tracer_pid(p),
+            Some(0),
+            "{what}: task {p} still traced"
+        );
+        let st = procs::stat(p).map(|s| s.state);
+        assert!(
+            !matches!(st, Some('T' | 't')),
+            "{what}: task {p} left stopped"
+        );
+    }
+    assert_eq!(&tree.links(), before, "{what}: the tree changed");
+    tree.wl.expect_pass(&format!("after {what}"));
+    println!("checked: after {what}, every task runs untraced and the tree PASSes");
+}
+
+/// Dump, reap, restore, compare, verify.
+fn cycle(mode: &str, verify_before: bool) -> (TempDir, Tree) {
+    h::init();
+    let tmp = TempDir::new(&format!("tree-{mode}"));
+    let images = tmp.subdir("images");
+    let mut tree = Tree::start(mode, tmp.path());
+    if verify_before {
+        tree.wl.expect_pass("before dump");
+    }
+    let before = tree.links();
+    assert_eq!(
+        before.len(),
+        tree.all().len(),
+        "some task vanished: {before:?}"
+    );
+    let pid = tree.wl.pid().to_string();
+    let out = run_crm(&["dump", "--pid", &pid, "--images-dir", path_str(&images)]);
+    assert_success(&out, "dump");
+    let msg = stderr(&out);
+    let want = format!(
+        "{} task(s), {} zombie(s)",
+        1 + tree.members.len(),
+        tree.zombies.len()
+    );
+    assert!(msg.contains(&want), "dump should report {want}:\n{msg}");
+    assert!(
+        images.join("tree.img").is_file(),
+        "no tree.img in the image"
+    );
+    for p in std::iter::once(tree.wl.pid()).chain(tree.members.iter().copied()) {
+        assert!(
+            images.join(format!("core-{p}.img")).is_file(),
+            "no core-{p}.img"
+        );
+    }
+    println!("checked: dump of tree {pid}: {want}, tree.img and a core record per live task");
+    tree.reap_dumped();
+    tree.restore(&images);
+    assert_same_links(&before, &tree.links());
+    (tmp, tree)
+}
+
+#[test]
+fn multitask_parents_memory_and_threads() {
+    let _serial = h::serial();
+    let (_tmp, tree) = cycle("multitask", true);
+    let threaded = tree
+        .members
+        .iter()
+        .filter(|&&p| procs::task_ids(p).len() == 2)
+        .count();
+    assert_eq!(threaded, 1, "one member should run two threads again");
+    tree.wl.expect_pass("after restore");
+}
+
+#[test]
+fn pgrp_groups_and_sessions_kept() {
+    let _serial = h::serial();
+    let (_tmp, tree) = cycle("pgrp", true);
+    let sessions: std::collections::BTreeSet<i32> = tree.links().values().map(|l| l.2).collect();
+    let groups: std::collections::BTreeSet<i32> = tree.links().values().map(|l| l.1).collect();
+    assert_eq!((sessions.len(), groups.len()), (2, 4), "{:?}", tree.links());
+    tree.wl.expect_pass("after restore");
+}
+
+#[test]
+fn zombie_restored_unreaped_then_reaped_with_status() {
+    let _serial = h::serial();
+    let (_tmp, tree) = cycle("zombie", false);
+    assert_eq!(tree.zombies.len(), 3, "READY: {}", tree.wl.ready_line());
+    for &z in &tree.zombies {
+        assert_eq!(procs::stat(z).map(|s| s.state), Some('Z'), "pid {z}");
+    }
+    println!(
+        "checked: {:?} are zombies again, of their original parents",
+        tree.zombies
+    );
+    tree.wl.expect_pass("after restore (reaping the zombies)");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tree.zombies.iter().any(|&z| procs::stat(z).is_some()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for &z in &tree.zombies {
+        assert!(
+            procs::stat(z).is_none(),
+            "zombie {z} still there after its parent reaped it"
+        );
+    }
+    println!("checked: the parents reaped their zombies with the original exit statuses");
+}
+
+#[test]
+fn orphan_adopted_by_subreaper_root() {
+    let _serial = h::serial();
+    let (_tmp, tree) = cycle("orphan", true);
+    let root = tree.wl.pid();
+    for m in &tree.members {
+        assert_eq!(procs::stat(*m).map(|s| s.ppid), Some(root), "orphan {m}");
+    }
+    tree.wl.expect_pass("after restore");
+}
+
+#[test]
+fn leave_running_keeps_the_whole_tree() {
+    h::init();
+    let _serial = h::serial();
+    let tmp = TempDir::new("tree-leave");
+    let images = tmp.subdir("images");
+    let tree = Tree::start("multitask", tmp.path());
+    let before = tree.links();
+    let pid = tree.wl.pid().to_string();
+    let out = run_crm(&[
+        "dump",
+        "--pid",
+        &pid,
+        "--images-dir",
+        path_str(&images),
+        "--leave-running",
+    ]);
+    assert_success(&out, "dump --leave-running");
+    assert_untouched(&tree, &before, "dump --leave-running");
+}
+
+#[test]
+fn group_without_leader_refused_untouched() {
+    h::init();
+    let _serial = h::serial();
+    let tmp = TempDir::new("tree-orphan-group");
+    let images = tmp.subdir("images");
+    let tree = Tree::start("orphan-group", tmp.path());
+    let before = tree.links();
+    let pid = tree.wl.pid().to_string();
+    let out = run_crm(&["dump", "--pid", &pid, "--images-dir", path_str(&images)]);
+    let err = assert_refused(&out, "dump");
+    let m = tree.members[0];
+    let group = before[&m].1;
+    assert!(
+        err.contains(&format!("task {m}")) && err.contains(&format!("process group {group}")),
+        "the refusal should name task {m} and group {group}:\n{err}"
+    );
+    assert!(
+        !images.join("inventory.img").exists(),
+        "a refused dump left an image"
+    );
+    assert_untouched(&tree, &before, "the refused dump");
+}
+
+#[test]
+fn unsupported_fd_in_a_child_refused_untouched() {
+    h::init();
+    let _serial = h::serial();
+    let tmp = TempDir::new("tree-socket");
+    let images = tmp.subdir("images");
+    let tree = Tree::start("child-socket", tmp.path());
+    let before = tree.links();
+    let pid = tree.wl.pid().to_string();
+    let out = run_crm(&["dump", "--pid", &pid, "--images-dir", path_str(&images)]);
+    let err = assert_refused(&out, "dump");
+    let holder = tree
+        .members
+        .iter()
+        .find(|&&m| procs::fds(m).values().any(|l| l.starts_with("socket:")))
+        .copied()
+        .expect("a member holds a socket");
+    assert!(
+        err.contains(&format!("process {holder}: fd ")) && err.contains("a socket"),
+        "the refusal should name process {holder}, the fd and its kind:\n{err}"
+    );
+    assert_untouched(&tree, &before, "the refused dump");
+}
+
+#[test]
+fn failed_restore_kills_and_reaps_every_task() {
+    h::init();
+    let _serial = h::serial();
+    let tmp = TempDir::new("tree-fail");
+    let images = tmp.subdir("images");
+    let cwd = tmp.subdir("cwd-child");
+    let mut tree = Tree::start("child-cwd", tmp.path());
+    let before = tree.links();
+    let pid = tree.wl.pid().to_string();
+    assert_success(
+        &run_crm(&["dump", "--pid", &pid, "--images-dir", path_str(&images)]),
+        "dump",
+    );
+    tree.reap_dumped();
+    // One child's working directory disappears: its restore fails after the
+    // whole tree was created.
+    std::fs::remove_dir(&cwd).expect("remove cwd-child");
+    let out = run_crm(&["restore", "--images-dir", path_str(&images), "--detach"]);
+    let err = assert_refused(&out, "restore");
+    assert!(err.contains("chdir") && err.contains("cwd-child"), "{err}");
+    tree.wait_all_gone(GONE_TIMEOUT)
+        .unwrap_or_else(|e| panic!("after the failed restore: {e}"));
+    println!("checked: the failed restore left no task of the tree behind:\n{err}");
+    // Nothing blocks the PIDs: the same image restores once the directory is back.
+    std::fs::create_dir(&cwd).expect("recreate cwd-child");
+    tree.restore(&images);
+    assert_same_links(&before, &tree.links());
+    tree.wl.expect_pass("after the second restore");
+}
+
+#[test]
+fn send_refuses_a_process_with_children() {
+    h::init();
+    let _serial = h::serial();
+    let tmp = TempDir::new("tree-send");
+    let tree = Tree::start("multitask", tmp.path());
+    let before = tree.links();
+    let token = tmp.path().join("token");
+    std::fs::write(&token, "tree-token-0123456789abcdef0123456789\n").expect("token");
+    let pid = tree.wl.pid().to_string();
+    // Nothing listens on port 9: the refusal must come before any connection.
+    let out = run_crm(&[
+        "send",
+        &pid,
+        "127.0.0.1:9",
+        "--token-file",
+        path_str(&token),
+    ]);
+    let err = assert_refused(&out, "send");
+    assert!(
+        err.contains("live migration of process trees is not supported yet") && err.contains(&pid),
+        "{err}"
+    );
+    assert_untouched(&tree, &before, "the refused send");
+}
