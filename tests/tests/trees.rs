@@ -269,8 +269,22 @@ fn pgrp_groups_and_sessions_kept() {
 #[test]
 fn zombie_restored_unreaped_then_reaped_with_status() {
     let _serial = h::serial();
-    let (_tmp, tree) = cycle("zombie", false);
+    let (tmp, tree) = cycle("zombie", false);
     assert_eq!(tree.zombies.len(), 3, "READY: {}", tree.wl.ready_line());
+    let out = run_crm(&["show", path_str(&tmp.path().join("images"))]);
+    assert_success(&out, "show");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    for status in [
+        "zombie, wait status 0x700",
+        "zombie, wait status 0xf",
+        "0x500",
+    ] {
+        assert!(
+            shown.contains(status),
+            "`show` should list {status:?}:\n{shown}"
+        );
+    }
+    println!("checked: `cr-migrate show` lists the zombies with their wait statuses");
     for &z in &tree.zombies {
         assert_eq!(procs::stat(z).map(|s| s.state), Some('Z'), "pid {z}");
     }
