@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use crm_tests::{self as h, procs, run_crm, workload_bin, TempDir, Workload};
+use crm_tests::{self as h, procs, run_crm, workload_bin, Spawn, TempDir, Workload};
 
 const GONE_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -67,7 +67,11 @@ struct Tree {
 
 impl Tree {
     fn start(mode: &str, dir: &Path) -> Tree {
-        let wl = Workload::start(workload_bin!(wl_tree), &[mode], dir);
+        Tree::start_with(mode, dir, Spawn::default())
+    }
+
+    fn start_with(mode: &str, dir: &Path, opts: Spawn) -> Tree {
+        let wl = Workload::start_with(workload_bin!(wl_tree), &[mode], dir, opts);
         let members = pids_field(&wl, "members");
         let zombies = pids_field(&wl, "zombies");
         eprintln!(
@@ -441,4 +445,31 @@ fn send_refuses_a_process_with_children() {
         "{err}"
     );
     assert_untouched(&tree, &before, "the refused send");
+}
+
+#[test]
+fn self_check_passes_twice_and_detects_damage() {
+    h::init();
+    let tmp = TempDir::new("tree-selftest");
+    {
+        let tree = Tree::start("pgrp", tmp.path());
+        tree.wl.expect_pass("first verification");
+        tree.wl.expect_pass("second verification");
+    }
+    let bad = Spawn {
+        env: vec![("CRM_WL_CORRUPT".into(), "1".into())],
+        ..Spawn::default()
+    };
+    let tree = Tree::start_with("multitask", tmp.path(), bad);
+    match tree.wl.verify() {
+        Ok(line) => panic!("wl_tree with CRM_WL_CORRUPT=1 should FAIL, got: {line}"),
+        Err(e) => {
+            let line = e.lines().next().unwrap_or("");
+            assert!(
+                line.starts_with("FAIL") && line.contains("failed its checks"),
+                "expected a FAIL naming the members, got: {e}"
+            );
+            println!("checked: wl_tree detects damage in its members: {line}");
+        }
+    }
 }

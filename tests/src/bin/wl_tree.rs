@@ -25,6 +25,9 @@
 //! all of it and answers the root (`SIG_REPLY`, value `pid * 2 + ok`),
 //! printing `MEMBER-FAIL pid=N ...` first if something differs.
 //!
+//! Hook: `CRM_WL_CORRUPT=1` makes every member flip a bit of its own buffer
+//! before checking it.
+//!
 //! Protocol: `READY pid=R members=a,b,.. zombies=z,..`; on SIGUSR2 the root
 //! checks itself, asks every member and prints one `PASS`/`FAIL` line. In
 //! `zombie` mode the root (and the live child) reap their zombies while
@@ -151,6 +154,9 @@ fn member(inh: &mut Inherited, extra: impl FnOnce() -> Option<MemberCheck>) -> !
             sigqueue(inh.root, sig_reply(), me as i64 * 2 + 1);
         }
         if wl::take(libc::SIGUSR2) {
+            if wl::corrupt_requested() {
+                own[BUF / 2] ^= 1;
+            }
             let mut problems = Vec::new();
             let now = ids();
             match recorded {
