@@ -56,6 +56,35 @@ pub fn mmap_fixed_anon(at: u64, len: u64, prot: i32, extra: i32) -> io::Result<*
     )
 }
 
+/// A new `MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE` read-write mapping
+/// of `len` bytes where the kernel chooses; returns its address.
+pub fn mmap_shared_anon(len: u64) -> io::Result<u64> {
+    // SAFETY: a new mapping at an address the kernel picks overlaps nothing.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(p as u64)
+}
+
+/// Unmaps a mapping the restore code made itself.
+///
+/// # Safety
+/// No live reference may point into `[at, at+len)`.
+pub unsafe fn munmap(at: u64, len: u64) -> io::Result<()> {
+    // SAFETY: forwarded to the caller.
+    check(unsafe { libc::munmap(at as *mut libc::c_void, len as usize) } as libc::c_long).map(drop)
+}
+
 pub fn mprotect(at: u64, len: u64, prot: i32) -> io::Result<()> {
     // SAFETY: only called on mappings created by the restore code, which no
     // Rust reference points into.

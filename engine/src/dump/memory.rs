@@ -62,6 +62,7 @@ pub fn classify(pid: i32, maps: &[MapEntry]) -> Result<Vec<Vma>, DumpError> {
             what: what.to_string(),
         };
         let mut file = None;
+        let mut shmem_ino = 0;
         let kind = match m.name.as_str() {
             "[vdso]" => VmaKind::Vdso,
             "[vvar]" => VmaKind::Vvar,
@@ -92,6 +93,17 @@ pub fn classify(pid: i32, maps: &[MapEntry]) -> Result<Vec<Vma>, DumpError> {
             }
             _ => return Err(unsupported("a special mapping")),
         };
+        if kind == VmaKind::Anon && m.shared {
+            use std::os::unix::fs::MetadataExt;
+            let link = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+            shmem_ino = std::fs::metadata(&link)
+                .map_err(|e| DumpError::Io {
+                    pid,
+                    what: format!("stat {link}"),
+                    source: e,
+                })?
+                .ino();
+        }
         out.push(Vma {
             start: m.start,
             end: m.end,
@@ -101,6 +113,7 @@ pub fn classify(pid: i32, maps: &[MapEntry]) -> Result<Vec<Vma>, DumpError> {
             file,
             pgoff: m.offset,
             vm_flags: m.vm_flags.join(" "),
+            shmem_ino,
         });
     }
     Ok(out)

@@ -289,6 +289,45 @@ pub fn write_task_records(image: &ImageDir, state: &TaskState) -> Result<(), Dum
     Ok(())
 }
 
+/// The parts of shared anonymous objects (by shmem inode) whose pages a
+/// tree dump already stored: the pages of an object shared by several tasks
+/// are stored once, with the first task whose VMA covers them.
+#[derive(Default)]
+struct SharedObjects {
+    /// Inode → byte ranges of the object already stored.
+    stored: std::collections::BTreeMap<u64, Vec<(u64, u64)>>,
+}
+
+impl SharedObjects {
+    /// The VMAs of a task whose pages must be stored: all but shared
+    /// anonymous VMAs whose range of their object an earlier task stored
+    /// (within one task every VMA is stored, as for a single process).
+    /// Marks the shared ones returned as stored.
+    fn not_yet_stored(&mut self, vmas: &[crm_proto::image::Vma]) -> Vec<crm_proto::image::Vma> {
+        let mut out = Vec::with_capacity(vmas.len());
+        let mut mine: Vec<(u64, (u64, u64))> = Vec::new();
+        for v in vmas {
+            if v.kind() != VmaKind::Anon || !v.shared || v.shmem_ino == 0 {
+                out.push(v.clone());
+                continue;
+            }
+            let range = (v.pgoff, v.pgoff.saturating_add(v.end - v.start));
+            let done = self
+                .stored
+                .get(&v.shmem_ino)
+                .map_or(&[][..], |d| d.as_slice());
+            if !done.iter().any(|&(s, e)| s <= range.0 && range.1 <= e) {
+                mine.push((v.shmem_ino, range));
+                out.push(v.clone());
+            }
+        }
+        for (ino, range) in mine {
+            self.stored.entry(ino).or_default().push(range);
+        }
+        out
+    }
+}
+
 /// Checkpoints the process tree below `pid` (`pid` itself, its children,
 /// theirs ...) into `dir` (created; must not hold an image).
 pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpStats, DumpError> {
@@ -305,11 +344,13 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpStats, DumpE
         ..Default::default()
     };
     let mut inventory = None;
+    let mut shmem = SharedObjects::default();
     for task in &frozen.tasks {
         let tpid = task.pid();
         let state = collect_state(task)?;
         let mut pages = image.pages_writer(tpid)?;
-        let mem = memory::dump_pages(tpid, Target::Frozen, &state.mm.vmas, &mut pages)?;
+        let own = shmem.not_yet_stored(&state.mm.vmas);
+        let mem = memory::dump_pages(tpid, Target::Frozen, &own, &mut pages)?;
         pages.finish()?;
         write_task_records(&image, &state)?;
         stats.threads += state.core.threads.len();

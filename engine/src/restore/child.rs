@@ -97,8 +97,9 @@ fn prepare(
     }
 
     for p in &plan.premaps {
-        let fd = match &p.file {
-            Some((path, mode, _)) => {
+        let fd = match (&p.file, p.shm_fd) {
+            (_, Some(fd)) => fd,
+            (Some((path, mode, _)), None) => {
                 // SAFETY: `path` is a NUL-terminated string.
                 let fd = unsafe { libc::open(path.as_ptr(), mode | libc::O_CLOEXEC) };
                 if fd < 0 {
@@ -114,11 +115,14 @@ fn prepare(
                 }
                 fd
             }
-            None => -1,
+            (None, None) => -1,
         };
-        let off = p.file.as_ref().map_or(0, |f| f.2);
-        let mapped = sys::mmap_fixed(p.at, p.len, p.fill_prot, p.flags, fd, off);
-        if fd >= 0 {
+        let (off, flags) = match (p.shm_fd, p.shmem) {
+            (Some(_), Some((_, off))) => (off, p.flags & !libc::MAP_ANONYMOUS),
+            _ => (p.file.as_ref().map_or(0, |f| f.2), p.flags),
+        };
+        let mapped = sys::mmap_fixed(p.at, p.len, p.fill_prot, flags, fd, off);
+        if fd >= 0 && p.shm_fd.is_none() {
             // SAFETY: closing the descriptor opened above; the mapping keeps the file.
             unsafe { libc::close(fd) };
         }
@@ -128,7 +132,11 @@ fn prepare(
                 err_fd,
             )
         })?;
-        let fill = if p.lazy { 0..0 } else { p.runs.clone() };
+        let fill = if p.lazy || p.shm_fd.is_some() {
+            0..0
+        } else {
+            p.runs.clone()
+        };
         for r in &runs[fill] {
             let off = r.vaddr - p.target;
             // SAFETY: the run lies inside this premapped VMA (checked by the

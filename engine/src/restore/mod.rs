@@ -20,6 +20,7 @@ mod control;
 pub mod lazy;
 mod plan;
 pub use plan::lazy_eligible;
+mod shmem;
 mod tracer;
 mod tree;
 mod tree_task;

@@ -30,6 +30,13 @@ pub struct Premap {
     /// Private anonymous memory filled after the task runs (lazy restore):
     /// the child maps it but leaves its pages to [`super::lazy`].
     pub lazy: bool,
+    /// Shared anonymous memory: its shmem object's inode and this VMA's
+    /// byte offset in it.
+    pub shmem: Option<(u64, u64)>,
+    /// In a tree restore: a descriptor of the already filled shmem object
+    /// to map (at the `shmem` offset) instead of fresh memory; the child
+    /// then fills nothing.
+    pub shm_fd: Option<i32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -301,6 +308,9 @@ pub fn build(input: &Inputs<'_>, host: &Host) -> Result<Plan, RestoreError> {
             runs,
             advice,
             lazy,
+            shmem: (v.kind() == VmaKind::Anon && v.shared && v.shmem_ino != 0)
+                .then_some((v.shmem_ino, v.pgoff)),
+            shm_fd: None,
         });
     }
     if run_idx != input.runs.len() {

@@ -18,6 +18,9 @@
 //!    memory and state through the blob, supervised together;
 //! 4. each task's registers are loaded and it is let go, children first.
 //!
+//! Shared anonymous memory is created once by the coordinator before the
+//! root ([`super::shmem`]) and mapped by every task that shares it.
+//!
 //! Any failure kills every task created so far and reaps them all: nothing
 //! half-restored keeps running.
 use super::control::{self, Channels, Kind};
@@ -66,7 +69,7 @@ pub(super) fn prepare(
     inv: &Inventory,
     tree: &ProcessTree,
     opts: &RestoreOptions,
-) -> Result<(Shape, Vec<Option<TaskPrep>>), RestoreError> {
+) -> Result<(Shape, Vec<Option<TaskPrep>>, super::shmem::Objects), RestoreError> {
     if opts.lazy_pages {
         return Err(tree_err(
             "lazy pages are not supported for process trees yet",
@@ -130,7 +133,8 @@ pub(super) fn prepare(
         )?;
         preps.push(Some(TaskPrep { plan, pages, core }));
     }
-    Ok((shape, preps))
+    let shm = super::shmem::create(&mut preps)?;
+    Ok((shape, preps, shm))
 }
 
 /// Restores the tree (see the module docs).
@@ -141,7 +145,10 @@ pub(super) fn restore(
     opts: &RestoreOptions,
     started: Instant,
 ) -> Result<RestoreReport, RestoreError> {
-    let (shape, preps) = prepare(image, inv, tree, opts)?;
+    let (shape, preps, shm) = prepare(image, inv, tree, opts)?;
+    if shm.len() > 0 {
+        tracing::debug!(objects = shm.len(), "shared memory objects created");
+    }
     for id in shape.all_ids() {
         check_pid_free(id)?;
     }

@@ -16,6 +16,11 @@
 //!   refuses it).
 //! - `child-cwd`: as `multitask` with child 3 working in `./cwd-child`
 //!   (a test removes it to make the restore of that child fail).
+//! - `shmem`: a 4 MiB `MAP_SHARED | MAP_ANONYMOUS` region (its last MiB
+//!   read-only: two VMAs) mapped by the root and three children. On verify
+//!   the root writes a fresh nonce into it; each child must see it and
+//!   writes `nonce ^ pid` back into its slot, which the root must see: the
+//!   tasks still share the memory. The bulk keeps the root's pattern.
 //!
 //! Every non-root task ("member") tells the root its PID (`SIG_HELLO`,
 //! queued with `sigqueue`), records its pid, parent, group and session on
@@ -218,6 +223,45 @@ fn counting_thread() -> Option<MemberCheck> {
     }))
 }
 
+const PAGE: usize = 4096;
+const SHM_LEN: usize = 4 << 20;
+/// Words at the start of the shared region: the nonce, then one per member.
+const SLOTS: usize = 16;
+static NONCES: AtomicU64 = AtomicU64::new(1);
+
+fn shared_anon(len: usize) -> usize {
+    // SAFETY: a new shared anonymous mapping where the kernel chooses.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        wl::fail_setup("mmap MAP_SHARED|MAP_ANONYMOUS");
+    }
+    p as usize
+}
+
+/// Word `i` of the shared region at `base` (its first page is read-write).
+fn shm_word(base: usize, i: usize) -> &'static AtomicU64 {
+    assert!(i < SLOTS);
+    // SAFETY: the region is mapped for the life of the process, its first
+    // page read-write; AtomicU64 has the alignment of the page-aligned base.
+    unsafe { &*((base + i * 8) as *const AtomicU64) }
+}
+
+fn shared_bulk_ok(base: usize, root: i32) -> bool {
+    // SAFETY: the region stays mapped and readable; its bulk is never
+    // written after setup.
+    let bulk = unsafe { std::slice::from_raw_parts((base + PAGE) as *const u8, SHM_LEN - PAGE) };
+    matches(root as u64 ^ 0xabc, bulk)
+}
+
 /// A zombie child of the calling task, exiting with `code` or killed by `sig`.
 fn zombie_child(code: i32, sig: i32) -> i32 {
     let pid = fork();
@@ -320,6 +364,7 @@ fn main() {
     let mut member_zombies: Vec<i32> = Vec::new();
     let mut setup_problems: Vec<String> = Vec::new();
     let mut shape_checks: Vec<ShapeCheck> = Vec::new();
+    let mut shared_region: Option<usize> = None;
 
     match mode.as_str() {
         "multitask" | "child-socket" | "child-cwd" => {
@@ -423,6 +468,47 @@ fn main() {
                 }
                 p
             }));
+        }
+        "shmem" => {
+            let base = shared_anon(SHM_LEN);
+            // SAFETY: the region was just mapped read-write, SHM_LEN bytes.
+            let bulk =
+                unsafe { std::slice::from_raw_parts_mut((base + PAGE) as *mut u8, SHM_LEN - PAGE) };
+            pattern(root as u64 ^ 0xabc, bulk);
+            // SAFETY: mprotect of the last MiB of our own mapping.
+            if unsafe {
+                libc::mprotect(
+                    (base + SHM_LEN - (1 << 20)) as *mut libc::c_void,
+                    1 << 20,
+                    libc::PROT_READ,
+                )
+            } != 0
+            {
+                wl::fail_setup("mprotect");
+            }
+            shared_region = Some(base);
+            for slot in 1..4 {
+                if fork() == 0 {
+                    member(&mut inh, move || {
+                        Some(Box::new(move || {
+                            let mut p = Vec::new();
+                            let nonce = shm_word(base, 0).load(Ordering::SeqCst);
+                            if nonce == 0 {
+                                p.push("no nonce from the root in the shared region".to_string());
+                            }
+                            shm_word(base, slot).store(
+                                (getpid() as u64) << 32 | (nonce & 0xffff_ffff),
+                                Ordering::SeqCst,
+                            );
+                            if !shared_bulk_ok(base, root) {
+                                p.push("shared bulk differs".into());
+                            }
+                            p
+                        }))
+                    });
+                }
+            }
+            expected_members = 3;
         }
         "zombie" => {
             zombies.push((zombie_child(7, 0), 7, 0));
@@ -568,6 +654,18 @@ fn main() {
             for &(z, code, sig) in &zombies {
                 reap_check(z, code, sig, &mut problems);
             }
+            let nonce = (NONCES
+                .fetch_add(1, Ordering::SeqCst)
+                .wrapping_mul(0x9e37_79b9)
+                ^ root as u64)
+                & 0xffff_ffff
+                | 1;
+            if let Some(base) = shared_region {
+                shm_word(base, 0).store(nonce, Ordering::SeqCst);
+                if !shared_bulk_ok(base, root) {
+                    problems.push("shared bulk differs in the root".into());
+                }
+            }
             for &m in &members {
                 // SAFETY: plain kill of one of our members.
                 unsafe { libc::kill(m, libc::SIGUSR2) };
@@ -585,6 +683,16 @@ fn main() {
             }
             for m in members.iter().filter(|m| !answered.contains(m)) {
                 problems.push(format!("member {m} did not answer"));
+            }
+            if let Some(base) = shared_region {
+                for &m in &members {
+                    let want = (m as u64) << 32 | (nonce & 0xffff_ffff);
+                    if !(1..SLOTS).any(|i| shm_word(base, i).load(Ordering::SeqCst) == want) {
+                        problems.push(format!(
+                            "member {m}'s answer in the shared region is not visible to the root"
+                        ));
+                    }
+                }
             }
             wl::verdict(
                 &format!(
