@@ -71,7 +71,21 @@ impl Tree {
     }
 
     fn start_with(mode: &str, dir: &Path, opts: Spawn) -> Tree {
-        let wl = Workload::start_with(workload_bin!(wl_tree), &[mode], dir, opts);
+        let start = || Workload::start_with(workload_bin!(wl_tree), &[mode], dir, opts);
+        let wl = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(start)) {
+            Ok(wl) => wl,
+            Err(panic) => {
+                // The root failed its setup and was reaped by its guard; the
+                // members it had made exit once they see it gone, orphaned
+                // to us: reap them before failing.
+                let until = Instant::now() + Duration::from_secs(2);
+                while Instant::now() < until {
+                    procs::reap_zombies();
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                std::panic::resume_unwind(panic)
+            }
+        };
         let members = pids_field(&wl, "members");
         let zombies = pids_field(&wl, "zombies");
         eprintln!(
@@ -514,4 +528,35 @@ fn shared_anonymous_memory_stays_shared_and_is_stored_once() {
     }
     tree.wl
         .expect_pass("after restore (writes seen across tasks)");
+}
+
+#[test]
+fn shell_job_tree_restored_into_the_restorers_session() {
+    h::init();
+    let _serial = h::serial();
+    let tmp = TempDir::new("tree-shell-job");
+    let images = tmp.subdir("images");
+    let job = Spawn {
+        new_session: false,
+        ..Spawn::default()
+    };
+    let mut tree = Tree::start_with("multitask", tmp.path(), job);
+    let before = tree.links();
+    let pid = tree.wl.pid().to_string();
+    let dir = path_str(&images);
+    let out = run_crm(&["dump", "--pid", &pid, "--images-dir", dir]);
+    let err = assert_refused(&out, "dump without --shell-job");
+    assert!(err.contains("--shell-job"), "{err}");
+    assert_success(
+        &run_crm(&["dump", "--pid", &pid, "--images-dir", dir, "--shell-job"]),
+        "dump --shell-job",
+    );
+    tree.reap_dumped();
+    let out = run_crm(&["restore", "--images-dir", dir, "--detach", "--shell-job"]);
+    let adopted = tree.wl.adopt_restored();
+    assert_success(&out, "restore --detach --shell-job");
+    adopted.unwrap_or_else(|e| panic!("after restore: {e}"));
+    // The test process ran both the job and the restore: same session, same group.
+    assert_same_links(&before, &tree.links());
+    tree.wl.expect_pass("after restore");
 }

@@ -391,3 +391,48 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpStats, DumpE
     stats.total = started.elapsed();
     Ok(stats)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crm_proto::image::Vma;
+
+    fn shm(start: u64, len: u64, ino: u64, pgoff: u64) -> Vma {
+        Vma {
+            start,
+            end: start + len,
+            shared: true,
+            kind: VmaKind::Anon as i32,
+            shmem_ino: ino,
+            pgoff,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn shared_objects_are_stored_once_per_part() {
+        let mut s = SharedObjects::default();
+        let private = Vma {
+            start: 0x1000,
+            end: 0x2000,
+            kind: VmaKind::Anon as i32,
+            ..Default::default()
+        };
+        // The first task stores everything, twice-mapped parts included.
+        let first = vec![
+            private.clone(),
+            shm(0x10000, 0x4000, 7, 0),
+            shm(0x20000, 0x4000, 7, 0),
+        ];
+        assert_eq!(s.not_yet_stored(&first).len(), 3);
+        // A later task: private memory and uncovered parts only.
+        let later = vec![
+            private,
+            shm(0x10000, 0x2000, 7, 0x1000),
+            shm(0x30000, 0x2000, 7, 0x3000),
+            shm(0x40000, 0x1000, 8, 0),
+        ];
+        let kept: Vec<u64> = s.not_yet_stored(&later).iter().map(|v| v.start).collect();
+        assert_eq!(kept, vec![0x1000, 0x30000, 0x40000]);
+    }
+}

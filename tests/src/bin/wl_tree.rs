@@ -154,6 +154,13 @@ fn member(inh: &mut Inherited, extra: impl FnOnce() -> Option<MemberCheck>) -> !
     sigqueue(inh.root, sig_hello(), me as i64);
     let mut recorded: Option<(i32, i32, i32, i32)> = None;
     loop {
+        // A root that is gone for good (a failed setup, a killed tree):
+        // nobody will ever ask again; do not linger.
+        // SAFETY: kill with signal 0 only checks that the pid exists.
+        if unsafe { libc::kill(inh.root, 0) } != 0 {
+            // SAFETY: _exit ends the member at once.
+            unsafe { libc::_exit(3) };
+        }
         if wl::take(libc::SIGUSR1) {
             recorded = Some(ids());
             sigqueue(inh.root, sig_reply(), me as i64 * 2 + 1);
@@ -402,9 +409,10 @@ fn main() {
                 }
             }
             expected_members = 5;
+            let rootish = pgid_sid(root);
             shape_checks.push(Box::new(move |m| {
                 m.iter()
-                    .filter(|&&p| pgid_sid(p) != (root, root))
+                    .filter(|&&p| pgid_sid(p) != rootish)
                     .map(|p| format!("member {p} not in the root's group and session"))
                     .collect()
             }));
