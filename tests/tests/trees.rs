@@ -15,9 +15,10 @@ use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use crm_tests::{self as h, procs, run_crm, workload_bin, Spawn, TempDir, Workload};
+use crm_tests::tree::{Links, Tree};
+use crm_tests::{self as h, procs, run_crm, workload_bin, Spawn, TempDir};
 
-const GONE_TIMEOUT: Duration = Duration::from_secs(15);
+const GONE_TIMEOUT: Duration = crm_tests::tree::GONE_TIMEOUT;
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -46,142 +47,31 @@ fn assert_refused(out: &Output, what: &str) -> String {
     err
 }
 
-fn pids_field(wl: &Workload, key: &str) -> Vec<i32> {
-    wl.ready_field(key)
-        .unwrap_or("")
-        .split(',')
-        .filter_map(|p| p.parse().ok())
-        .collect()
+/// Starts `wl_tree MODE` with default options.
+fn start(mode: &str, dir: &Path) -> Tree {
+    start_with(mode, dir, Spawn::default())
 }
 
-/// Parent, group, session and "zombie or not" of a task.
-type Links = (i32, i32, i32, bool);
-
-/// A running `wl_tree`: its root under a [`Workload`] guard, and the PIDs of its
-/// other tasks. Dropping it kills every task and waits until all PIDs are free.
-struct Tree {
-    wl: Workload,
-    members: Vec<i32>,
-    zombies: Vec<i32>,
+fn start_with(mode: &str, dir: &Path, opts: Spawn) -> Tree {
+    Tree::start(workload_bin!(wl_tree), &[mode], dir, opts)
 }
 
-impl Tree {
-    fn start(mode: &str, dir: &Path) -> Tree {
-        Tree::start_with(mode, dir, Spawn::default())
-    }
-
-    fn start_with(mode: &str, dir: &Path, opts: Spawn) -> Tree {
-        let start = || Workload::start_with(workload_bin!(wl_tree), &[mode], dir, opts);
-        let wl = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(start)) {
-            Ok(wl) => wl,
-            Err(panic) => {
-                // The root failed its setup and was reaped by its guard; the
-                // members it had made exit once they see it gone, orphaned
-                // to us: reap them before failing.
-                let until = Instant::now() + Duration::from_secs(2);
-                while Instant::now() < until {
-                    procs::reap_zombies();
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                std::panic::resume_unwind(panic)
-            }
-        };
-        let members = pids_field(&wl, "members");
-        let zombies = pids_field(&wl, "zombies");
-        eprintln!(
-            "tree {mode}: root {} members {members:?} zombies {zombies:?}",
-            wl.pid()
-        );
-        Tree {
-            wl,
-            members,
-            zombies,
-        }
-    }
-
-    fn all(&self) -> Vec<i32> {
-        let mut v = vec![self.wl.pid()];
-        v.extend(&self.members);
-        v.extend(&self.zombies);
-        v
-    }
-
-    /// `/proc` view of every task; a missing task is left out.
-    fn links(&self) -> BTreeMap<i32, Links> {
-        self.all()
-            .into_iter()
-            .filter_map(|p| {
-                let s = procs::stat(p)?;
-                Some((p, (s.ppid, s.pgrp, s.session, s.state == 'Z')))
-            })
-            .collect()
-    }
-
-    /// Reaps what comes back to us until no task of the tree has a PID any more.
-    fn wait_all_gone(&self, timeout: Duration) -> Result<(), String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            procs::reap_zombies();
-            let left: Vec<(i32, Option<procs::Stat>)> = self
-                .all()
-                .into_iter()
-                .filter_map(|p| procs::stat(p).map(|s| (p, Some(s))))
-                .collect();
-            if left.is_empty() {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(format!("tasks still there after {timeout:?}: {left:?}"));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// After a dump that killed the tree: the root reaped by its guard, the others
-    /// (orphaned to us) reaped here, every PID free.
-    fn reap_dumped(&mut self) {
-        let how = self
-            .wl
-            .reap_killed(GONE_TIMEOUT)
-            .unwrap_or_else(|e| panic!("after `cr-migrate dump`: {e}"));
-        self.wait_all_gone(GONE_TIMEOUT)
-            .unwrap_or_else(|e| panic!("after `cr-migrate dump` (root {how}): {e}"));
-        println!(
-            "checked: the dump killed all {} tasks, every PID is free",
-            self.all().len()
-        );
-    }
-
-    /// `restore --detach` of `images`; the root is taken under the guard.
-    fn restore(&mut self, images: &Path) {
-        let out = run_crm(&["restore", "--images-dir", path_str(images), "--detach"]);
-        let adopted = self.wl.adopt_restored();
-        assert_success(&out, "restore --detach");
-        adopted.unwrap_or_else(|e| panic!("after restore: {e}"));
-    }
-
-    fn kill_all(&mut self) -> Result<(), String> {
-        for &p in self.members.iter().rev() {
-            if procs::stat(p).is_some_and(|s| s.comm == "wl_tree" && s.state != 'Z') {
-                let _ = procs::kill(p, libc::SIGKILL);
-            }
-        }
-        let root = self.wl.kill_and_reap();
-        let rest = self.wait_all_gone(GONE_TIMEOUT);
-        root.and(rest)
-    }
+/// After a dump that killed the tree: every PID free.
+fn reap_dumped(tree: &mut Tree) {
+    tree.reap_dumped()
+        .unwrap_or_else(|e| panic!("after `cr-migrate dump`: {e}"));
+    println!(
+        "checked: the dump killed all {} tasks, every PID is free",
+        tree.all().len()
+    );
 }
 
-impl Drop for Tree {
-    fn drop(&mut self) {
-        if let Err(e) = self.kill_all() {
-            if std::thread::panicking() {
-                eprintln!("LINGERING: {e}");
-            } else {
-                panic!("LINGERING: {e}");
-            }
-        }
-    }
+/// `restore --detach` of `images`; the root is taken under the guard.
+fn restore(tree: &mut Tree, images: &Path) {
+    let out = run_crm(&["restore", "--images-dir", path_str(images), "--detach"]);
+    let adopted = tree.wl.adopt_restored();
+    assert_success(&out, "restore --detach");
+    adopted.unwrap_or_else(|e| panic!("after restore: {e}"));
 }
 
 /// Every task has its parent, group, session and zombie state back.
@@ -224,7 +114,7 @@ fn cycle(mode: &str, verify_before: bool) -> (TempDir, Tree) {
     h::init();
     let tmp = TempDir::new(&format!("tree-{mode}"));
     let images = tmp.subdir("images");
-    let mut tree = Tree::start(mode, tmp.path());
+    let mut tree = start(mode, tmp.path());
     if verify_before {
         tree.wl.expect_pass("before dump");
     }
@@ -255,8 +145,8 @@ fn cycle(mode: &str, verify_before: bool) -> (TempDir, Tree) {
         );
     }
     println!("checked: dump of tree {pid}: {want}, tree.img and a core record per live task");
-    tree.reap_dumped();
-    tree.restore(&images);
+    reap_dumped(&mut tree);
+    restore(&mut tree, &images);
     assert_same_links(&before, &tree.links());
     (tmp, tree)
 }
@@ -341,7 +231,7 @@ fn leave_running_keeps_the_whole_tree() {
     let _serial = h::serial();
     let tmp = TempDir::new("tree-leave");
     let images = tmp.subdir("images");
-    let tree = Tree::start("multitask", tmp.path());
+    let tree = start("multitask", tmp.path());
     let before = tree.links();
     let pid = tree.wl.pid().to_string();
     let out = run_crm(&[
@@ -362,7 +252,7 @@ fn group_without_leader_refused_untouched() {
     let _serial = h::serial();
     let tmp = TempDir::new("tree-orphan-group");
     let images = tmp.subdir("images");
-    let tree = Tree::start("orphan-group", tmp.path());
+    let tree = start("orphan-group", tmp.path());
     let before = tree.links();
     let pid = tree.wl.pid().to_string();
     let out = run_crm(&["dump", "--pid", &pid, "--images-dir", path_str(&images)]);
@@ -386,7 +276,7 @@ fn unsupported_fd_in_a_child_refused_untouched() {
     let _serial = h::serial();
     let tmp = TempDir::new("tree-socket");
     let images = tmp.subdir("images");
-    let tree = Tree::start("child-socket", tmp.path());
+    let tree = start("child-socket", tmp.path());
     let before = tree.links();
     let pid = tree.wl.pid().to_string();
     let out = run_crm(&["dump", "--pid", &pid, "--images-dir", path_str(&images)]);
@@ -411,14 +301,14 @@ fn failed_restore_kills_and_reaps_every_task() {
     let tmp = TempDir::new("tree-fail");
     let images = tmp.subdir("images");
     let cwd = tmp.subdir("cwd-child");
-    let mut tree = Tree::start("child-cwd", tmp.path());
+    let mut tree = start("child-cwd", tmp.path());
     let before = tree.links();
     let pid = tree.wl.pid().to_string();
     assert_success(
         &run_crm(&["dump", "--pid", &pid, "--images-dir", path_str(&images)]),
         "dump",
     );
-    tree.reap_dumped();
+    reap_dumped(&mut tree);
     // One child's working directory disappears: its restore fails after the
     // whole tree was created.
     std::fs::remove_dir(&cwd).expect("remove cwd-child");
@@ -430,7 +320,7 @@ fn failed_restore_kills_and_reaps_every_task() {
     println!("checked: the failed restore left no task of the tree behind:\n{err}");
     // Nothing blocks the PIDs: the same image restores once the directory is back.
     std::fs::create_dir(&cwd).expect("recreate cwd-child");
-    tree.restore(&images);
+    restore(&mut tree, &images);
     assert_same_links(&before, &tree.links());
     tree.wl.expect_pass("after the second restore");
 }
@@ -440,7 +330,7 @@ fn send_refuses_a_process_with_children() {
     h::init();
     let _serial = h::serial();
     let tmp = TempDir::new("tree-send");
-    let tree = Tree::start("multitask", tmp.path());
+    let tree = start("multitask", tmp.path());
     let before = tree.links();
     let token = tmp.path().join("token");
     std::fs::write(&token, "tree-token-0123456789abcdef0123456789\n").expect("token");
@@ -466,7 +356,7 @@ fn self_check_passes_twice_and_detects_damage() {
     h::init();
     let tmp = TempDir::new("tree-selftest");
     {
-        let tree = Tree::start("pgrp", tmp.path());
+        let tree = start("pgrp", tmp.path());
         tree.wl.expect_pass("first verification");
         tree.wl.expect_pass("second verification");
     }
@@ -474,7 +364,7 @@ fn self_check_passes_twice_and_detects_damage() {
         env: vec![("CRM_WL_CORRUPT".into(), "1".into())],
         ..Spawn::default()
     };
-    let tree = Tree::start_with("multitask", tmp.path(), bad);
+    let tree = start_with("multitask", tmp.path(), bad);
     match tree.wl.verify() {
         Ok(line) => panic!("wl_tree with CRM_WL_CORRUPT=1 should FAIL, got: {line}"),
         Err(e) => {
@@ -540,7 +430,7 @@ fn shell_job_tree_restored_into_the_restorers_session() {
         new_session: false,
         ..Spawn::default()
     };
-    let mut tree = Tree::start_with("multitask", tmp.path(), job);
+    let mut tree = start_with("multitask", tmp.path(), job);
     let before = tree.links();
     let pid = tree.wl.pid().to_string();
     let dir = path_str(&images);
@@ -551,7 +441,7 @@ fn shell_job_tree_restored_into_the_restorers_session() {
         &run_crm(&["dump", "--pid", &pid, "--images-dir", dir, "--shell-job"]),
         "dump --shell-job",
     );
-    tree.reap_dumped();
+    reap_dumped(&mut tree);
     let out = run_crm(&["restore", "--images-dir", dir, "--detach", "--shell-job"]);
     let adopted = tree.wl.adopt_restored();
     assert_success(&out, "restore --detach --shell-job");

@@ -22,6 +22,10 @@
 //!   writes `nonce ^ pid` back into its slot, which the root must see: the
 //!   tasks still share the memory. The bulk keeps the root's pattern.
 //!
+//! - `bench TASKS PRIVATE_MIB SHARED_MIB` (defaults 50 4 16): the root maps
+//!   SHARED_MIB of patterned shared anonymous memory, then TASKS - 1 children
+//!   each fill PRIVATE_MIB of private memory; each checks both on verify.
+//!
 //! Every non-root task ("member") tells the root its PID (`SIG_HELLO`,
 //! queued with `sigqueue`), records its pid, parent, group and session on
 //! SIGUSR1 and fills memory: a buffer inherited from the root and never
@@ -476,6 +480,45 @@ fn main() {
                 }
                 p
             }));
+        }
+        "bench" => {
+            // wl_tree bench TASKS PRIVATE_MIB SHARED_MIB
+            let arg = |i: usize, def: usize| -> usize {
+                std::env::args()
+                    .nth(i)
+                    .and_then(|a| a.parse().ok())
+                    .unwrap_or(def)
+            };
+            let (tasks, priv_mib, shared_mib) = (arg(2, 50).max(1), arg(3, 4), arg(4, 16));
+            let shared_len = (shared_mib << 20).max(PAGE);
+            let base = shared_anon(shared_len);
+            // SAFETY: the region was just mapped read-write.
+            let region = unsafe { std::slice::from_raw_parts_mut(base as *mut u8, shared_len) };
+            pattern(root as u64 ^ 0xbe, region);
+            for _ in 1..tasks {
+                if fork() == 0 {
+                    member(&mut inh, move || {
+                        let me = getpid() as u64;
+                        let mut private = vec![0u8; priv_mib << 20];
+                        pattern(me ^ 0x77, &mut private);
+                        Some(Box::new(move || {
+                            let mut p = Vec::new();
+                            if !matches(me ^ 0x77, &private) {
+                                p.push("private memory differs".to_string());
+                            }
+                            // SAFETY: the shared region stays mapped, never written again.
+                            let region = unsafe {
+                                std::slice::from_raw_parts(base as *const u8, shared_len)
+                            };
+                            if !matches(root as u64 ^ 0xbe, region) {
+                                p.push("shared memory differs".into());
+                            }
+                            p
+                        }))
+                    });
+                }
+            }
+            expected_members = tasks - 1;
         }
         "shmem" => {
             let base = shared_anon(SHM_LEN);
