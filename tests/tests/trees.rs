@@ -154,7 +154,7 @@ fn cycle(mode: &str, verify_before: bool) -> (TempDir, Tree) {
 #[test]
 fn multitask_parents_memory_and_threads() {
     let _serial = h::serial();
-    let (_tmp, tree) = cycle("multitask", true);
+    let (tmp, tree) = cycle("multitask", true);
     let threaded = tree
         .members
         .iter()
@@ -162,6 +162,25 @@ fn multitask_parents_memory_and_threads() {
         .count();
     assert_eq!(threaded, 1, "one member should run two threads again");
     tree.wl.expect_pass("after restore");
+    // The image again while the tree runs: refused up front, nothing touched.
+    let images = tmp.path().join("images");
+    let before = tree.links();
+    let out = run_crm(&["restore", "--images-dir", path_str(&images), "--detach"]);
+    let err = assert_refused(&out, "a second restore");
+    assert!(err.contains("is in use"), "{err}");
+    let out = run_crm(&[
+        "restore",
+        "--images-dir",
+        path_str(&images),
+        "--detach",
+        "--lazy-pages",
+    ]);
+    let err = assert_refused(&out, "restore --lazy-pages of a tree");
+    assert!(
+        err.contains("lazy pages are not supported for process trees"),
+        "{err}"
+    );
+    assert_untouched(&tree, &before, "the refused restores");
 }
 
 #[test]
