@@ -125,7 +125,13 @@ fn cycle(mode: &str, verify_before: bool) -> (TempDir, Tree) {
         "some task vanished: {before:?}"
     );
     let pid = tree.wl.pid().to_string();
-    let out = run_crm(&["dump", "--pid", &pid, "--images-dir", path_str(&images)]);
+    // Not through run_crm, which reaps our zombie children after the command:
+    // here nothing but the dumper may reap the killed tasks.
+    let out = std::process::Command::new(h::crm_bin())
+        .args(["dump", "--pid", &pid, "--images-dir", path_str(&images)])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running cr-migrate dump");
     assert_success(&out, "dump");
     let msg = stderr(&out);
     let want = format!(
@@ -145,6 +151,17 @@ fn cycle(mode: &str, verify_before: bool) -> (TempDir, Tree) {
         );
     }
     println!("checked: dump of tree {pid}: {want}, tree.img and a core record per live task");
+    let left: Vec<i32> = tree
+        .members
+        .iter()
+        .chain(&tree.zombies)
+        .copied()
+        .filter(|&p| procs::stat(p).is_some())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "the dump should leave only the root's zombie (its parents reap the others): {left:?}"
+    );
     reap_dumped(&mut tree);
     restore(&mut tree, &images);
     assert_same_links(&before, &tree.links());

@@ -7,10 +7,12 @@
 //! list is final; the lists are read again at the end until no new task
 //! appears (a task that exited while we froze its siblings may have had its
 //! children reparented to a subreaper root). Zombies are recorded with their
-//! wait status, not seized. Dropping a [`FrozenTree`] resumes every task.
+//! wait status, not seized. Dropping a [`FrozenTree`] resumes every task;
+//! [`FrozenTree::kill`] kills them and has each parent reap its children.
 use super::DumpError;
 use crate::freeze::{FreezeError, FrozenProcess};
 use crate::procfs::{self, ProcError};
+use crate::remote::{self, RemoteError, RemoteThread};
 use crm_proto::image::TreeTask;
 use std::collections::{BTreeSet, VecDeque};
 
@@ -161,15 +163,59 @@ impl FrozenTree {
         first.map_or(Ok(()), Err)
     }
 
-    /// Kills every task, children first, and waits until each is dead
-    /// (the real parents, or the subreaper above the root, reap them).
+    /// Kills every task, children first, and waits until each is dead.
+    /// Before a task is killed it reaps its own (dead) children with a
+    /// remote `wait4`, so the dump leaves no zombie behind but the root's,
+    /// which its real parent reaps: killed tasks whose parents died first
+    /// would be adopted by a subreaper or by PID 1, which may never reap
+    /// them, and their PIDs would stay taken.
     pub fn kill(self) -> std::io::Result<()> {
         let mut first = None;
         for f in self.tasks.into_iter().rev() {
+            match reap_children(&f) {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(pid = f.pid(), reaped = n, "children reaped"),
+                Err(e) => tracing::warn!(pid = f.pid(), error = %e, "could not reap the children"),
+            }
             if let Err(e) = f.kill() {
                 first.get_or_insert(e);
             }
         }
         first.map_or(Ok(()), Err)
+    }
+}
+
+/// Makes the frozen task `f` reap every child that is a zombie (`wait4(-1,
+/// WNOHANG | __WALL)` until none is left); returns how many it reaped.
+fn reap_children(f: &FrozenProcess) -> Result<usize, DumpError> {
+    let pid = f.pid();
+    if procfs::list_children(pid)?.is_empty() {
+        return Ok(0);
+    }
+    let maps = procfs::read_maps(pid)?;
+    let vdso = maps
+        .iter()
+        .find(|m| m.name == "[vdso]")
+        .ok_or_else(|| DumpError::Unsupported {
+            pid,
+            what: "it has no [vdso] mapping (needed for remote syscalls)".into(),
+        })?;
+    let gadget =
+        remote::find_vdso_gadget(pid, vdso.start, vdso.len()).map_err(|source| DumpError::Io {
+            pid,
+            what: "find a syscall instruction in [vdso]".into(),
+            source,
+        })?;
+    let main = RemoteThread { tid: pid, gadget };
+    let flags = (libc::WNOHANG | libc::__WALL) as u64;
+    let mut reaped = 0;
+    loop {
+        match main.syscall(libc::SYS_wait4 as u64, [u64::MAX, 0, flags, 0, 0, 0]) {
+            Ok(0) => return Ok(reaped),
+            Ok(_) => reaped += 1,
+            // ECHILD: no child left.
+            Err(RemoteError::Failed { .. }) => return Ok(reaped),
+            Err(e) => return Err(e.into()),
+        }
     }
 }
