@@ -17,9 +17,14 @@
 //! - Once every task exists, tasks in another task's group join it with
 //!   `setpgid(0, pgid)`; zombies exit only after that, so a zombie can lead
 //!   a group.
-//! - A group or session whose leader is not in the tree cannot be rebuilt,
-//!   except the shell job's: with `shell_job`, the root's own session (and
-//!   its group, if it does not lead one) stand for the restorer's.
+//! - A group whose leader is not in the tree (it exited and was reaped, its
+//!   members live on) gets a *helper*: a task with the group's ID created by
+//!   the root, which leads the group until its members joined, then exits
+//!   and is reaped by the root before anything else runs. So the group must
+//!   be in the root's session.
+//! - A session whose leader is not in the tree cannot be rebuilt, except
+//!   the shell job's: with `shell_job`, the root's own session (and its
+//!   group, if it does not lead one) stand for the restorer's.
 use crate::image::MAX_TREE_TASKS;
 use crm_proto::image::TreeTask;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -66,8 +71,18 @@ pub struct ShapeTask {
     pub zombie: Option<i32>,
     /// Signal its parent gets when it exits.
     pub exit_signal: i32,
-    /// Its thread IDs (main thread first); empty for a zombie.
+    /// Its thread IDs (main thread first); empty for a zombie or a helper.
     pub threads: Vec<i32>,
+    /// Not in the image: a helper holding the ID of a group whose leader
+    /// is gone (see the module docs).
+    pub helper: bool,
+}
+
+impl ShapeTask {
+    /// A task of the image that runs again after the restore.
+    pub fn restored(&self) -> bool {
+        self.zombie.is_none() && !self.helper
+    }
 }
 
 /// The tree in creation order: every parent before its children, root first.
@@ -180,6 +195,8 @@ pub fn plan(entries: &[TreeTask], root: i32, shell_job: bool) -> Result<Shape, S
         ));
     }
     let mut tasks = Vec::with_capacity(order.len());
+    // Groups without a leader in the tree: their IDs, for helpers.
+    let mut helpers = BTreeSet::new();
     for &i in &order {
         let e = &entries[i];
         let new_session = e.sid == e.pid;
@@ -212,13 +229,16 @@ pub fn plan(entries: &[TreeTask], root: i32, shell_job: bool) -> Result<Shape, S
             Group::Join(e.pgid)
         } else if shell_job && e.pgid == root_e.pgid && e.sid == root_e.sid {
             Group::Restorer
+        } else if e.sid == root_e.sid && e.pgid > 0 && !ids.contains(&e.pgid) {
+            helpers.insert(e.pgid);
+            Group::Join(e.pgid)
         } else {
             return Err(err(
                 e.pid,
                 format!(
-                    "its process group {} has no leader in the tree (helper tasks for \
-                     such groups are not implemented)",
-                    e.pgid
+                    "its process group {} has no leader in the tree and is not in the \
+                     root's session (session {}), where a helper task could hold it",
+                    e.pgid, e.sid
                 ),
             ));
         };
@@ -231,6 +251,20 @@ pub fn plan(entries: &[TreeTask], root: i32, shell_job: bool) -> Result<Shape, S
             zombie: e.zombie.then_some(e.exit_status),
             exit_signal: e.exit_signal,
             threads: e.threads.clone(),
+            helper: false,
+        });
+    }
+    for pgid in helpers {
+        tasks.push(ShapeTask {
+            pid: pgid,
+            parent: Some(0),
+            children: Vec::new(),
+            new_session: false,
+            group: Group::Lead,
+            zombie: None,
+            exit_signal: libc::SIGCHLD,
+            threads: Vec::new(),
+            helper: true,
         });
     }
     for n in 0..tasks.len() {
@@ -320,6 +354,27 @@ mod tests {
     }
 
     #[test]
+    fn a_helper_holds_a_group_whose_leader_is_gone() {
+        let entries = vec![
+            task(10, 1, 10, 10),
+            task(11, 10, 77, 10),
+            task(12, 10, 77, 10),
+        ];
+        let s = plan(&entries, 10, false).unwrap();
+        assert_eq!(s.tasks.len(), 4);
+        let h = &s.tasks[3];
+        assert!(h.helper && !h.restored() && h.pid == 77 && h.group == Group::Lead);
+        assert_eq!(h.parent, Some(0));
+        assert_eq!(s.tasks[0].children, vec![1, 2, 3]);
+        assert_eq!(s.tasks[1].group, Group::Join(77));
+        assert!(s.all_ids().any(|i| i == 77));
+        // A group ID that is some task's thread ID cannot be a helper's.
+        let mut t = task(12, 10, 12, 10);
+        t.threads = vec![12, 77];
+        assert!(plan(&[task(10, 1, 10, 10), task(11, 10, 77, 10), t], 10, false).is_err());
+    }
+
+    #[test]
     fn orphans_and_cycles_are_adopted_by_the_root() {
         let entries = vec![
             task(10, 1, 10, 10),
@@ -348,9 +403,18 @@ mod tests {
         // Session of a task that is neither its own nor its creator's.
         let e = plan(&[task(10, 1, 10, 10), task(11, 10, 11, 99)], 10, false).unwrap_err();
         assert_eq!(e.pid, 11);
-        // Group without a leader in the tree.
-        let e = plan(&[task(10, 1, 10, 10), task(11, 10, 77, 10)], 10, false).unwrap_err();
-        assert!(e.what.contains("77"), "{e}");
+        // Group without a leader in the tree, outside the root's session.
+        let e = plan(
+            &[
+                task(10, 1, 10, 10),
+                task(12, 10, 12, 12),
+                task(11, 12, 77, 12),
+            ],
+            10,
+            false,
+        )
+        .unwrap_err();
+        assert!(e.what.contains("77") && e.pid == 11, "{e}");
         // Not a session leader without --shell-job.
         assert!(plan(&[task(10, 1, 10, 5)], 10, false).is_err());
         // Shell job: the root's session and group stand for the restorer's.

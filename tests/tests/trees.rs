@@ -283,21 +283,36 @@ fn leave_running_keeps_the_whole_tree() {
 }
 
 #[test]
-fn group_without_leader_refused_untouched() {
+fn group_whose_leader_is_gone_kept_with_a_helper() {
+    let _serial = h::serial();
+    let (_tmp, tree) = cycle("orphan-group", true);
+    let m = tree.members[0];
+    let (_, group, _, _) = tree.links()[&m];
+    assert!(group != m && group != tree.wl.pid(), "{:?}", tree.links());
+    assert!(
+        procs::stat(group).is_none(),
+        "the helper {group} is still there"
+    );
+    println!("checked: orphan {m} is in group {group} again, whose leader (a helper) is gone");
+    tree.wl.expect_pass("after restore");
+}
+
+#[test]
+fn session_without_leader_refused_untouched() {
     h::init();
     let _serial = h::serial();
-    let tmp = TempDir::new("tree-orphan-group");
+    let tmp = TempDir::new("tree-orphan-session");
     let images = tmp.subdir("images");
-    let tree = start("orphan-group", tmp.path());
+    let tree = start("orphan-session", tmp.path());
     let before = tree.links();
     let pid = tree.wl.pid().to_string();
     let out = run_crm(&["dump", "--pid", &pid, "--images-dir", path_str(&images)]);
     let err = assert_refused(&out, "dump");
     let m = tree.members[0];
-    let group = before[&m].1;
+    let session = before[&m].2;
     assert!(
-        err.contains(&format!("task {m}")) && err.contains(&format!("process group {group}")),
-        "the refusal should name task {m} and group {group}:\n{err}"
+        err.contains(&format!("task {m}")) && err.contains(&format!("session {session}")),
+        "the refusal should name task {m} and session {session}:\n{err}"
     );
     assert!(
         !images.join("inventory.img").exists(),

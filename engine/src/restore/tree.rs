@@ -14,8 +14,9 @@
 //!    joins its group (`Grouped`); sessions, groups and parents are checked
 //!    against the image in `/proc`;
 //! 3. zombies exit with their saved status (their parents never reap them:
-//!    the restored programs will); then every live task restores its
-//!    memory and state through the blob, supervised together;
+//!    the restored programs will), helpers ([`crate::tree`]) exit and the
+//!    root reaps them; then every live task restores its memory and state
+//!    through the blob, supervised together;
 //! 4. each task's registers are loaded and it is let go, children first.
 //!
 //! Shared anonymous memory is created once by the coordinator before the
@@ -90,7 +91,12 @@ pub(super) fn prepare(
         }
     })?;
     let listed: BTreeSet<i32> = inv.pids.iter().copied().collect();
-    let in_tree: BTreeSet<i32> = shape.tasks.iter().map(|t| t.pid).collect();
+    let in_tree: BTreeSet<i32> = shape
+        .tasks
+        .iter()
+        .filter(|t| !t.helper)
+        .map(|t| t.pid)
+        .collect();
     if listed != in_tree {
         return Err(RestoreError::InvalidImage {
             what: "the inventory and tree.img list different tasks".into(),
@@ -99,7 +105,7 @@ pub(super) fn prepare(
     let host = host_facts()?;
     let mut preps = Vec::with_capacity(shape.tasks.len());
     for t in &shape.tasks {
-        if t.zombie.is_some() {
+        if !t.restored() {
             preps.push(None);
             continue;
         }
@@ -207,7 +213,7 @@ pub(super) fn restore(
             tracing::debug!(root, tasks = ctx.shape.tasks.len(), "restored tree running");
             Ok(RestoreReport {
                 pid: root,
-                tasks: ctx.shape.tasks.len(),
+                tasks: ctx.shape.tasks.iter().filter(|t| !t.helper).count(),
                 threads,
                 pages,
                 elapsed: started.elapsed(),
@@ -234,7 +240,8 @@ fn drive(
     wait_all(ch, Kind::Created, n, created)?;
     tracing::debug!(tasks = n, "every task created");
 
-    for t in tasks.iter().filter(|t| t.zombie.is_none()) {
+    // Not zombies or helpers: they exit, and their parents reap them.
+    for t in tasks.iter().filter(|t| t.restored()) {
         ptrace::seize(
             t.pid,
             ptrace::PTRACE_O_TRACECLONE | ptrace::PTRACE_O_EXITKILL,
@@ -258,20 +265,20 @@ fn drive(
     check_links(ctx)?;
 
     for (i, t) in tasks.iter().enumerate() {
-        if t.zombie.is_some() {
+        if !t.restored() {
             command(ch, i, control::GO_EXIT)?;
         }
     }
     wait_zombies(&ctx.shape)?;
 
     let mut pid_of = BTreeMap::new();
-    for t in tasks.iter().filter(|t| t.zombie.is_none()) {
+    for t in tasks.iter().filter(|t| t.restored()) {
         for &tid in &t.threads {
             pid_of.insert(tid, t.pid);
         }
     }
     for (i, t) in tasks.iter().enumerate() {
-        if t.zombie.is_none() {
+        if t.restored() {
             command(ch, i, control::GO_RESTORE)?;
         }
     }

@@ -8,9 +8,10 @@
 //!    each running this same code; report `Created`.
 //! 3. On `GO_GROUPS`: join its process group; report `Grouped`.
 //! 4. A zombie, on `GO_EXIT`: exit with its saved status (its parent keeps
-//!    it unreaped). A live task, on `GO_RESTORE`: discard the signals
-//!    queued meanwhile (its children's exits), then run its restore plan
-//!    (`child::run_now`), which ends in the blob.
+//!    it unreaped); a helper: exit. A live task, on `GO_RESTORE`: reap the
+//!    helpers it created, discard the signals queued meanwhile (its
+//!    children's exits), then run its restore plan (`child::run_now`),
+//!    which ends in the blob.
 //!
 //! Any failure is reported as a `Failed` event and ends the task; end of
 //! file on the go pipe (the coordinator gave up) ends it silently.
@@ -115,8 +116,10 @@ fn body(ctx: &TreeCtx, i: usize) -> Result<Infallible, Quit> {
 
     match (control::recv_command(go), t.zombie, &ctx.preps[i]) {
         (Some(GO_EXIT), Some(status), _) => exit_as(status),
+        (Some(GO_EXIT), None, _) if t.helper => sys::exit_now(0),
         (Some(GO_RESTORE), None, Some(prep)) => {
             close(go);
+            reap_helpers(ctx, i)?;
             discard_pending_signals();
             // SAFETY: the event pipe's write end is open in this task and
             // nothing else here owns or closes it (see `close`).
@@ -131,6 +134,37 @@ fn body(ctx: &TreeCtx, i: usize) -> Result<Infallible, Quit> {
         }
         _ => Err(Quit::Abort),
     }
+}
+
+/// Reaps the helpers task `i` created (they exit on `GO_EXIT`, sent
+/// before `GO_RESTORE`).
+fn reap_helpers(ctx: &TreeCtx, i: usize) -> Result<(), Quit> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for &c in &ctx.shape.tasks[i].children {
+        let h = ctx.shape.tasks[c].pid;
+        if !ctx.shape.tasks[c].helper {
+            continue;
+        }
+        loop {
+            let mut status = 0;
+            // SAFETY: waitpid writes the status into a live local.
+            let r = unsafe { libc::waitpid(h, &mut status, libc::WNOHANG | libc::__WALL) };
+            if r == h {
+                break;
+            }
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                return Err(failed(format!("reap helper {h} of process group {h}: {e}")));
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(failed(format!(
+                    "helper {h} of process group {h} did not exit"
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+    Ok(())
 }
 
 /// `child::Report` for tree tasks: a `Failed` event.

@@ -11,7 +11,9 @@
 //! - `orphan`: the root is a child subreaper; a middle child forks a
 //!   grandchild and exits; the root reaps it and adopts the grandchild.
 //! - `orphan-group`: as `orphan`, but the middle child led its own group,
-//!   which the grandchild keeps: a group with no leader (dump refuses it).
+//!   which the grandchild keeps: a group with no leader.
+//! - `orphan-session`: as `orphan`, but the middle child led its own
+//!   session: a session with no leader (dump refuses it).
 //! - `child-socket`: as `multitask` with a socketpair in child 2 (dump
 //!   refuses it).
 //! - `child-cwd`: as `multitask` with child 3 working in `./cwd-child`
@@ -576,7 +578,7 @@ fn main() {
             }
             expected_members = 1;
         }
-        "orphan" | "orphan-group" => {
+        "orphan" | "orphan-group" | "orphan-session" => {
             // SAFETY: PR_SET_CHILD_SUBREAPER takes an integer.
             if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) }
                 != 0
@@ -587,6 +589,10 @@ fn main() {
             if m == 0 {
                 if mode == "orphan-group" {
                     setpgid(0, 0);
+                }
+                // SAFETY: plain syscall in a fresh child (not a group leader).
+                if mode == "orphan-session" && unsafe { libc::setsid() } < 0 {
+                    wl::fail_setup("setsid");
                 }
                 if fork() == 0 {
                     // Wait to be adopted by the root.
