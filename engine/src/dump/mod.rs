@@ -180,8 +180,20 @@ pub fn precheck_tree(root: i32, opts: &DumpOptions) -> Result<(), DumpError> {
             return Err(FreezeError::IsSelf { pid: me }.into());
         }
         if !zombie {
-            crate::files::dump(st.pid)?;
-            classify(st.pid, &procfs::read_smaps(st.pid)?)?;
+            let checked = crate::files::dump(st.pid)
+                .map_err(DumpError::from)
+                .and_then(|_| classify(st.pid, &procfs::read_smaps(st.pid)?));
+            if let Err(e) = checked {
+                // A task that exited meanwhile is no reason to refuse (the
+                // freeze sees the tree as it is then).
+                let gone = st.pid != root
+                    && procfs::read_stat(st.pid)
+                        .map_or_else(|e| e.is_not_found(), |s| s.state == 'Z');
+                if !gone {
+                    return Err(e);
+                }
+                continue;
+            }
         }
         entries.push(crm_proto::image::TreeTask {
             pid: st.pid,

@@ -3,6 +3,8 @@
 //! Modes:
 //! - `multitask`: the root and four children; child 0 runs a second thread,
 //!   child 1 has a child of its own.
+//! - `forker`: two children that keep forking short-lived children (from
+//!   a second thread) and reaping them, while the dump freezes the tree.
 //! - `pgrp`: child B is created first and then put into the group of child A
 //!   (created after it); child C leads a new session holding D (in C's
 //!   group) and E (leading its own group in C's session).
@@ -209,6 +211,55 @@ fn member(inh: &mut Inherited, extra: impl FnOnce() -> Option<MemberCheck>) -> !
         }
         wl::sleep_ms(10);
     }
+}
+
+/// Starts a thread that forks a child living about a millisecond and reaps
+/// it, over and over. The check wants more forks since the last one, all
+/// reaped with status 0.
+fn forking() -> MemberCheck {
+    static FORKS: AtomicU64 = AtomicU64::new(0);
+    static BAD: AtomicU64 = AtomicU64::new(0);
+    let body = || loop {
+        // SAFETY: the child only sleeps and calls _exit.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: async-signal-safe calls only.
+            unsafe {
+                libc::usleep(1000);
+                libc::_exit(0);
+            }
+        }
+        if pid > 0 {
+            let mut status = 0;
+            // SAFETY: live out-pointer.
+            let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+            if r != pid || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+                BAD.fetch_add(1, Ordering::SeqCst);
+            }
+            FORKS.fetch_add(1, Ordering::SeqCst);
+        }
+        wl::sleep_ms(1);
+    };
+    std::thread::spawn(body);
+    let last = std::cell::Cell::new(0u64);
+    Box::new(move || {
+        let start = Instant::now();
+        while FORKS.load(Ordering::SeqCst) <= last.get() && start.elapsed() < Duration::from_secs(2)
+        {
+            wl::sleep_ms(5);
+        }
+        let now = FORKS.load(Ordering::SeqCst);
+        let mut p = Vec::new();
+        if now <= last.get() {
+            p.push(format!("forking stopped at {now}"));
+        }
+        let bad = BAD.load(Ordering::SeqCst);
+        if bad != 0 {
+            p.push(format!("{bad} children not reaped with status 0"));
+        }
+        last.set(now);
+        p
+    })
 }
 
 /// A thread that keeps counting; the check wants it to have advanced.
@@ -422,6 +473,17 @@ fn main() {
                     .map(|p| format!("member {p} not in the root's group and session"))
                     .collect()
             }));
+        }
+        "forker" => {
+            // Two members keep forking short-lived children (from a second
+            // thread), so the dump meets tasks appearing, exiting and being
+            // reaped while it freezes the tree.
+            for _ in 0..2 {
+                if fork() == 0 {
+                    member(&mut inh, || Some(forking()));
+                }
+            }
+            expected_members = 2;
         }
         "pgrp" => {
             let b = fork();
