@@ -131,7 +131,11 @@ impl FrozenTree {
         }
         let frozen = match FrozenProcess::freeze(pid) {
             Ok(f) => f,
-            Err(FreezeError::NoSuchProcess { .. }) if !is_root => return Ok(None),
+            Err(FreezeError::NoSuchProcess { .. }) if !is_root => {
+                // It exited while being seized: gone, or a zombie now.
+                zombie_now(self)?;
+                return Ok(None);
+            }
             Err(e @ (FreezeError::Zombie { .. } | FreezeError::Seize { .. })) => {
                 // It exited between the check and the seize.
                 if zombie_now(self)? {
