@@ -523,3 +523,33 @@ fn tasks_forking_and_exiting_during_the_dump() {
             .expect_pass(&format!("after restore (round {round})"));
     }
 }
+
+#[test]
+fn stopped_task_refused_untouched() {
+    h::init();
+    let _serial = h::serial();
+    let tmp = TempDir::new("tree-stopped");
+    let images = tmp.subdir("images");
+    let tree = start("multitask", tmp.path());
+    let before = tree.links();
+    let m = tree.members[1];
+    procs::kill(m, libc::SIGSTOP).expect("SIGSTOP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while procs::stat(m).map(|s| s.state) != Some('T') && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let pid = tree.wl.pid().to_string();
+    let out = run_crm(&["dump", "--pid", &pid, "--images-dir", path_str(&images)]);
+    let err = assert_refused(&out, "dump");
+    assert!(
+        err.contains(&format!("process {m} cannot be checkpointed")) && err.contains("stopped"),
+        "{err}"
+    );
+    assert_eq!(
+        procs::stat(m).map(|s| s.state),
+        Some('T'),
+        "member {m} should still be stopped"
+    );
+    procs::kill(m, libc::SIGCONT).expect("SIGCONT");
+    assert_untouched(&tree, &before, "the refused dump");
+}
