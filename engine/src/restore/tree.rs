@@ -102,11 +102,11 @@ pub(super) fn prepare(
             what: "the inventory and tree.img list different tasks".into(),
         });
     }
-    let host = host_facts()?;
-    let mut preps = Vec::with_capacity(shape.tasks.len());
+    // Every record first: the plans must avoid what reading them mapped.
+    let mut records = Vec::with_capacity(shape.tasks.len());
     for t in &shape.tasks {
         if !t.restored() {
-            preps.push(None);
+            records.push(None);
             continue;
         }
         let pid = t.pid;
@@ -125,6 +125,15 @@ pub(super) fn prepare(
             });
         }
         check_files(&mm, &files)?;
+        records.push(Some((core, mm, files, pages)));
+    }
+    let host = host_facts()?;
+    let mut preps = Vec::with_capacity(shape.tasks.len());
+    for rec in records {
+        let Some((core, mm, files, pages)) = rec else {
+            preps.push(None);
+            continue;
+        };
         let plan = plan::build(
             &plan::Inputs {
                 core: &core,
