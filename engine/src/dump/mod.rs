@@ -83,7 +83,7 @@ pub enum DumpError {
 
 #[derive(Debug, Clone, Default)]
 pub struct DumpOptions {
-    /// Resume the process after the dump instead of killing it.
+    /// Resume the tree after the dump instead of killing it.
     pub leave_running: bool,
     /// Allow a process that shares its session with a shell.
     pub shell_job: bool,
