@@ -22,9 +22,14 @@
 //!   the root, which leads the group until its members joined, then exits
 //!   and is reaped by the root before anything else runs. So the group must
 //!   be in the root's session.
-//! - A session whose leader is not in the tree cannot be rebuilt, except
-//!   the shell job's: with `shell_job`, the root's own session (and its
-//!   group, if it does not lead one) stand for the restorer's.
+//! - A session whose leader is gone gets a *session helper* the same way,
+//!   which calls `setsid()` and creates the members of that session; when
+//!   it exits they go back to their original parent, the root, which must
+//!   therefore be a child subreaper (the daemon pattern: a child of a
+//!   subreaper forks, calls `setsid()`, forks the daemon and exits). Other
+//!   sessions whose leader is not in the tree cannot be rebuilt, except the
+//!   shell job's: with `shell_job`, the root's own session (and its group,
+//!   if it does not lead one) stand for the restorer's.
 use crate::image::MAX_TREE_TASKS;
 use crm_proto::image::TreeTask;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -181,9 +186,6 @@ pub fn plan(entries: &[TreeTask], root: i32, shell_job: bool) -> Result<Shape, S
             .expect("some task is unreached");
         parent[first] = Some(root_i);
     }
-    let order = bfs(&parent, root_i);
-    let pos: BTreeMap<usize, usize> = order.iter().enumerate().map(|(n, &i)| (i, n)).collect();
-
     let root_e = &entries[root_i];
     if root_e.sid != root_e.pid && !shell_job {
         return Err(err(
@@ -194,33 +196,87 @@ pub fn plan(entries: &[TreeTask], root: i32, shell_job: bool) -> Result<Shape, S
             ),
         ));
     }
-    let mut tasks = Vec::with_capacity(order.len());
-    // Groups without a leader in the tree: their IDs, for helpers.
-    let mut helpers = BTreeSet::new();
-    for &i in &order {
+
+    // Helpers, as entries after the image's: a session helper creates the
+    // root's children that are in a session whose leader is gone (when the
+    // root is a child subreaper, they come back to it when the helper
+    // exits); a group helper, created by the root, holds a group of the
+    // root's session whose leader is gone.
+    let mut all: Vec<TreeTask> = entries.to_vec();
+    let mut helper_of: BTreeMap<i32, usize> = BTreeMap::new();
+    let free = |id: i32| id > 0 && !ids.contains(&id);
+    let mut add_helper = |all: &mut Vec<TreeTask>, parent: &mut Vec<Option<usize>>, id, sid| {
+        *helper_of.entry(id).or_insert_with(|| {
+            all.push(TreeTask {
+                pid: id,
+                ppid: root,
+                pgid: id,
+                sid,
+                exit_signal: libc::SIGCHLD,
+                ..Default::default()
+            });
+            parent.push(Some(root_i));
+            all.len() - 1
+        })
+    };
+    for i in 0..entries.len() {
         let e = &entries[i];
+        let Some(p) = parent[i] else { continue };
+        if e.sid != e.pid
+            && e.sid != entries[p].sid
+            && p == root_i
+            && root_e.child_subreaper
+            && free(e.sid)
+        {
+            parent[i] = Some(add_helper(&mut all, &mut parent, e.sid, e.sid));
+        }
+    }
+    for e in entries {
+        let shell_group = shell_job && e.pgid == root_e.pgid && e.sid == root_e.sid;
+        let led = index.contains_key(&e.pgid) || all.iter().any(|h| h.pid == e.pgid);
+        if !led && !shell_group && e.sid == root_e.sid && free(e.pgid) {
+            add_helper(&mut all, &mut parent, e.pgid, root_e.sid);
+        }
+    }
+    let helper_of: BTreeMap<i32, usize> = all
+        .iter()
+        .enumerate()
+        .skip(entries.len())
+        .map(|(i, h)| (h.pid, i))
+        .collect();
+    let helper = |i: usize| i >= entries.len();
+
+    let order = bfs(&parent, root_i);
+    let pos: BTreeMap<usize, usize> = order.iter().enumerate().map(|(n, &i)| (i, n)).collect();
+    let mut tasks = Vec::with_capacity(order.len());
+    for &i in &order {
+        let e = &all[i];
         let new_session = e.sid == e.pid;
         if new_session && e.pgid != e.pid {
             return Err(err(e.pid, format!("a session leader in group {}", e.pgid)));
         }
         if let Some(p) = parent[i] {
-            let pe = &entries[p];
+            let pe = &all[p];
             if !new_session && e.sid != pe.sid {
                 return Err(err(
                     e.pid,
                     format!(
                         "it is in session {} but is created by task {} of session {}; \
-                         sessions whose leader is outside the tree (or that a task left \
-                         after it forked) are not restored",
+                         sessions whose leader is outside the tree are restored only for \
+                         children of a root that is a child subreaper",
                         e.sid, pe.pid, pe.sid
                     ),
                 ));
             }
         }
+        let leader = index
+            .get(&e.pgid)
+            .copied()
+            .or_else(|| helper_of.get(&e.pgid).copied());
         let group = if e.pgid == e.pid {
             Group::Lead
-        } else if let Some(&l) = index.get(&e.pgid) {
-            if entries[l].sid != e.sid {
+        } else if let Some(l) = leader {
+            if all[l].sid != e.sid {
                 return Err(err(
                     e.pid,
                     format!("its group {} is led by a task of another session", e.pgid),
@@ -229,9 +285,6 @@ pub fn plan(entries: &[TreeTask], root: i32, shell_job: bool) -> Result<Shape, S
             Group::Join(e.pgid)
         } else if shell_job && e.pgid == root_e.pgid && e.sid == root_e.sid {
             Group::Restorer
-        } else if e.sid == root_e.sid && e.pgid > 0 && !ids.contains(&e.pgid) {
-            helpers.insert(e.pgid);
-            Group::Join(e.pgid)
         } else {
             return Err(err(
                 e.pid,
@@ -251,20 +304,7 @@ pub fn plan(entries: &[TreeTask], root: i32, shell_job: bool) -> Result<Shape, S
             zombie: e.zombie.then_some(e.exit_status),
             exit_signal: e.exit_signal,
             threads: e.threads.clone(),
-            helper: false,
-        });
-    }
-    for pgid in helpers {
-        tasks.push(ShapeTask {
-            pid: pgid,
-            parent: Some(0),
-            children: Vec::new(),
-            new_session: false,
-            group: Group::Lead,
-            zombie: None,
-            exit_signal: libc::SIGCHLD,
-            threads: Vec::new(),
-            helper: true,
+            helper: helper(i),
         });
     }
     for n in 0..tasks.len() {
@@ -372,6 +412,36 @@ mod tests {
         let mut t = task(12, 10, 12, 10);
         t.threads = vec![12, 77];
         assert!(plan(&[task(10, 1, 10, 10), task(11, 10, 77, 10), t], 10, false).is_err());
+    }
+
+    #[test]
+    fn a_session_helper_creates_the_members_of_a_dead_session() {
+        let mut root = task(10, 1, 10, 10);
+        root.child_subreaper = true;
+        // 11 and 12: daemons in session 99 (leader gone), children of the root;
+        // 13: a child of 11.
+        let entries = vec![
+            root.clone(),
+            task(11, 10, 99, 99),
+            task(12, 10, 12, 99),
+            task(13, 11, 99, 99),
+        ];
+        let s = plan(&entries, 10, false).unwrap();
+        let by_pid = |p: i32| s.tasks.iter().position(|t| t.pid == p).unwrap();
+        let h = &s.tasks[by_pid(99)];
+        assert!(h.helper && h.new_session && h.parent == Some(0));
+        assert_eq!(s.tasks[by_pid(11)].parent, Some(by_pid(99)));
+        assert_eq!(s.tasks[by_pid(12)].parent, Some(by_pid(99)));
+        assert_eq!(s.tasks[by_pid(13)].parent, Some(by_pid(11)));
+        assert_eq!(s.tasks[by_pid(11)].group, Group::Join(99));
+        assert_eq!(s.tasks[by_pid(12)].group, Group::Lead);
+        for (n, t) in s.tasks.iter().enumerate() {
+            assert!(t.parent.is_none_or(|p| p < n), "parent after child");
+        }
+        // Without a subreaper root they would not come back to it: refused.
+        root.child_subreaper = false;
+        let entries = vec![root, task(11, 10, 99, 99)];
+        assert_eq!(plan(&entries, 10, false).unwrap_err().pid, 11);
     }
 
     #[test]

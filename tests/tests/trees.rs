@@ -310,21 +310,45 @@ fn group_whose_leader_is_gone_kept_with_a_helper() {
 }
 
 #[test]
-fn session_without_leader_refused_untouched() {
+fn daemon_whose_session_leader_is_gone_kept_with_a_helper() {
+    let _serial = h::serial();
+    let (_tmp, tree) = cycle("orphan-session", true);
+    let m = tree.members[0];
+    let (ppid, group, session, _) = tree.links()[&m];
+    assert!(
+        ppid == tree.wl.pid() && session == group && session != m,
+        "{:?}",
+        tree.links()
+    );
+    assert!(
+        procs::stat(session).is_none(),
+        "the helper {session} is still there"
+    );
+    println!("checked: daemon {m} is in session {session} again, whose leader (a helper) is gone");
+    tree.wl.expect_pass("after restore");
+}
+
+#[test]
+fn session_left_after_fork_refused_untouched() {
     h::init();
     let _serial = h::serial();
-    let tmp = TempDir::new("tree-orphan-session");
+    let tmp = TempDir::new("tree-session-left");
     let images = tmp.subdir("images");
-    let tree = start("orphan-session", tmp.path());
+    let tree = start("session-left", tmp.path());
     let before = tree.links();
     let pid = tree.wl.pid().to_string();
     let out = run_crm(&["dump", "--pid", &pid, "--images-dir", path_str(&images)]);
     let err = assert_refused(&out, "dump");
-    let m = tree.members[0];
-    let session = before[&m].2;
+    // K: the member whose parent is the other member.
+    let k = *tree
+        .members
+        .iter()
+        .find(|m| tree.members.contains(&before[m].0))
+        .expect("a member whose parent is a member");
+    let session = before[&k].2;
     assert!(
-        err.contains(&format!("task {m}")) && err.contains(&format!("session {session}")),
-        "the refusal should name task {m} and session {session}:\n{err}"
+        err.contains(&format!("task {k}")) && err.contains(&format!("session {session}")),
+        "the refusal should name task {k} and session {session}:\n{err}"
     );
     assert!(
         !images.join("inventory.img").exists(),

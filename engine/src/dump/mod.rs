@@ -212,6 +212,8 @@ pub fn precheck_tree(root: i32, opts: &DumpOptions) -> Result<(), DumpError> {
             exit_signal: st.exit_signal,
             zombie,
             exit_status: st.exit_code,
+            // Not known without freezing: assumed, checked after the freeze.
+            child_subreaper: st.pid == root,
         });
     }
     check_shape(root, &entries, opts)
@@ -353,10 +355,8 @@ impl SharedObjects {
 pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpStats, DumpError> {
     let started = Instant::now();
     precheck_tree(pid, opts)?;
-    let frozen = tree::FrozenTree::freeze(pid)?;
+    let mut frozen = tree::FrozenTree::freeze(pid)?;
     let frozen_at = Instant::now();
-    // The tree as frozen (it may have changed since the precheck).
-    check_shape(pid, &frozen.entries, opts)?;
     let image = ImageDir::create(dir)?;
     let mut stats = DumpStats {
         tasks: frozen.tasks.len(),
@@ -364,6 +364,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpStats, DumpE
         ..Default::default()
     };
     let mut inventory = None;
+    let mut subreapers = Vec::new();
     let mut shmem = SharedObjects::default();
     for task in &frozen.tasks {
         let tpid = task.pid();
@@ -381,12 +382,20 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpStats, DumpE
             .filter(|v| v.kind() != VmaKind::Vsyscall)
             .count();
         stats.mem.add(&mem);
+        subreapers.push((tpid, state.core.child_subreaper));
         if tpid == pid {
             inventory = Some(state.inventory);
         }
         tracing::debug!(pid = tpid, pages = mem.pages_written, "task dumped");
     }
     let mut inventory = inventory.ok_or(FreezeError::NoSuchProcess { pid })?;
+    for (tpid, on) in subreapers {
+        if let Some(e) = frozen.entries.iter_mut().find(|e| e.pid == tpid) {
+            e.child_subreaper = on;
+        }
+    }
+    // The tree as frozen (it may have changed since the precheck).
+    check_shape(pid, &frozen.entries, opts)?;
     image.write_tree(&ProcessTree {
         tasks: frozen.entries.clone(),
     })?;

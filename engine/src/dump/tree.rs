@@ -63,6 +63,8 @@ fn entry(stat: &procfs::Stat, zombie: bool) -> TreeTask {
         exit_signal: stat.exit_signal,
         zombie,
         exit_status: if zombie { stat.exit_code } else { 0 },
+        // Known once the task's state is collected.
+        child_subreaper: false,
     }
 }
 

@@ -69,6 +69,18 @@ fn body(ctx: &TreeCtx, i: usize) -> Result<Infallible, Quit> {
         }
     }
 
+    if ctx.preps[i]
+        .as_ref()
+        .is_some_and(|p| p.core.child_subreaper)
+    {
+        // Now, not only before the blob: children of a session helper
+        // that exits come back to this task.
+        // SAFETY: PR_SET_CHILD_SUBREAPER takes an integer, no pointers.
+        if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(failed(format!("prctl(PR_SET_CHILD_SUBREAPER): {e}")));
+        }
+    }
     if t.new_session {
         nix::unistd::setsid().map_err(|e| failed(format!("setsid: {e}")))?;
     } else if t.group == Group::Lead {

@@ -15,7 +15,9 @@
 //! - `orphan-group`: as `orphan`, but the middle child led its own group,
 //!   which the grandchild keeps: a group with no leader.
 //! - `orphan-session`: as `orphan`, but the middle child led its own
-//!   session: a session with no leader (dump refuses it).
+//!   session (a daemon): a session with no leader.
+//! - `session-left`: child P forks K, then P calls setsid(): K is in the
+//!   root's session but P is not (dump refuses it).
 //! - `child-socket`: as `multitask` with a socketpair in child 2 (dump
 //!   refuses it).
 //! - `child-cwd`: as `multitask` with child 3 working in `./cwd-child`
@@ -473,6 +475,19 @@ fn main() {
                     .map(|p| format!("member {p} not in the root's group and session"))
                     .collect()
             }));
+        }
+        "session-left" => {
+            if fork() == 0 {
+                if fork() == 0 {
+                    member(&mut inh, || None);
+                }
+                // SAFETY: plain syscall in a child that leads no group.
+                if unsafe { libc::setsid() } < 0 {
+                    wl::fail_setup("setsid");
+                }
+                member(&mut inh, || None);
+            }
+            expected_members = 2;
         }
         "forker" => {
             // Two members keep forking short-lived children (from a second
