@@ -204,6 +204,7 @@ pub fn plan(entries: &[TreeTask], root: i32, shell_job: bool) -> Result<Shape, S
     // root's session whose leader is gone.
     let mut all: Vec<TreeTask> = entries.to_vec();
     let mut helper_of: BTreeMap<i32, usize> = BTreeMap::new();
+    let mut helper_pids = BTreeSet::new();
     let free = |id: i32| id > 0 && !ids.contains(&id);
     let mut add_helper = |all: &mut Vec<TreeTask>, parent: &mut Vec<Option<usize>>, id, sid| {
         *helper_of.entry(id).or_insert_with(|| {
@@ -229,13 +230,15 @@ pub fn plan(entries: &[TreeTask], root: i32, shell_job: bool) -> Result<Shape, S
             && free(e.sid)
         {
             parent[i] = Some(add_helper(&mut all, &mut parent, e.sid, e.sid));
+            helper_pids.insert(e.sid);
         }
     }
     for e in entries {
         let shell_group = shell_job && e.pgid == root_e.pgid && e.sid == root_e.sid;
-        let led = index.contains_key(&e.pgid) || all.iter().any(|h| h.pid == e.pgid);
+        let led = index.contains_key(&e.pgid) || helper_pids.contains(&e.pgid);
         if !led && !shell_group && e.sid == root_e.sid && free(e.pgid) {
             add_helper(&mut all, &mut parent, e.pgid, root_e.sid);
+            helper_pids.insert(e.pgid);
         }
     }
     let helper_of: BTreeMap<i32, usize> = all
