@@ -577,3 +577,89 @@ fn stopped_task_refused_untouched() {
     procs::kill(m, libc::SIGCONT).expect("SIGCONT");
     assert_untouched(&tree, &before, "the refused dump");
 }
+
+#[test]
+fn restore_without_detach_waits_for_the_root() {
+    h::init();
+    let _serial = h::serial();
+    let tmp = TempDir::new("tree-attached");
+    let images = tmp.subdir("images");
+    let mut tree = start("multitask", tmp.path());
+    let before = tree.links();
+    let pid = tree.wl.pid();
+    assert_success(
+        &run_crm(&[
+            "dump",
+            "--pid",
+            &pid.to_string(),
+            "--images-dir",
+            path_str(&images),
+        ]),
+        "dump",
+    );
+    reap_dumped(&mut tree);
+    let mut restore = std::process::Command::new(h::crm_bin())
+        .args(["restore", "--images-dir", path_str(&images)])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawning cr-migrate restore");
+    let crm = restore.id() as i32;
+    // Restored means: every task runs wl_tree again and nobody traces it.
+    let exe = workload_bin!(wl_tree);
+    let canonical = std::fs::canonicalize(exe).ok();
+    let restored = |p: i32| {
+        procs::alive(p)
+            && procs::tracer_pid(p) == Some(0)
+            && procs::exe(p).is_some_and(|e| e == exe || Some(&e) == canonical.as_ref())
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::iter::once(&pid)
+        .chain(&tree.members)
+        .all(|&p| restored(p))
+        || procs::stat(pid).map(|s| s.ppid) != Some(crm)
+    {
+        if Instant::now() > deadline || restore.try_wait().ok().flatten().is_some() {
+            let _ = restore.kill();
+            let out = restore.wait_with_output().expect("cr-migrate output");
+            panic!(
+                "the tree did not come back under cr-migrate: {}",
+                stderr(&out)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let adopted = tree.wl.adopt_restored();
+    adopted.unwrap_or_else(|e| panic!("after restore: {e}"));
+    let mut after = tree.links();
+    // The root's parent is cr-migrate now, waiting for it.
+    after.get_mut(&pid).expect("root").0 = before[&pid].0;
+    assert_same_links(&before, &after);
+    // The root sees cr-migrate as its parent now (as any restore that is
+    // waited for): that must be the only difference it reports.
+    let verdict = tree.wl.verify();
+    let line = verdict
+        .as_ref()
+        .err()
+        .and_then(|e| e.lines().next())
+        .unwrap_or("");
+    assert!(
+        line.starts_with("FAIL root ids were")
+            && !line.contains(';')
+            && line.contains(&format!(", now ({pid}, {crm}, ")),
+        "only the root's parent (now cr-migrate {crm}) should differ: {verdict:?}"
+    );
+    println!("checked: every member passes; the root only reports its new parent: {line}");
+    procs::kill(pid, libc::SIGTERM).expect("SIGTERM to the root");
+    let out = restore
+        .wait_with_output()
+        .expect("cr-migrate restore output");
+    assert_eq!(
+        out.status.code(),
+        Some(128 + libc::SIGTERM),
+        "cr-migrate restore should exit with the root's fate:\n{}",
+        stderr(&out)
+    );
+    println!("checked: restore without --detach waited for the root and exited 128+SIGTERM");
+}
