@@ -19,8 +19,10 @@ const PTRACE_PEEKSIGINFO_SHARED: u32 = 1;
 const NT_X86_XSTATE: usize = 0x202;
 const NT_PRSTATUS: usize = 1;
 
+pub const PTRACE_O_TRACEFORK: u64 = 0x2;
 pub const PTRACE_O_TRACECLONE: u64 = 0x8;
 pub const PTRACE_O_EXITKILL: u64 = 0x10_0000;
+pub const PTRACE_EVENT_FORK: i32 = 1;
 pub const PTRACE_EVENT_CLONE: i32 = 3;
 pub const PTRACE_EVENT_STOP: i32 = 128;
 
@@ -63,6 +65,27 @@ pub fn detach(tid: i32, sig: i32) -> io::Result<()> {
 pub fn cont(tid: i32, sig: i32) -> io::Result<()> {
     // SAFETY: no pointers.
     unsafe { raw(libc::PTRACE_CONT, tid, 0, sig as usize) }.map(drop)
+}
+
+pub fn set_options(tid: i32, options: u64) -> io::Result<()> {
+    // SAFETY: PTRACE_SETOPTIONS takes the options by value, no pointers.
+    unsafe { raw(libc::PTRACE_SETOPTIONS, tid, 0, options as usize) }.map(drop)
+}
+
+/// The message of the last ptrace event stop (e.g. the new task's PID
+/// after `PTRACE_EVENT_CLONE`).
+pub fn event_msg(tid: i32) -> io::Result<u64> {
+    let mut msg: libc::c_ulong = 0;
+    // SAFETY: `msg` is a valid out pointer for one unsigned long.
+    unsafe {
+        raw(
+            libc::PTRACE_GETEVENTMSG,
+            tid,
+            0,
+            &mut msg as *mut _ as usize,
+        )
+    }?;
+    Ok(msg)
 }
 
 pub fn singlestep(tid: i32) -> io::Result<()> {

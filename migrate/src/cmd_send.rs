@@ -2,7 +2,7 @@
 use crate::migration::policy::Policy;
 use crate::migration::source::{send, SendOptions};
 use crate::migration::Progress;
-use crate::transport::{self, Auth, Compress};
+use crate::transport::{self, Auth, Compress, PageTransport};
 use anyhow::{Context, Result};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -16,6 +16,7 @@ pub struct Args {
     pub max_rounds: u32,
     pub compress: Compress,
     pub streams: usize,
+    pub page_transport: PageTransport,
     pub json: bool,
     pub shell_job: bool,
 }
@@ -67,6 +68,7 @@ pub fn run(a: Args) -> Result<i32> {
             },
             compress: a.compress,
             streams: a.streams,
+            page_transport: a.page_transport,
             shell_job: a.shell_job,
         };
         let report = send(session, &opts, Progress::new())

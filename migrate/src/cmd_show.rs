@@ -122,11 +122,16 @@ pub fn run(dir: &Path, show_pages: bool) -> anyhow::Result<i32> {
         for f in &files.fds {
             match &f.kind {
                 Some(crm_proto::image::fd_entry::Kind::Regular(r)) => println!(
-                    "    fd {} {} flags {:#o} pos {}{}",
+                    "    fd {} {} flags {:#o} pos {}{}{}",
                     f.fd,
                     r.file.as_ref().map_or("?", |f| f.path.as_str()),
                     r.flags,
                     r.pos,
+                    r.ghost.as_ref().map_or(String::new(), |g| format!(
+                        " (unlinked: {} bytes saved, mode {:o})",
+                        g.contents.len(),
+                        g.mode
+                    )),
                     if f.cloexec { " cloexec" } else { "" }
                 ),
                 Some(crm_proto::image::fd_entry::Kind::Eventfd(e)) => println!(
@@ -188,6 +193,24 @@ pub fn run(dir: &Path, show_pages: bool) -> anyhow::Result<i32> {
                     } else {
                         ""
                     },
+                    if f.cloexec { " cloexec" } else { "" }
+                ),
+                Some(crm_proto::image::fd_entry::Kind::UnixSocket(s)) => println!(
+                    "    fd {} {}{}",
+                    f.fd,
+                    crm_engine::files::unix::describe(s),
+                    if f.cloexec { " cloexec" } else { "" }
+                ),
+                Some(crm_proto::image::fd_entry::Kind::InetSocket(s)) => println!(
+                    "    fd {} {}{}",
+                    f.fd,
+                    crm_engine::files::inet::describe(s),
+                    if f.cloexec { " cloexec" } else { "" }
+                ),
+                Some(crm_proto::image::fd_entry::Kind::Inotify(i)) => println!(
+                    "    fd {} {}{}",
+                    f.fd,
+                    crm_engine::files::inotify::describe(i),
                     if f.cloexec { " cloexec" } else { "" }
                 ),
                 None => println!("    fd {} (unknown kind)", f.fd),

@@ -107,7 +107,7 @@ enum Command {
     Send {
         /// The process to migrate.
         pid: i32,
-        /// The destination, e.g. 10.0.0.2:7070 (UDP, QUIC).
+        /// The destination, e.g. 10.0.0.2:7070 (QUIC over UDP; page channels over TCP, same port).
         dest: String,
         /// File holding the shared secret both sides use to authenticate.
         #[arg(long)]
@@ -129,6 +129,13 @@ enum Command {
         /// Parallel page streams.
         #[arg(long, default_value_t = 4)]
         streams: usize,
+        /// What carries the pages: auto (TCP page channels to the same port
+        /// number over TCP, sealed with AES-256-GCM unless the destination
+        /// is this host; QUIC streams if the destination offers none),
+        /// quic (QUIC streams only), or sealed (sealed TCP channels even to
+        /// this host, to measure what a migration between hosts costs).
+        #[arg(long, value_enum, default_value_t = PageTransportArg::Auto)]
+        page_transport: PageTransportArg,
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
@@ -141,7 +148,7 @@ enum Command {
     /// Refuses to start without --token-file: the destination restores code
     /// as root, so every peer must authenticate.
     Receive {
-        /// Address to listen on (UDP), e.g. 0.0.0.0:7070.
+        /// Address to listen on, e.g. 0.0.0.0:7070: UDP for the QUIC session, TCP (same port) for page channels.
         #[arg(long)]
         listen: std::net::SocketAddr,
         /// File holding the shared secret (the same file as the sender's).
@@ -174,6 +181,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PageTransportArg {
+    Auto,
+    Quic,
+    Sealed,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -236,6 +250,7 @@ fn main() {
             max_rounds,
             compress,
             streams,
+            page_transport,
             json,
             shell_job,
         } => cmd_send::run(cmd_send::Args {
@@ -251,6 +266,11 @@ fn main() {
                 CompressArg::Never => transport::Compress::Never,
             },
             streams,
+            page_transport: match page_transport {
+                PageTransportArg::Auto => transport::PageTransport::Auto,
+                PageTransportArg::Quic => transport::PageTransport::Quic,
+                PageTransportArg::Sealed => transport::PageTransport::Sealed,
+            },
             json,
             shell_job,
         }),

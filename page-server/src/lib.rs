@@ -14,6 +14,7 @@
 //! fault loop is `crm_engine::restore::lazy`). This crate knows nothing
 //! about QUIC, and nothing about ptrace.
 
+mod frames;
 mod store;
 
 pub use store::{PageStore, PageStoreError, StoreStats, TaskId, PAGE_SIZE};

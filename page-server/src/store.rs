@@ -25,6 +25,8 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use crate::frames::{Frame, Frames};
+
 /// Size of every page the store holds (x86-64 base pages).
 pub const PAGE_SIZE: usize = 4096;
 
@@ -90,7 +92,8 @@ pub struct StoreStats {
 /// Where the newest copy of one page is.
 #[derive(Debug)]
 enum Location {
-    Memory(Box<[u8]>),
+    /// A frame of [`PageStore::frames`].
+    Memory(Frame),
     /// Byte offset in the spill file.
     Spilled(u64),
     /// The page read as zero (no data held): an older copy is void.
@@ -174,6 +177,7 @@ impl Drop for Spill {
 pub struct PageStore {
     memory_limit: u64,
     pages: BTreeMap<(TaskId, u64), Slot>,
+    frames: Frames,
     spill: Spill,
     stats: StoreStats,
 }
@@ -186,6 +190,7 @@ impl PageStore {
         PageStore {
             memory_limit,
             pages: BTreeMap::new(),
+            frames: Frames::default(),
             spill: Spill {
                 path: spill_path.into(),
                 file: None,
@@ -245,8 +250,8 @@ impl PageStore {
                 return Ok(());
             }
             match &mut slot.location {
-                Location::Memory(bytes) => {
-                    bytes.copy_from_slice(page);
+                Location::Memory(frame) => {
+                    self.frames.get_mut(*frame).copy_from_slice(page);
                     slot.round = round;
                 }
                 Location::Spilled(_) | Location::Zero => {
@@ -257,7 +262,7 @@ impl PageStore {
                     }
                     slot.location = if fits {
                         self.stats.bytes_in_memory += page_bytes;
-                        Location::Memory(page.into())
+                        Location::Memory(self.frames.alloc(page))
                     } else {
                         let offset = self.spill.append(task, addr, page)?;
                         self.stats.bytes_spilled += page_bytes;
@@ -271,7 +276,7 @@ impl PageStore {
         }
         let location = if self.stats.bytes_in_memory + page_bytes <= self.memory_limit {
             self.stats.bytes_in_memory += page_bytes;
-            Location::Memory(page.into())
+            Location::Memory(self.frames.alloc(page))
         } else {
             let offset = self.spill.append(task, addr, page)?;
             self.stats.bytes_spilled += page_bytes;
@@ -302,7 +307,7 @@ impl PageStore {
         slot: &'a Slot,
     ) -> Result<Cow<'a, [u8]>, PageStoreError> {
         match &slot.location {
-            Location::Memory(bytes) => Ok(Cow::Borrowed(bytes)),
+            Location::Memory(frame) => Ok(Cow::Borrowed(self.frames.get(*frame))),
             Location::Spilled(offset) => self.spill.read(task, addr, *offset).map(Cow::Owned),
             Location::Zero => Ok(Cow::Borrowed(&ZERO_PAGE)),
         }
@@ -340,7 +345,10 @@ impl PageStore {
                 continue;
             }
             match slot.location {
-                Location::Memory(_) => self.stats.bytes_in_memory -= page_bytes,
+                Location::Memory(frame) => {
+                    self.frames.release(frame);
+                    self.stats.bytes_in_memory -= page_bytes;
+                }
                 Location::Spilled(_) => self.stats.bytes_spilled -= page_bytes,
                 Location::Zero => {}
             }

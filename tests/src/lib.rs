@@ -16,7 +16,8 @@
 //! - [`wl`]: the workload side of the line protocol (used by `src/bin/*`);
 //! - [`tree`]: the guard of a process-tree workload (`wl_tree`);
 //! - [`bg`]: background commands (a `receive` and a `send` running at once);
-//! - [`netns`]: two network namespaces joined by a veth pair, removed on drop.
+//! - [`netns`]: two network namespaces joined by a veth pair, removed on drop;
+//! - [`sock`]: socket helpers for the socket workloads.
 
 use std::sync::{Mutex, MutexGuard, Once};
 
@@ -24,6 +25,7 @@ pub mod bg;
 pub mod crm;
 pub mod netns;
 pub mod procs;
+pub mod sock;
 pub mod tmp;
 pub mod tree;
 pub mod wl;

@@ -945,3 +945,19 @@ fn pipes_with_data() {
         ],
     );
 }
+
+/// Files unlinked while open come back unnamed with their contents, mode
+/// and offsets; O_APPEND stays on (workload `wl_unlinked`).
+#[test]
+fn unlinked_files_and_append_mode() {
+    event_fd_cycle(
+        "unlinked",
+        workload_bin!(wl_unlinked),
+        &[
+            // O_LARGEFILE | O_RDWR; O_LARGEFILE | O_APPEND | O_WRONLY.
+            "ghost.dat (deleted) flags 0o100002 pos 1000 (unlinked: 262144 bytes saved, mode 640)",
+            "ghost.dat (deleted) flags 0o102001 pos 0 (unlinked: 262144 bytes saved, mode 640)",
+            "kept.log flags 0o102001",
+        ],
+    );
+}

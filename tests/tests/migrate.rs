@@ -470,6 +470,15 @@ fn migrate_locally_with(
     (summary, recv.stderr())
 }
 
+/// What carried the pages, from the summary ("quic", "tcp", "tcp-sealed").
+fn page_transport(summary: &Json) -> String {
+    summary
+        .get("page_transport")
+        .and_then(Json::str)
+        .unwrap_or("?")
+        .to_owned()
+}
+
 /// The number after `key=` in a workload line.
 fn line_num(line: &str, key: &str) -> Option<f64> {
     crm_tests::workload::field(line, key)?.parse().ok()
@@ -539,6 +548,11 @@ fn migrate_idle_256mib() {
     );
     let summary = migrate_locally(&s, &mut wl, &[]);
     let pass = wl.expect_pass("after the migration");
+    assert_eq!(
+        page_transport(&summary),
+        "tcp",
+        "a same-host migration carries its pages on unsealed TCP page channels"
+    );
     let (rounds, downtime) = rounds_and_downtime(&summary);
     assert!(
         rounds >= 2,
@@ -566,7 +580,7 @@ fn migrate_busy_256mib_50mbps() {
         &s,
         &mut wl,
         &["--memory-limit-mib", "64"],
-        &["--max-downtime-ms", "300"],
+        &["--max-downtime-ms", "300", "--page-transport", "quic"],
     );
     let spilled = recv_err
         .lines()
@@ -588,6 +602,7 @@ fn migrate_busy_256mib_50mbps() {
         rewritten(&second) > rewritten(&first),
         "the restored workload stopped rewriting pages: {first} / {second}"
     );
+    assert_eq!(page_transport(&summary), "quic", "--page-transport quic");
     let (rounds, downtime) = rounds_and_downtime(&summary);
     let gap = line_num(&first, "max_gap_ms").unwrap_or(f64::NAN);
     println!(
@@ -645,8 +660,8 @@ fn migrate_unprivileged_process_without_lazy_pages() {
 }
 
 /// Event objects travel in the final state: eventfd counters, a signalfd
-/// with a pending signal, timerfds and an epoll instance work on the
-/// destination.
+/// with a pending signal, timerfds, an epoll instance, pipes, unix and inet
+/// sockets and inotify watches work on the destination.
 #[test]
 fn migrate_event_fds() {
     h::init();
@@ -657,6 +672,10 @@ fn migrate_event_fds() {
         ("timerfd", workload_bin!(wl_timerfd)),
         ("epoll", workload_bin!(wl_epoll)),
         ("pipes", workload_bin!(wl_pipes)),
+        ("unlinked", workload_bin!(wl_unlinked)),
+        ("unix", workload_bin!(wl_unix)),
+        ("inet", workload_bin!(wl_inet)),
+        ("inotify", workload_bin!(wl_inotify)),
     ] {
         let s = Setup::new(&format!("mig-{name}"));
         let mut wl = Workload::start(bin, &[], s.dir());
@@ -726,6 +745,11 @@ fn migrate_across_network_namespaces() {
     let sent = drive_send(&mut send, &mut wl, SEND_TIMEOUT);
     let summary = expect_migrated(&mut wl, &mut recv, &sent, &before);
     let pass = wl.expect_pass("after the migration between namespaces");
+    assert_eq!(
+        page_transport(&summary),
+        "tcp-sealed",
+        "between hosts (namespaces) the pages travel on sealed TCP page channels"
+    );
     assert!(
         NetnsPair::pids(&ns.b).contains(&wl.pid()),
         "the restored pid {} should run in the destination's netns {}",

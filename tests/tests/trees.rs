@@ -375,7 +375,7 @@ fn unsupported_fd_in_a_child_refused_untouched() {
         .copied()
         .expect("a member holds a socket");
     assert!(
-        err.contains(&format!("process {holder}: fd ")) && err.contains("a socket"),
+        err.contains(&format!("process {holder}: fd ")) && err.contains("netlink socket"),
         "the refusal should name process {holder}, the fd and its kind:\n{err}"
     );
     assert_untouched(&tree, &before, "the refused dump");

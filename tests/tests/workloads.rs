@@ -90,6 +90,26 @@ fn signals_self_check() {
 }
 
 #[test]
+fn unix_self_check() {
+    pass_then_fail(workload_bin!(wl_unix), &[], &[]);
+}
+
+#[test]
+fn inotify_self_check() {
+    pass_then_fail(workload_bin!(wl_inotify), &[], &[]);
+}
+
+#[test]
+fn unix_refused_self_check() {
+    pass_then_fail(workload_bin!(wl_unix_refused), &["scm"], &[]);
+}
+
+#[test]
+fn inet_self_check() {
+    pass_then_fail(workload_bin!(wl_inet), &[], &[]);
+}
+
+#[test]
 fn sleeper_and_socket_holder_pass() {
     h::init();
     let tmp = TempDir::new("simple-selftest");

@@ -123,8 +123,9 @@ pub const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
 /// Category: not write-protected (written since it was last protected).
 pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
 /// Category: present in memory.
-#[allow(dead_code)] // used by the feature probes
 pub const PAGE_IS_PRESENT: u64 = 1 << 3;
+/// Category: swapped out.
+pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
 
 const PAGEMAP_SCAN: u64 = ioc(
     IOC_READ | IOC_WRITE,

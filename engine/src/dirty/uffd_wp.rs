@@ -256,7 +256,14 @@ impl DirtyTracker for UffdWpAsync {
     fn arm(&mut self, vmas: &[VmaRange]) -> Result<(), DirtyError> {
         let pid = self.pid;
         let wanted = normalize(pid, vmas)?;
-        let maps = self.smaps()?;
+        // Which VMAs carry our registration (`uw` in smaps' VmFlags) matters
+        // only once something is tracked; the first arm reads the cheap
+        // `maps` (smaps walks every page table).
+        let maps = if self.tracked.is_empty() {
+            procfs::read_maps(pid).map_err(|source| DirtyError::Proc { pid, source })?
+        } else {
+            self.smaps()?
+        };
         let uffd = self.uffd.as_ref().ok_or_else(|| self.disarmed())?.as_fd();
         let ioctl_err = |ioctl, start, end| {
             move |source| DirtyError::Ioctl {
@@ -393,7 +400,9 @@ fn create_in_target(
     frozen: &FrozenProcess,
 ) -> Result<(OwnedFd, bool, OwnedFd), DirtyError> {
     let proc_err = |source| DirtyError::Proc { pid, source };
-    let maps = procfs::read_smaps(pid).map_err(proc_err)?;
+    // `maps`, not `smaps`: only the vDSO's bounds are needed, and smaps
+    // walks every page table (tens of ms on a GiB, with the process frozen).
+    let maps = procfs::read_maps(pid).map_err(proc_err)?;
     let vdso = maps
         .iter()
         .find(|m| m.name == "[vdso]")

@@ -7,6 +7,7 @@
 //! `process_vm_readv` calls into a fixed buffer and streamed to the pages
 //! file, so the dumper's memory does not grow with the target's.
 use super::DumpError;
+use crate::dirty::uffd_sys::{self, PageRegion, PmScanArg};
 use crate::files::regular::file_id;
 use crate::image::PagesWriter;
 
@@ -266,38 +267,107 @@ pub fn resident_ranges(pid: i32, vmas: &[Vma]) -> Result<Vec<(u64, u64)>, DumpEr
     })?;
     let mut out: Vec<(u64, u64)> = Vec::new();
     let mut buf = vec![0u8; PAGEMAP_BATCH * 8];
+    // PAGEMAP_SCAN returns ranges instead of 8 bytes per page: several times
+    // faster on large anonymous VMAs. Used until the kernel refuses it.
+    let mut scan = Some(vec![PageRegion::default(); 4096]);
     for vma in vmas.iter().filter(|v| saves_anything(v)) {
-        let mut addr = vma.start;
-        while addr < vma.end {
-            let n = (((vma.end - addr) / PAGE) as usize).min(PAGEMAP_BATCH);
-            let b = &mut buf[..n * 8];
-            pagemap
-                .read_exact_at(b, addr / PAGE * 8)
-                .map_err(|source| DumpError::Io {
-                    pid,
-                    what: format!("read /proc/{pid}/pagemap at {addr:#x}"),
-                    source,
-                })?;
-            for i in 0..n {
-                let e = u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-                let wanted_here = match vma.kind() {
-                    // Shared anonymous memory has no present bit for swapped
-                    // shmem pages: keep the whole VMA.
-                    _ if vma.shared => true,
-                    _ => wanted(vma, e),
-                };
-                if wanted_here {
-                    let p = addr + i as u64 * PAGE;
-                    match out.last_mut() {
-                        Some(last) if last.1 == p => last.1 = p + PAGE,
-                        _ => out.push((p, p + PAGE)),
-                    }
+        if vma.shared {
+            // Shared anonymous memory has no present bit for swapped shmem
+            // pages: keep the whole VMA.
+            push_range(&mut out, vma.start, vma.end);
+            continue;
+        }
+        let anon = matches!(vma.kind(), VmaKind::Anon | VmaKind::Heap | VmaKind::Stack);
+        if let (true, Some(regions)) = (anon, scan.as_mut()) {
+            match scan_present(&pagemap, vma, regions, &mut out) {
+                Ok(()) => continue,
+                Err(e) => {
+                    tracing::debug!(pid, "PAGEMAP_SCAN unusable ({e}); reading pagemap");
+                    scan = None;
                 }
             }
-            addr += n as u64 * PAGE;
         }
+        resident_by_pagemap(pid, &pagemap, vma, &mut buf, &mut out)?;
     }
     Ok(out)
+}
+
+fn push_range(out: &mut Vec<(u64, u64)>, start: u64, end: u64) {
+    match out.last_mut() {
+        Some(last) if last.1 == start => last.1 = end,
+        _ => out.push((start, end)),
+    }
+}
+
+/// Present or swapped pages of an anonymous VMA, by `PAGEMAP_SCAN`. On an
+/// error nothing of this VMA has been added to `out`.
+fn scan_present(
+    pagemap: &File,
+    vma: &Vma,
+    regions: &mut [PageRegion],
+    out: &mut Vec<(u64, u64)>,
+) -> std::io::Result<()> {
+    use std::os::fd::AsFd;
+    let mut found = Vec::new();
+    let mut cur = vma.start;
+    while cur < vma.end {
+        let wanted = uffd_sys::PAGE_IS_PRESENT | uffd_sys::PAGE_IS_SWAPPED;
+        let mut arg = PmScanArg {
+            start: cur,
+            end: vma.end,
+            category_anyof_mask: wanted,
+            return_mask: wanted,
+            ..PmScanArg::default()
+        };
+        let n = uffd_sys::pagemap_scan(pagemap.as_fd(), &mut arg, regions)?;
+        for r in &regions[..n] {
+            push_range(&mut found, r.start, r.end);
+        }
+        if arg.walk_end >= vma.end {
+            break;
+        }
+        if arg.walk_end <= cur {
+            return Err(std::io::Error::other(format!(
+                "PAGEMAP_SCAN made no progress at {cur:#x}"
+            )));
+        }
+        cur = arg.walk_end;
+    }
+    for (s, e) in found {
+        push_range(out, s, e);
+    }
+    Ok(())
+}
+
+/// [`resident_ranges`] of one VMA by reading `/proc/PID/pagemap`.
+fn resident_by_pagemap(
+    pid: i32,
+    pagemap: &File,
+    vma: &Vma,
+    buf: &mut [u8],
+    out: &mut Vec<(u64, u64)>,
+) -> Result<(), DumpError> {
+    let mut addr = vma.start;
+    while addr < vma.end {
+        let n = (((vma.end - addr) / PAGE) as usize).min(PAGEMAP_BATCH);
+        let b = &mut buf[..n * 8];
+        pagemap
+            .read_exact_at(b, addr / PAGE * 8)
+            .map_err(|source| DumpError::Io {
+                pid,
+                what: format!("read /proc/{pid}/pagemap at {addr:#x}"),
+                source,
+            })?;
+        for i in 0..n {
+            let e = u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+            if wanted(vma, e) {
+                let p = addr + i as u64 * PAGE;
+                push_range(out, p, p + PAGE);
+            }
+        }
+        addr += n as u64 * PAGE;
+    }
+    Ok(())
 }
 
 /// Whether the process runs while its pages are read (a pre-copy round) or
@@ -410,6 +480,59 @@ fn write_nonzero(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resident_ranges_by_scan_and_by_pagemap_agree() {
+        let pages = 64usize;
+        let len = pages * PAGE as usize;
+        // SAFETY: a fresh private anonymous mapping, unmapped below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        // SAFETY: MADV_NOHUGEPAGE on our own mapping (keeps 4 KiB pages).
+        unsafe { libc::madvise(p, len, libc::MADV_NOHUGEPAGE) };
+        let base = p as u64;
+        let touched = [(0u64, 10u64), (20, 21), (30, 40), (63, 64)];
+        for &(a, b) in &touched {
+            for i in a..b {
+                // SAFETY: inside the mapping.
+                unsafe { *((base + i * PAGE) as *mut u8) = 1 };
+            }
+        }
+        let vma = Vma {
+            start: base,
+            end: base + len as u64,
+            kind: VmaKind::Anon as i32,
+            prot: (libc::PROT_READ | libc::PROT_WRITE) as u32,
+            ..Default::default()
+        };
+        let pid = std::process::id() as i32;
+        let pagemap = File::open("/proc/self/pagemap").unwrap();
+        let mut by_pagemap = Vec::new();
+        let mut buf = vec![0u8; PAGEMAP_BATCH * 8];
+        resident_by_pagemap(pid, &pagemap, &vma, &mut buf, &mut by_pagemap).unwrap();
+        let mut by_scan = Vec::new();
+        let mut regions = vec![PageRegion::default(); 2];
+        match scan_present(&pagemap, &vma, &mut regions, &mut by_scan) {
+            Ok(()) => assert_eq!(by_scan, by_pagemap, "2 regions per call forces the loop"),
+            Err(e) => println!("SKIPPED: PAGEMAP_SCAN half of the comparison: {e}"),
+        }
+        let expect: Vec<(u64, u64)> = touched
+            .iter()
+            .map(|&(a, b)| (base + a * PAGE, base + b * PAGE))
+            .collect();
+        assert_eq!(by_pagemap, expect);
+        // SAFETY: our mapping, no references into it remain.
+        unsafe { libc::munmap(p, len) };
+    }
 
     #[test]
     fn zero_detection() {

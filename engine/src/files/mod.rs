@@ -4,10 +4,16 @@
 //! fail before anything is touched, naming the fd and its kind.
 pub mod epoll;
 pub mod eventfd;
+pub mod inet;
+pub mod inotify;
+mod inotify_sys;
 pub mod pipe;
 pub mod regular;
 pub mod signalfd;
+mod sock_sys;
+pub mod socket;
 pub mod timerfd;
+pub mod unix;
 
 use crate::procfs;
 use crm_proto::image::{fd_entry, FdEntry, FilesCore};
@@ -30,12 +36,32 @@ pub enum FilesError {
         #[source]
         source: std::io::Error,
     },
+    #[error("process {pid}: fd {fd} cannot be checkpointed: it is {what}")]
+    Refused { pid: i32, fd: i32, what: String },
     #[error(transparent)]
     Proc(#[from] procfs::ProcError),
     #[error("cannot create the {kind} of fd {fd}")]
     Create {
         fd: i32,
         kind: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "process {pid}: fd {fd} is {path}, unlinked while open; its {size} bytes exceed \
+         what is saved of unlinked files ({limit} bytes per process)"
+    )]
+    GhostTooLarge {
+        pid: i32,
+        fd: i32,
+        path: String,
+        size: u64,
+        limit: u64,
+    },
+    #[error("fd {fd}: cannot {what}")]
+    Socket {
+        fd: i32,
+        what: String,
         #[source]
         source: std::io::Error,
     },
@@ -56,6 +82,8 @@ enum Kind {
     TimerFd,
     Epoll,
     Pipe,
+    Socket,
+    Inotify,
 }
 
 /// Names the kind of a descriptor from its `/proc/PID/fd` link and type;
@@ -69,7 +97,7 @@ fn kind_of(link: &str, meta: &std::fs::Metadata) -> Result<Kind, &'static str> {
         return Err("a FIFO");
     }
     if link.starts_with("socket:") || ft.is_socket() {
-        return Err("a socket");
+        return Ok(Kind::Socket);
     }
     if link == "anon_inode:[eventfd]" {
         return Ok(Kind::EventFd);
@@ -83,6 +111,9 @@ fn kind_of(link: &str, meta: &std::fs::Metadata) -> Result<Kind, &'static str> {
     if link == "anon_inode:[eventpoll]" {
         return Ok(Kind::Epoll);
     }
+    if link == "anon_inode:inotify" {
+        return Ok(Kind::Inotify);
+    }
     if let Some(rest) = link.strip_prefix("anon_inode:") {
         return Err(match rest {
             "[eventpoll]" => "an epoll instance",
@@ -94,8 +125,8 @@ fn kind_of(link: &str, meta: &std::fs::Metadata) -> Result<Kind, &'static str> {
             _ => "an anonymous-inode file",
         });
     }
-    if link.ends_with(" (deleted)") {
-        return Err("an unlinked file");
+    if link.ends_with(" (deleted)") && !regular::is_ghost(link, meta) {
+        return Err("an unlinked file that is not a regular file");
     }
     if link.starts_with("/memfd:") {
         return Err("a memfd");
@@ -118,6 +149,8 @@ fn kind_of(link: &str, meta: &std::fs::Metadata) -> Result<Kind, &'static str> {
 pub fn dump(pid: i32) -> Result<FilesCore, FilesError> {
     let mut fds = Vec::new();
     let mut pipes_with_data = std::collections::HashSet::new();
+    let mut ghost_budget = regular::GHOST_LIMIT;
+    let mut sockets = unix::Seen::default();
     for fd in procfs::list_fds(pid)? {
         let link_path = PathBuf::from(format!("/proc/{pid}/fd/{fd}"));
         let link = std::fs::read_link(&link_path)
@@ -138,7 +171,14 @@ pub fn dump(pid: i32) -> Result<FilesCore, FilesError> {
         let info = procfs::read_fdinfo(pid, fd)?;
         let cloexec = info.flags & libc::O_CLOEXEC as u32 != 0;
         let kind = match kind {
-            Kind::Regular => fd_entry::Kind::Regular(regular::dump(&link, &meta, &info)),
+            Kind::Regular => fd_entry::Kind::Regular(regular::dump(
+                pid,
+                fd,
+                &link,
+                &meta,
+                &info,
+                &mut ghost_budget,
+            )?),
             Kind::EventFd => fd_entry::Kind::Eventfd(eventfd::dump(pid, fd, &info)?),
             Kind::SignalFd => fd_entry::Kind::Signalfd(signalfd::dump(pid, fd, &info)?),
             Kind::TimerFd => fd_entry::Kind::Timerfd(timerfd::dump(pid, fd, &info)?),
@@ -146,6 +186,8 @@ pub fn dump(pid: i32) -> Result<FilesCore, FilesError> {
             Kind::Pipe => {
                 fd_entry::Kind::Pipe(pipe::dump(pid, fd, &link, &info, &mut pipes_with_data)?)
             }
+            Kind::Socket => socket::dump(pid, fd, &link, &info, &mut sockets)?,
+            Kind::Inotify => fd_entry::Kind::Inotify(inotify::dump(pid, fd, &info)?),
         };
         fds.push(FdEntry {
             fd,
@@ -155,24 +197,75 @@ pub fn dump(pid: i32) -> Result<FilesCore, FilesError> {
     }
     epoll::check_targets(pid, &fds)?;
     pipe::check_ends(pid, &fds)?;
+    unix::check(pid, &mut fds, &sockets)?;
     Ok(FilesCore { fds })
 }
 
+/// The objects a restore has made so far that have several descriptors
+/// (pipes, sockets), kept at numbers at or above `high` (out of the way of
+/// the image's descriptors).
+#[derive(Debug)]
+pub struct Restoring {
+    pipes: pipe::Pipes,
+    unix: unix::Made,
+    inet: inet::Made,
+}
+
+impl Restoring {
+    /// `fds`: every descriptor of the image (unix sockets are created
+    /// together, and need to know each other).
+    pub fn new(high: i32, fds: &[(i32, bool, fd_entry::Kind)]) -> Restoring {
+        Restoring {
+            pipes: pipe::Pipes::new(high),
+            unix: unix::Made::new(high, fds),
+            inet: inet::Made::new(high),
+        }
+    }
+}
+
 /// Recreates a descriptor of the image (not yet at its number, close-on-exec).
-/// `pipes` holds the pipes made so far (a pipe has several descriptors).
 pub fn restore(
     fd: i32,
     kind: &fd_entry::Kind,
-    pipes: &mut pipe::Pipes,
+    made: &mut Restoring,
 ) -> Result<std::os::fd::OwnedFd, FilesError> {
     match kind {
-        fd_entry::Kind::Pipe(p) => pipe::restore(fd, p, pipes),
+        fd_entry::Kind::Pipe(p) => pipe::restore(fd, p, &mut made.pipes),
+        fd_entry::Kind::UnixSocket(s) => unix::restore(fd, s, &mut made.unix),
+        fd_entry::Kind::InetSocket(s) => inet::restore(fd, s, &mut made.inet),
+        fd_entry::Kind::Inotify(i) => inotify::restore(fd, i),
         fd_entry::Kind::Regular(r) => regular::restore(fd, r),
         fd_entry::Kind::Eventfd(e) => eventfd::restore(fd, e),
         fd_entry::Kind::Signalfd(s) => signalfd::restore(fd, s),
         fd_entry::Kind::Timerfd(t) => timerfd::restore(fd, t),
         fd_entry::Kind::Epoll(e) => epoll::restore(fd, e),
     }
+}
+
+/// Why a decoded descriptor is beyond what a dump writes (more queued
+/// messages or inotify watches than the limits), if it is.
+pub fn too_large(kind: &fd_entry::Kind) -> Option<String> {
+    match kind {
+        fd_entry::Kind::UnixSocket(s) if s.queue.len() > unix::queue::MAX_QUEUE_MESSAGES => {
+            Some(format!("{} queued messages", s.queue.len()))
+        }
+        fd_entry::Kind::Inotify(i) if i.watches.len() > inotify::MAX_WATCHES => {
+            Some(format!("{} inotify watches", i.watches.len()))
+        }
+        _ => None,
+    }
+}
+
+/// `e` and its sources, `: `-separated (the restoring child reports its
+/// error as one line).
+pub fn chain(e: &FilesError) -> String {
+    let mut out = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        out += &format!(": {s}");
+        src = s.source();
+    }
+    out
 }
 
 /// Highest fd number in an image (or -1).

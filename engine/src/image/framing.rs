@@ -147,12 +147,31 @@ pub(crate) struct AtomicFile {
     tmp: PathBuf,
     out: Option<BufWriter<File>>,
     committed: bool,
+    /// fsync on commit (see [`Durability`]).
+    durable: bool,
+}
+
+/// Whether committed files are fsynced. A checkpoint must survive a crash;
+/// the image a live migration assembles on the destination only lives until
+/// the restore a few milliseconds later (inside the downtime), and a crash
+/// of the host before that loses the migration, not the process (the source
+/// still has it), so it skips the fsyncs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync every file and the directory on commit.
+    Durable,
+    /// Write, rename, no fsync.
+    Scratch,
 }
 
 impl AtomicFile {
     /// Creates (or truncates) `path.tmp`. Writes of at least `buf_capacity`
     /// bytes go straight to the file; smaller ones are gathered first.
-    pub(crate) fn create(path: &Path, buf_capacity: usize) -> Result<Self, ImageError> {
+    pub(crate) fn create(
+        path: &Path,
+        buf_capacity: usize,
+        durability: Durability,
+    ) -> Result<Self, ImageError> {
         let tmp = tmp_path(path);
         let file = OpenOptions::new()
             .write(true)
@@ -165,6 +184,7 @@ impl AtomicFile {
             tmp,
             out: Some(BufWriter::with_capacity(buf_capacity, file)),
             committed: false,
+            durable: durability == Durability::Durable,
         })
     }
 
@@ -182,7 +202,8 @@ impl AtomicFile {
         }
     }
 
-    /// Flushes, fsyncs, renames into place and fsyncs the directory.
+    /// Flushes, fsyncs, renames into place and fsyncs the directory (the
+    /// fsyncs only when durable).
     pub(crate) fn commit(mut self) -> Result<(), ImageError> {
         let Some(out) = self.out.take() else {
             return Err(ImageError::invalid(&self.path, "committed twice"));
@@ -190,12 +211,17 @@ impl AtomicFile {
         let file = out
             .into_inner()
             .map_err(|e| ImageError::io(&self.path, "write", e.into_error()))?;
-        file.sync_all()
-            .map_err(|e| ImageError::io(&self.path, "fsync", e))?;
+        if self.durable {
+            file.sync_all()
+                .map_err(|e| ImageError::io(&self.path, "fsync", e))?;
+        }
         drop(file);
         fs::rename(&self.tmp, &self.path)
             .map_err(|e| ImageError::io(&self.path, "rename into place", e))?;
         self.committed = true;
+        if !self.durable {
+            return Ok(());
+        }
         sync_dir(self.path.parent().unwrap_or(Path::new(".")))
             .map_err(|e| ImageError::io(&self.path, "fsync of the directory", e))
     }
@@ -220,8 +246,12 @@ pub(crate) struct RecordWriter {
 }
 
 impl RecordWriter {
-    pub(crate) fn create(path: &Path, kind: FileKind) -> Result<Self, ImageError> {
-        let mut out = AtomicFile::create(path, 64 << 10)?;
+    pub(crate) fn create(
+        path: &Path,
+        kind: FileKind,
+        durability: Durability,
+    ) -> Result<Self, ImageError> {
+        let mut out = AtomicFile::create(path, 64 << 10, durability)?;
         let mut header = [0u8; HEADER_LEN as usize];
         header[..8].copy_from_slice(&MAGIC);
         header[8..12].copy_from_slice(&IMAGE_FORMAT_VERSION.to_le_bytes());
@@ -273,8 +303,9 @@ pub(crate) fn write_single<M: Message>(
     path: &Path,
     kind: FileKind,
     msg: &M,
+    durability: Durability,
 ) -> Result<(), ImageError> {
-    let mut w = RecordWriter::create(path, kind)?;
+    let mut w = RecordWriter::create(path, kind, durability)?;
     w.append(msg)?;
     w.commit()
 }

@@ -37,6 +37,7 @@ use crm_proto::IMAGE_FORMAT_VERSION;
 
 pub use bounds::MAX_TREE_TASKS;
 pub use error::{ImageError, ImageErrorKind};
+pub use framing::Durability;
 use framing::FileKind;
 pub use pages::{PagesReader, PagesWriter, PAGE_SIZE};
 
@@ -49,6 +50,7 @@ pub const TREE_FILE: &str = "tree.img";
 #[derive(Clone, Debug)]
 pub struct ImageDir {
     path: PathBuf,
+    durability: Durability,
 }
 
 impl ImageDir {
@@ -61,15 +63,26 @@ impl ImageDir {
             Ok(_) => Err(ImageError::new(inventory, ImageErrorKind::AlreadyExists)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ImageDir {
                 path: path.to_owned(),
+                durability: Durability::Durable,
             }),
             Err(e) => Err(ImageError::io(&inventory, "stat", e)),
         }
+    }
+
+    /// [`ImageDir::create`] for an image that only has to outlive this
+    /// process's next step, not a crash: files are not fsynced (see
+    /// [`Durability::Scratch`]).
+    pub fn create_scratch(path: &Path) -> Result<ImageDir, ImageError> {
+        let mut dir = Self::create(path)?;
+        dir.durability = Durability::Scratch;
+        Ok(dir)
     }
 
     /// Opens an existing image: reads and checks `inventory.img` (magic, versions, page size).
     pub fn open(path: &Path) -> Result<ImageDir, ImageError> {
         let dir = ImageDir {
             path: path.to_owned(),
+            durability: Durability::Durable,
         };
         dir.read_inventory()?;
         Ok(dir)
@@ -87,7 +100,12 @@ impl ImageDir {
             format_version: IMAGE_FORMAT_VERSION,
             ..inv.clone()
         };
-        framing::write_single(&self.inventory_path(), FileKind::Inventory, &inv)
+        framing::write_single(
+            &self.inventory_path(),
+            FileKind::Inventory,
+            &inv,
+            self.durability,
+        )
     }
 
     /// Reads `inventory.img`, checking its `format_version` and `page_size`
@@ -118,7 +136,12 @@ impl ImageDir {
 
     /// Writes `tree.img`.
     pub fn write_tree(&self, tree: &ProcessTree) -> Result<(), ImageError> {
-        framing::write_single(&self.path.join(TREE_FILE), FileKind::Tree, tree)
+        framing::write_single(
+            &self.path.join(TREE_FILE),
+            FileKind::Tree,
+            tree,
+            self.durability,
+        )
     }
 
     /// Reads `tree.img`; `None` if the image has none (a single-task image).
@@ -132,7 +155,12 @@ impl ImageDir {
 
     /// Writes `core-PID.img`.
     pub fn write_core(&self, pid: i32, core: &TaskCore) -> Result<(), ImageError> {
-        framing::write_single(&self.task_file("core", pid)?, FileKind::Core, core)
+        framing::write_single(
+            &self.task_file("core", pid)?,
+            FileKind::Core,
+            core,
+            self.durability,
+        )
     }
 
     /// Reads `core-PID.img`.
@@ -142,7 +170,12 @@ impl ImageDir {
 
     /// Writes `mm-PID.img`.
     pub fn write_mm(&self, pid: i32, mm: &MmCore) -> Result<(), ImageError> {
-        framing::write_single(&self.task_file("mm", pid)?, FileKind::Mm, mm)
+        framing::write_single(
+            &self.task_file("mm", pid)?,
+            FileKind::Mm,
+            mm,
+            self.durability,
+        )
     }
 
     /// Reads `mm-PID.img`.
@@ -152,7 +185,12 @@ impl ImageDir {
 
     /// Writes `files-PID.img`.
     pub fn write_files(&self, pid: i32, f: &FilesCore) -> Result<(), ImageError> {
-        framing::write_single(&self.task_file("files", pid)?, FileKind::Files, f)
+        framing::write_single(
+            &self.task_file("files", pid)?,
+            FileKind::Files,
+            f,
+            self.durability,
+        )
     }
 
     /// Reads `files-PID.img`.
@@ -165,6 +203,7 @@ impl ImageDir {
         PagesWriter::create(
             &self.task_file("pages", pid)?,
             &self.task_file("pagemap", pid)?,
+            self.durability,
         )
     }
 

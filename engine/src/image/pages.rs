@@ -25,7 +25,7 @@ use crm_proto::IMAGE_FORMAT_VERSION;
 use prost::Message;
 
 use super::error::{ImageError, ImageErrorKind};
-use super::framing::{self, AtomicFile, FileKind, RecordWriter};
+use super::framing::{self, AtomicFile, Durability, FileKind, RecordWriter};
 
 /// Size of a page in the pages file.
 pub const PAGE_SIZE: u64 = 4096;
@@ -68,6 +68,7 @@ pub struct PagesWriter {
     max_run_pages: u64,
     /// A write failed part-way: the file no longer matches the runs.
     broken: bool,
+    durability: Durability,
 }
 
 impl std::fmt::Debug for PagesWriter {
@@ -87,8 +88,12 @@ impl std::fmt::Debug for PagesWriter {
 
 impl PagesWriter {
     /// Starts `pages_path` (as a temporary file) with its header.
-    pub(crate) fn create(pages_path: &Path, pagemap_path: &Path) -> Result<Self, ImageError> {
-        let mut pages = AtomicFile::create(pages_path, WRITE_BUFFER)?;
+    pub(crate) fn create(
+        pages_path: &Path,
+        pagemap_path: &Path,
+        durability: Durability,
+    ) -> Result<Self, ImageError> {
+        let mut pages = AtomicFile::create(pages_path, WRITE_BUFFER, durability)?;
         let mut header = [0u8; PAGES_HEADER_LEN as usize];
         header[..8].copy_from_slice(&PAGES_MAGIC);
         header[8..12].copy_from_slice(&IMAGE_FORMAT_VERSION.to_le_bytes());
@@ -101,6 +106,7 @@ impl PagesWriter {
             pages_written: 0,
             max_run_pages: MAX_RUN_PAGES,
             broken: false,
+            durability,
         })
     }
 
@@ -219,7 +225,8 @@ impl PagesWriter {
                 }
             }
         }
-        let mut pagemap = RecordWriter::create(&self.pagemap_path, FileKind::PageMap)?;
+        let mut pagemap =
+            RecordWriter::create(&self.pagemap_path, FileKind::PageMap, self.durability)?;
         super::pages::append_pagemap(&mut pagemap, &runs)?;
         self.pages.commit()?;
         pagemap.commit()
@@ -553,7 +560,7 @@ mod tests {
         let tmp = temp_dir("split");
         let dir = &tmp.0;
         let (pages, pagemap) = (dir.join("pages-1.img"), dir.join("pagemap-1.img"));
-        let mut w = PagesWriter::create(&pages, &pagemap).unwrap();
+        let mut w = PagesWriter::create(&pages, &pagemap, Durability::Durable).unwrap();
         w.max_run_pages = 3;
         // 7 pages at 0x10000: runs of 3 + 3 + 1; then 3 more continuing: 2 merge, 1 starts a run.
         w.add_run(0x10000, &pattern(0x10000, 7)).unwrap();
@@ -617,7 +624,7 @@ mod tests {
         let tmp = temp_dir("bad-calls");
         let dir = &tmp.0;
         let (pages, pagemap) = (dir.join("pages-1.img"), dir.join("pagemap-1.img"));
-        let mut w = PagesWriter::create(&pages, &pagemap).unwrap();
+        let mut w = PagesWriter::create(&pages, &pagemap, Durability::Durable).unwrap();
         for (vaddr, len) in [(0x1001, PAGE), (0x1000, 100), (!0xfff, 2 * PAGE)] {
             let err = w.add_run(vaddr, &vec![0; len]).unwrap_err();
             assert!(matches!(err.kind, ImageErrorKind::Invalid(_)), "{err}");
@@ -630,7 +637,7 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir).unwrap().count(), 0);
 
         // A destination of the wrong size.
-        let mut w = PagesWriter::create(&pages, &pagemap).unwrap();
+        let mut w = PagesWriter::create(&pages, &pagemap, Durability::Durable).unwrap();
         w.add_run(0x1000, &[7; PAGE]).unwrap();
         w.finish().unwrap();
         let r = PagesReader::open(&pages, &pagemap).unwrap();

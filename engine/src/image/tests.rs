@@ -164,6 +164,7 @@ fn sample_files() -> FilesCore {
                     }),
                     flags: 2,
                     pos: fd as u64,
+                    ghost: None,
                 })),
             })
             .collect(),
@@ -497,7 +498,8 @@ fn pagemap_missing_a_record_is_refused() {
     let runs = dir.pages_reader(PID).unwrap().runs().to_vec();
     // The same runs, one record each, as a longer pagemap would be split.
     let pagemap = tmp.0.join("pagemap-42.img");
-    let mut w = RecordWriter::create(&pagemap, FileKind::PageMap).unwrap();
+    let mut w =
+        RecordWriter::create(&pagemap, FileKind::PageMap, super::Durability::Durable).unwrap();
     for (i, run) in runs.iter().enumerate() {
         let last = i + 1 == runs.len();
         w.append(&PageMapChunk {
@@ -735,7 +737,8 @@ fn tree_round_trips_and_is_bounded() {
     // More tasks than allowed: refused before decoding, naming the field.
     let path = tmp.0.join(TREE_FILE);
     let bomb = [0x0a, 0x00].repeat(MAX_TREE_TASKS as usize + 1);
-    let mut w = RecordWriter::create(&path, FileKind::Tree).unwrap();
+    let mut w =
+        RecordWriter::create(&path, FileKind::Tree, super::framing::Durability::Durable).unwrap();
     w.append(&RawPayload(bomb)).unwrap();
     w.commit().unwrap();
     let err = dir.read_tree().unwrap_err();

@@ -19,6 +19,56 @@ pub struct FdInfo {
     pub timerfd: Option<TimerFdInfo>,
     /// epoll: one `(fd, events, data)` per watched descriptor (`tfd:` lines).
     pub epoll_targets: Vec<(i32, u32, u64)>,
+    /// inotify: one entry per watch (`inotify wd:` lines).
+    pub inotify_marks: Vec<InotifyMark>,
+}
+
+/// One watch of an inotify instance as fdinfo shows it (all hex there).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct InotifyMark {
+    pub wd: i32,
+    pub ino: u64,
+    /// The kernel's `s_dev` of the inode's filesystem (major << 20 | minor).
+    pub sdev: u32,
+    pub mask: u32,
+    /// The file handle (`fhandle-type`, `f_handle` bytes); `None` when the
+    /// filesystem gives none.
+    pub handle: Option<(i32, Vec<u8>)>,
+}
+
+/// Parses the part of an `inotify wd:...` line after `inotify `.
+fn inotify_mark(line: &str) -> Option<InotifyMark> {
+    let mut m = InotifyMark::default();
+    let (mut ty, mut bytes, mut handle) = (None, None, None);
+    for tok in line.split_whitespace() {
+        let (k, v) = tok.split_once(':')?;
+        match k {
+            "wd" => m.wd = i32::from_str_radix(v, 16).ok()?,
+            "ino" => m.ino = u64::from_str_radix(v, 16).ok()?,
+            "sdev" => m.sdev = u32::from_str_radix(v, 16).ok()?,
+            "mask" => m.mask = u32::from_str_radix(v, 16).ok()?,
+            "fhandle-bytes" => bytes = Some(usize::from_str_radix(v, 16).ok()?),
+            "fhandle-type" => ty = Some(i32::from_str_radix(v, 16).ok()?),
+            "f_handle" => {
+                if v.len() % 2 != 0 || v.len() > 256 {
+                    return None;
+                }
+                let b: Option<Vec<u8>> = (0..v.len())
+                    .step_by(2)
+                    .map(|i| u8::from_str_radix(v.get(i..i + 2)?, 16).ok())
+                    .collect();
+                handle = Some(b?);
+            }
+            _ => {}
+        }
+    }
+    if let (Some(ty), Some(n), Some(h)) = (ty, bytes, handle) {
+        if h.len() != n {
+            return None;
+        }
+        m.handle = Some((ty, h));
+    }
+    Some(m)
 }
 
 /// The state of a timerfd as fdinfo shows it.
@@ -92,6 +142,10 @@ impl FdInfo {
                         )),
                         _ => return Err(bad()),
                     }
+                }
+                "inotify wd" => {
+                    let rest = line.strip_prefix("inotify ").ok_or_else(bad)?;
+                    info.inotify_marks.push(inotify_mark(rest).ok_or_else(bad)?);
                 }
                 "sigmask" => {
                     info.signalfd_mask = Some(u64::from_str_radix(value, 16).map_err(|_| bad())?)
@@ -167,6 +221,22 @@ mod tests {
             vec![(4, 0x8000_0019, 4), (3, 0x19, 0xdead_beef)]
         );
         assert!(FdInfo::parse(Path::new("x"), &ep.replace("data:", "dat:")).is_err());
+        let ino = "pos:\t0\nflags:\t02004000\nmnt_id:\t16\nino:\t1057\n\
+                   inotify wd:2 ino:1a2b sdev:800002 mask:fce ignored_mask:0 fhandle-bytes:8 \
+                   fhandle-type:1 f_handle:2b1a000035e0f1c3\n";
+        let i = FdInfo::parse(Path::new("x"), ino).unwrap();
+        assert_eq!(
+            i.inotify_marks,
+            vec![InotifyMark {
+                wd: 2,
+                ino: 0x1a2b,
+                sdev: 0x800002,
+                mask: 0xfce,
+                handle: Some((1, vec![0x2b, 0x1a, 0, 0, 0x35, 0xe0, 0xf1, 0xc3])),
+            }]
+        );
+        assert!(FdInfo::parse(Path::new("x"), &ino.replace("bytes:8", "bytes:9")).is_err());
+        assert!(FdInfo::parse(Path::new("x"), &ino.replace("c3\n", "c\n")).is_err());
         let bad = text.replace("semaphore: 1", "semaphore: 2");
         assert!(FdInfo::parse(Path::new("x"), &bad).is_err());
     }

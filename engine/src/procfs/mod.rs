@@ -8,7 +8,7 @@ mod maps;
 mod stat;
 mod status;
 
-pub use fdinfo::FdInfo;
+pub use fdinfo::{FdInfo, InotifyMark};
 pub use maps::{parse_maps, same_layout, MapEntry};
 pub use stat::Stat;
 pub use status::Status;

@@ -251,11 +251,11 @@ fn prepare(
         )
     };
 
-    // Pipe ends wait above the image's numbers (the blob closes them).
-    let mut pipes = files::pipe::Pipes::new(plan.close_from);
+    // Pipe ends and sockets wait above the image's numbers (the blob closes them).
+    let mut made = files::Restoring::new(plan.close_from, &plan.fds);
     for (fd, cloexec, kind) in &plan.fds {
         let opened =
-            files::restore(*fd, kind, &mut pipes).map_err(|e| fail(e.to_string(), err_fd))?;
+            files::restore(*fd, kind, &mut made).map_err(|e| fail(files::chain(&e), err_fd))?;
         let raw = opened.into_raw_fd();
         let cloexec = *cloexec;
         if raw != *fd {

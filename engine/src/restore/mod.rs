@@ -233,6 +233,11 @@ fn check_files(
     for f in &files.fds {
         if let Some(crm_proto::image::fd_entry::Kind::Regular(r)) = &f.kind {
             let path = r.file.as_ref().map_or("", |f| f.path.as_str());
+            // An unlinked file is recreated in its directory.
+            let path = match r.ghost {
+                Some(_) => crate::files::regular::ghost_dir(path),
+                None => path,
+            };
             if let Err(e) = std::fs::metadata(path) {
                 return Err(RestoreError::FileChanged {
                     path: path.to_string(),

@@ -529,6 +529,9 @@ pub fn build(input: &Inputs<'_>, host: &Host) -> Result<Plan, RestoreError> {
         if f.fd < 0 || f.fd > 1 << 20 {
             return Err(invalid(format!("fd number {} is out of range", f.fd)));
         }
+        if let Some(what) = f.kind.as_ref().and_then(crate::files::too_large) {
+            return Err(invalid(format!("fd {}: {what}", f.fd)));
+        }
         match &f.kind {
             Some(k) => fds.push((f.fd, f.cloexec, k.clone())),
             None => return Err(invalid(format!("fd {} has no kind", f.fd))),

@@ -129,8 +129,8 @@ pub async fn receive(session: &Session, opts: &ReceiveOptions) -> Result<()> {
 
 async fn serve(session: &Session, dir_path: &Path, memory_limit: u64) -> Result<()> {
     let peer = session.peer();
-    let dir =
-        ImageDir::create(dir_path).with_context(|| format!("creating {}", dir_path.display()))?;
+    let dir = ImageDir::create_scratch(dir_path)
+        .with_context(|| format!("creating {}", dir_path.display()))?;
     let mut inc = Incoming {
         dir,
         store: PageStore::new(memory_limit, dir_path.join("spilled-pages")),

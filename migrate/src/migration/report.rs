@@ -17,6 +17,8 @@ pub struct RoundReport {
 #[derive(Debug, Clone, Default)]
 pub struct Report {
     pub tracker: String,
+    /// What carried the pages: "quic", "tcp" or "tcp-sealed".
+    pub page_transport: &'static str,
     pub rounds: Vec<RoundReport>,
     pub stop_reason: String,
     pub batches: u64,
@@ -54,8 +56,14 @@ impl Report {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "migration complete (dirty tracking: {}; pre-copy stopped: {})",
-            self.tracker, self.stop_reason
+            "migration complete (dirty tracking: {}; pages on {}; pre-copy stopped: {})",
+            self.tracker,
+            match self.page_transport {
+                "tcp" => "TCP page channels",
+                "tcp-sealed" => "sealed TCP page channels",
+                _ => "QUIC page streams",
+            },
+            self.stop_reason
         );
         for r in &self.rounds {
             let secs = r.elapsed.as_secs_f64();
@@ -106,8 +114,9 @@ impl Report {
             })
             .collect();
         format!(
-            "{{\"tracker\":\"{}\",\"stop_reason\":\"{}\",\"rounds\":[{}],\"raw_bytes\":{},\"wire_bytes\":{},\"compression_ratio\":{:.4},\"batches\":{},\"compressed_batches\":{},\"total_ms\":{:.3},\"downtime_ms\":{:.3}}}",
+            "{{\"tracker\":\"{}\",\"page_transport\":\"{}\",\"stop_reason\":\"{}\",\"rounds\":[{}],\"raw_bytes\":{},\"wire_bytes\":{},\"compression_ratio\":{:.4},\"batches\":{},\"compressed_batches\":{},\"total_ms\":{:.3},\"downtime_ms\":{:.3}}}",
             self.tracker,
+            self.page_transport,
             self.stop_reason,
             rounds.join(","),
             self.raw_bytes,

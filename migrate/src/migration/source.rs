@@ -14,9 +14,10 @@
 use super::policy::{self, Decision, Policy, RoundRecord};
 use super::report::{Report, RoundReport};
 use super::{now_unix_us, Progress};
-use crate::transport::{Compress, PageSender, Session};
+use crate::transport::{Compress, PageSender, PageTransport, Session};
 use anyhow::{anyhow, bail, Context, Result};
 use crm_engine::dump::{DumpError, DumpOptions, PageSink, TaskState};
+use crm_engine::mm_holder::MemoryHolder;
 use crm_engine::precopy::{PreCopy, RoundStats};
 use crm_proto::migrate::{control, Control};
 use prost::Message;
@@ -32,6 +33,7 @@ pub struct SendOptions {
     pub policy: Policy,
     pub compress: Compress,
     pub streams: usize,
+    pub page_transport: PageTransport,
     pub shell_job: bool,
 }
 
@@ -162,10 +164,27 @@ fn engine_thread(
                 });
                 // Only an explicit Kill ends the process; anything else resumes it.
                 match cmds.recv() {
-                    Ok(Cmd::Kill) => match frozen.kill() {
-                        Ok(()) => send(Event::Killed),
-                        Err(e) => send(Event::Error(format!("killing process {pid}: {e}"))),
-                    },
+                    Ok(Cmd::Kill) => {
+                        // A second task holding the address space lets the
+                        // process exit (and free its PID) without tearing
+                        // down its memory first; that happens when the
+                        // holder is dropped, after `Killed` went out.
+                        let holder = MemoryHolder::spawn(&frozen)
+                            .map_err(|e| {
+                                tracing::debug!(
+                                    pid,
+                                    "killing without a memory holder: {}",
+                                    chain(&e)
+                                )
+                            })
+                            .ok();
+                        match frozen.kill() {
+                            Ok(()) => send(Event::Killed),
+                            Err(e) => send(Event::Error(format!("killing process {pid}: {e}"))),
+                        };
+                        drop(holder);
+                        true
+                    }
                     _ => match frozen.thaw() {
                         Ok(()) => send(Event::Resumed),
                         Err(e) => send(Event::Error(format!("resuming process {pid}: {e}"))),
@@ -490,9 +509,19 @@ pub async fn send(session: Session, opts: &SendOptions, progress: Progress) -> R
         .spawn(move || engine_thread(pid, dump_opts, cmd_rx, ev_tx))
         .context("starting the engine thread")?;
     let pages = session
-        .page_sender(opts.streams, opts.compress)
+        .page_sender(opts.streams, opts.compress, opts.page_transport)
         .await
         .with_context(|| format!("opening page streams to {}", session.peer()))?;
+    let page_transport = match (pages.uses_tcp_channels(), pages.sealed()) {
+        (true, true) => "tcp-sealed",
+        (true, false) => "tcp",
+        _ => "quic",
+    };
+    tracing::debug!(
+        streams = pages.streams(),
+        page_transport,
+        "page streams open"
+    );
     let mut d = Driver {
         session: &session,
         pages,
@@ -500,7 +529,10 @@ pub async fn send(session: Session, opts: &SendOptions, progress: Progress) -> R
         events: ev_rx,
         pid,
         progress,
-        report: Report::default(),
+        report: Report {
+            page_transport,
+            ..Report::default()
+        },
         settled: false,
     };
     let outcome = tokio::select! {

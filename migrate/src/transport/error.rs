@@ -223,6 +223,15 @@ pub enum TransportError {
     #[error("page stream to {peer} stopped: {what}")]
     PageStreamStopped { peer: SocketAddr, what: String },
 
+    /// A TCP page channel failed.
+    #[error("{peer}: {what}")]
+    Channel {
+        peer: SocketAddr,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+
     /// zstd failed on our side (not on peer data).
     #[error("zstd {what}")]
     Zstd {

@@ -53,6 +53,8 @@ pub enum FrameKind {
     BatchHeader,
     BatchData,
     StreamMagic,
+    /// A sealed record of a TCP page channel between hosts.
+    SealedRecord,
 }
 
 impl FrameKind {
@@ -65,6 +67,7 @@ impl FrameKind {
             FrameKind::BatchHeader => MAX_BATCH_HEADER_LEN,
             FrameKind::BatchData => zstd::zstd_safe::compress_bound(MAX_BATCH_BYTES) as u64,
             FrameKind::StreamMagic => PAGE_STREAM_MAGIC.len() as u64,
+            FrameKind::SealedRecord => super::sealed::MAX_RECORD as u64,
         }
     }
 }
@@ -78,6 +81,7 @@ impl fmt::Display for FrameKind {
             FrameKind::BatchHeader => "PageBatchHeader",
             FrameKind::BatchData => "page data",
             FrameKind::StreamMagic => "page stream preamble",
+            FrameKind::SealedRecord => "sealed page channel record",
         })
     }
 }
@@ -671,7 +675,7 @@ mod tests {
             FrameKind::HelloReply => drop(decode_hello_reply(p, payload)),
             FrameKind::Control => drop(decode_control(p, payload)),
             FrameKind::BatchHeader => drop(decode_batch_header(p, payload)),
-            FrameKind::BatchData | FrameKind::StreamMagic => {}
+            FrameKind::BatchData | FrameKind::StreamMagic | FrameKind::SealedRecord => {}
         }
     }
 

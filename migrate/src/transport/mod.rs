@@ -5,8 +5,8 @@
 //! `crm_proto::migrate` (`proto/proto/migrate.proto`); this module owns how
 //! they travel: framing and limits ([`frame`]), authentication ([`auth`]),
 //! endpoints and the control stream ([`quic`]), page streams and compression
-//! ([`pages`]). It knows nothing about processes: a page batch is
-//! `(pid, round, vaddr, bytes)`.
+//! ([`pages`]), and TCP page channels ([`tcp_channel`]). It knows nothing
+//! about processes: a page batch is `(pid, round, vaddr, bytes)`.
 //!
 //! # Streams
 //!
@@ -15,6 +15,12 @@
 //!   ─────────────── control: 1 bidirectional stream, opened by the client ───
 //!   page streams:   up to 16 unidirectional streams, opened by the sender of
 //!                   pages (normally the source), allowed only after auth
+//!   or page channels: up to 16 TCP connections to the receiver's address
+//!                   and port number (TCP), each proving it belongs to the
+//!                   authenticated session; used when the receiver offers
+//!                   them ("tcp-pages") and is on this host (see
+//!                   [`tcp_channel`]: QUIC's per-packet cost caps it far
+//!                   below what TCP with large segments carries)
 //! ```
 //!
 //! Every message is a frame: `u32` little-endian length + protobuf payload,
@@ -82,6 +88,8 @@ pub mod error;
 pub mod frame;
 pub mod pages;
 pub mod quic;
+pub mod sealed;
+pub mod tcp_channel;
 
 #[allow(unused_imports)]
 pub use auth::{format_fingerprint, parse_fingerprint, read_token_file, Auth};
@@ -89,7 +97,8 @@ pub use auth::{format_fingerprint, parse_fingerprint, read_token_file, Auth};
 pub use error::{Result, TransportError};
 #[allow(unused_imports)]
 pub use pages::{
-    compression_pays, Compress, LinkSample, PageReceiver, PageSender, ReceivedBatch, SenderStats,
+    compression_pays, Compress, LinkSample, PageReceiver, PageSender, PageTransport, ReceivedBatch,
+    SenderStats,
 };
 #[allow(unused_imports)]
 pub use quic::{connect, control_kind, listen, Listener, Session};

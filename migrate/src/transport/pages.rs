@@ -19,7 +19,10 @@
 //!   compressing, every batch is), giving the single-core zstd speed `z`
 //!   (raw bytes per second) and the ratio `r` (compressed / raw, smoothed).
 //! - The link rate `L` is the larger of the congestion controller's estimate
-//!   `cwnd / smoothed RTT` (QUIC `Connection::stats()`) and the wire rate we
+//!   `cwnd / smoothed RTT` (QUIC `Connection::stats()`, or on TCP page
+//!   channels the sum over the channels of `TCP_INFO`'s `cwnd × mss / rtt`:
+//!   the QUIC connection then carries only control messages and its window
+//!   says nothing about the link) and the wire rate we
 //!   actually achieved since the last decision. The first undershoots before
 //!   slow start has opened the window, the second when we do not keep the
 //!   link busy; each covers the other's blind spot, and neither collapses
@@ -57,6 +60,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crm_proto::migrate::{Compression, PageBatchHeader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, Instrument};
@@ -64,8 +69,10 @@ use tracing::{debug, Instrument};
 use super::error::{Result, TransportError};
 use super::frame::{
     batch_decompressor, decode_batch_data, encode_batch_prefix, read_batch, read_stream_magic,
-    MAX_BATCH_BYTES, PAGE_SIZE, PAGE_STREAM_MAGIC,
+    FrameKind, MAX_BATCH_BYTES, PAGE_SIZE, PAGE_STREAM_MAGIC,
 };
+use super::sealed::{Opener, Sealer};
+use super::tcp_channel::{self, ChannelSecret, IncomingChannel};
 use super::{code, MAX_PAGE_STREAMS};
 
 /// Batches queued per sending stream.
@@ -130,6 +137,20 @@ pub fn compression_pays(s: &LinkSample, compressing_now: bool) -> bool {
     }
 }
 
+/// Which streams carry page data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PageTransport {
+    /// TCP page channels to a receiver on this host that offers them
+    /// ([`super::tcp_channel`]), QUIC page streams otherwise.
+    #[default]
+    Auto,
+    /// QUIC page streams always.
+    Quic,
+    /// TCP page channels, sealed even to a receiver on this host (what a
+    /// migration between hosts uses; to measure or test it on one host).
+    Sealed,
+}
+
 /// Counters of a [`PageSender`].
 #[derive(Clone, Debug, Default)]
 pub struct SenderStats {
@@ -171,6 +192,9 @@ struct AutoState {
 
 struct Shared {
     conn: quinn::Connection,
+    /// Duplicates of the TCP page channels' sockets, to ask their
+    /// congestion control for the link rate (empty on QUIC streams).
+    tcp_probes: Vec<std::os::fd::OwnedFd>,
     peer: SocketAddr,
     policy: Compress,
     parallelism: u32,
@@ -222,12 +246,21 @@ impl Shared {
         if !decide {
             return;
         }
-        let stats = self.conn.stats();
-        let rtt = stats.path.rtt.as_secs_f64();
-        let cwnd_rate = if rtt > 0.0 {
-            stats.path.cwnd as f64 / rtt
+        let cwnd_rate = if self.tcp_probes.is_empty() {
+            let stats = self.conn.stats();
+            let rtt = stats.path.rtt.as_secs_f64();
+            if rtt > 0.0 {
+                stats.path.cwnd as f64 / rtt
+            } else {
+                0.0
+            }
         } else {
-            0.0
+            // Page channels are separate flows: the link carries their sum.
+            use std::os::fd::AsFd;
+            self.tcp_probes
+                .iter()
+                .filter_map(|fd| tcp_channel::link_rate(fd.as_fd()))
+                .sum()
         };
         let elapsed = a.window_start.elapsed().as_secs_f64().max(1e-6);
         let observed = a.window_wire as f64 / elapsed;
@@ -270,22 +303,49 @@ struct Worker {
 pub struct PageSender {
     shared: Arc<Shared>,
     workers: Vec<Worker>,
+    tcp: bool,
+    sealed: bool,
     next: usize,
     batches: u64,
     raw_bytes: u64,
 }
 
 impl PageSender {
+    /// Opens `n_streams` page streams: TCP page channels when `channels`
+    /// is given (falling back to QUIC streams if a channel cannot be
+    /// opened), QUIC unidirectional streams otherwise.
     pub(super) async fn open(
         conn: quinn::Connection,
         peer: SocketAddr,
         n_streams: usize,
         policy: Compress,
+        channels: Option<(&ChannelSecret, bool)>,
     ) -> Result<PageSender> {
         let n = n_streams.clamp(1, MAX_PAGE_STREAMS as usize);
         let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        let outs = match channels {
+            Some((secret, sealed)) => match open_channels(peer, secret, n, sealed).await {
+                Ok(outs) => outs,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "no TCP page channels; pages go on QUIC streams");
+                    open_quic_streams(&conn, peer, n).await?
+                }
+            },
+            None => open_quic_streams(&conn, peer, n).await?,
+        };
+        let tcp_probes = outs
+            .iter()
+            .filter_map(|o| match o {
+                PageOut::Tcp(s, _) => {
+                    use std::os::fd::AsFd;
+                    s.as_fd().try_clone_to_owned().ok()
+                }
+                PageOut::Quic(_) => None,
+            })
+            .collect();
         let shared = Arc::new(Shared {
             conn: conn.clone(),
+            tcp_probes,
             peer,
             policy,
             parallelism: n.min(cores) as u32,
@@ -301,19 +361,14 @@ impl PageSender {
                 last_sample: None,
             }),
         });
+        let tcp = outs.iter().any(|o| matches!(o, PageOut::Tcp(..)));
+        let sealed = outs.iter().any(|o| matches!(o, PageOut::Tcp(_, Some(_))));
         let mut workers = Vec::with_capacity(n);
-        for i in 0..n {
-            let stream = conn
-                .open_uni()
-                .await
-                .map_err(|source| TransportError::OpenStream {
-                    peer,
-                    what: "page",
-                    source,
-                })?;
+        for (i, out) in outs.into_iter().enumerate() {
             let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-            let span = tracing::debug_span!("page_stream_out", %peer, stream = i);
-            let task = tokio::spawn(worker(stream, rx, shared.clone()).instrument(span));
+            let span =
+                tracing::debug_span!("page_stream_out", %peer, stream = i, kind = out.kind());
+            let task = tokio::spawn(worker(out, rx, shared.clone()).instrument(span));
             workers.push(Worker {
                 tx: Some(tx),
                 task: Some(task),
@@ -322,6 +377,8 @@ impl PageSender {
         Ok(PageSender {
             shared,
             workers,
+            tcp,
+            sealed,
             next: 0,
             batches: 0,
             raw_bytes: 0,
@@ -332,6 +389,16 @@ impl PageSender {
     #[allow(dead_code)] // API for the commands and reports; exercised by the tests
     pub fn streams(&self) -> usize {
         self.workers.len()
+    }
+
+    /// Whether the pages travel on TCP page channels (else QUIC streams).
+    pub fn uses_tcp_channels(&self) -> bool {
+        self.tcp
+    }
+
+    /// Whether the TCP page channels are sealed (encrypted).
+    pub fn sealed(&self) -> bool {
+        self.sealed
     }
 
     /// Queues one batch: `data` holds `data.len() / 4096` whole pages starting
@@ -498,21 +565,9 @@ fn compress(
     Ok((out, start.elapsed()))
 }
 
-async fn worker(
-    mut stream: quinn::SendStream,
-    mut rx: mpsc::Receiver<Job>,
-    shared: Arc<Shared>,
-) -> Result<()> {
+async fn worker(mut out: PageOut, mut rx: mpsc::Receiver<Job>, shared: Arc<Shared>) -> Result<()> {
     let peer = shared.peer;
-    let write_err = |source| TransportError::Write {
-        peer,
-        what: "page batch",
-        source,
-    };
-    stream
-        .write_all(&PAGE_STREAM_MAGIC)
-        .await
-        .map_err(write_err)?;
+    out.write_all(peer, &PAGE_STREAM_MAGIC).await?;
     shared.wrote(PAGE_STREAM_MAGIC.len());
     let mut comp: Option<zstd::bulk::Compressor<'static>> = None;
     while let Some(job) = rx.recv().await {
@@ -574,27 +629,185 @@ async fn worker(
         };
         let prefix = encode_batch_prefix(&header, payload.len());
         let wire = prefix.len() + payload.len();
-        let mut chunks = [Bytes::from(prefix), Bytes::from(payload)];
-        stream
-            .write_all_chunks(&mut chunks)
-            .await
-            .map_err(write_err)?;
+        out.write_batch(peer, prefix, payload).await?;
         shared.wrote(wire);
     }
     // Sender dropped: no more batches. Close the stream and wait until the
-    // peer has acknowledged everything on it.
-    let _ = stream.finish();
-    match stream.stopped().await {
-        Ok(None) => Ok(()),
-        Ok(Some(code)) => Err(TransportError::PageStreamStopped {
-            peer,
-            what: format!("the receiver stopped the stream (code {code})"),
-        }),
-        Err(e) => Err(TransportError::PageStreamStopped {
-            peer,
-            what: format!("waiting for acknowledgement: {e}"),
-        }),
+    // peer has taken everything on it.
+    out.finish(peer).await
+}
+
+async fn open_quic_streams(
+    conn: &quinn::Connection,
+    peer: SocketAddr,
+    n: usize,
+) -> Result<Vec<PageOut>> {
+    let mut outs = Vec::with_capacity(n);
+    for _ in 0..n {
+        let stream = conn
+            .open_uni()
+            .await
+            .map_err(|source| TransportError::OpenStream {
+                peer,
+                what: "page",
+                source,
+            })?;
+        outs.push(PageOut::Quic(stream));
     }
+    Ok(outs)
+}
+
+/// Opens `n` TCP page channels.
+async fn open_channels(
+    peer: SocketAddr,
+    secret: &ChannelSecret,
+    n: usize,
+    sealed: bool,
+) -> Result<Vec<PageOut>> {
+    let mut outs = Vec::with_capacity(n);
+    for i in 0..n {
+        let index = u16::try_from(i).unwrap_or(u16::MAX);
+        let (stream, sealer) = tcp_channel::connect(peer, secret, index, sealed).await?;
+        outs.push(PageOut::Tcp(stream, sealer.map(Box::new)));
+    }
+    Ok(outs)
+}
+
+/// Where a page-stream worker writes: a QUIC unidirectional stream or a TCP
+/// page channel ([`tcp_channel`]), plain or sealed. All carry the same
+/// bytes; a sealed channel puts the magic, each batch's prefix and each
+/// batch's data in records of their own.
+enum PageOut {
+    Quic(quinn::SendStream),
+    /// The sealer is boxed: it holds an expanded AES key schedule.
+    Tcp(TcpStream, Option<Box<Sealer>>),
+}
+
+impl PageOut {
+    fn kind(&self) -> &'static str {
+        match self {
+            PageOut::Quic(_) => "quic",
+            PageOut::Tcp(_, None) => "tcp",
+            PageOut::Tcp(_, Some(_)) => "tcp-sealed",
+        }
+    }
+
+    async fn write_all(&mut self, peer: SocketAddr, buf: &[u8]) -> Result<()> {
+        let r = match self {
+            PageOut::Quic(s) => {
+                return s
+                    .write_all(buf)
+                    .await
+                    .map_err(|source| TransportError::Write {
+                        peer,
+                        what: "page stream",
+                        source,
+                    })
+            }
+            PageOut::Tcp(s, None) => s.write_all(buf).await,
+            PageOut::Tcp(s, Some(sealer)) => sealer.write(s, &mut buf.to_vec()).await,
+        };
+        r.map_err(|source| TransportError::Channel {
+            peer,
+            what: "writing to a page channel",
+            source,
+        })
+    }
+
+    async fn write_batch(
+        &mut self,
+        peer: SocketAddr,
+        mut prefix: Vec<u8>,
+        mut payload: Vec<u8>,
+    ) -> Result<()> {
+        let r = match self {
+            PageOut::Quic(s) => {
+                let mut chunks = [Bytes::from(prefix), Bytes::from(payload)];
+                return s.write_all_chunks(&mut chunks).await.map_err(|source| {
+                    TransportError::Write {
+                        peer,
+                        what: "page batch",
+                        source,
+                    }
+                });
+            }
+            PageOut::Tcp(s, None) => write_two(s, &prefix, &payload).await,
+            PageOut::Tcp(s, Some(sealer)) => match sealer.write(s, &mut prefix).await {
+                Ok(()) => sealer.write(s, &mut payload).await,
+                Err(e) => Err(e),
+            },
+        };
+        r.map_err(|source| TransportError::Channel {
+            peer,
+            what: "writing a page batch",
+            source,
+        })
+    }
+
+    /// Ends the stream and waits until the receiver has read all of it (QUIC:
+    /// acknowledged; TCP: the receiver closed its side after our end, and a
+    /// sealed channel sent its end record first).
+    async fn finish(self, peer: SocketAddr) -> Result<()> {
+        match self {
+            PageOut::Quic(mut stream) => {
+                let _ = stream.finish();
+                match stream.stopped().await {
+                    Ok(None) => Ok(()),
+                    Ok(Some(code)) => Err(TransportError::PageStreamStopped {
+                        peer,
+                        what: format!("the receiver stopped the stream (code {code})"),
+                    }),
+                    Err(e) => Err(TransportError::PageStreamStopped {
+                        peer,
+                        what: format!("waiting for acknowledgement: {e}"),
+                    }),
+                }
+            }
+            PageOut::Tcp(mut stream, sealer) => {
+                let err = |what| move |source| TransportError::Channel { peer, what, source };
+                if let Some(mut sealer) = sealer {
+                    sealer
+                        .write_end(&mut stream)
+                        .await
+                        .map_err(err("ending a sealed page channel"))?;
+                }
+                stream
+                    .shutdown()
+                    .await
+                    .map_err(err("closing a page channel"))?;
+                let mut rest = [0u8; 64];
+                loop {
+                    let n = stream
+                        .read(&mut rest)
+                        .await
+                        .map_err(err("waiting for the receiver to close a page channel"))?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Writes `a` then `b` with as few syscalls as the kernel allows.
+async fn write_two(s: &mut TcpStream, mut a: &[u8], mut b: &[u8]) -> std::io::Result<()> {
+    use std::io::IoSlice;
+    while !a.is_empty() {
+        let n = s
+            .write_vectored(&[IoSlice::new(a), IoSlice::new(b)])
+            .await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        if n < a.len() {
+            a = &a[n..];
+        } else {
+            b = &b[n - a.len()..];
+            a = &[];
+        }
+    }
+    s.write_all(b).await
 }
 
 /// One decoded page batch: header and raw pages (`header.raw_len` bytes,
@@ -616,10 +829,16 @@ impl Drop for PageReceiver {
 }
 
 impl PageReceiver {
-    pub(super) fn start(conn: quinn::Connection, peer: SocketAddr) -> PageReceiver {
+    /// Reads the peer's QUIC page streams and, when given, the TCP page
+    /// channels the session's registration hands over.
+    pub(super) fn start(
+        conn: quinn::Connection,
+        peer: SocketAddr,
+        channels: Option<mpsc::Receiver<IncomingChannel>>,
+    ) -> PageReceiver {
         let (tx, rx) = mpsc::channel(RECV_QUEUE);
         let span = tracing::debug_span!("page_streams_in", %peer);
-        let task = tokio::spawn(accept_streams(conn, peer, tx).instrument(span));
+        let task = tokio::spawn(accept_streams(conn, peer, channels, tx).instrument(span));
         PageReceiver { rx, task }
     }
 
@@ -639,12 +858,22 @@ impl PageReceiver {
 async fn accept_streams(
     conn: quinn::Connection,
     peer: SocketAddr,
+    mut channels: Option<mpsc::Receiver<IncomingChannel>>,
     tx: mpsc::Sender<Result<ReceivedBatch>>,
 ) {
     let mut readers = JoinSet::new();
     let mut index = 0u32;
     loop {
         tokio::select! {
+            c = async { channels.as_mut()?.recv().await }, if channels.is_some() => match c {
+                Some(ch) => {
+                    let sealed = ch.opener.is_some();
+                    let span = tracing::debug_span!("page_channel_in", stream = index, sealed);
+                    index += 1;
+                    readers.spawn(read_channel(ch, peer, tx.clone()).instrument(span));
+                }
+                None => channels = None,
+            },
             r = conn.accept_uni() => match r {
                 Ok(stream) => {
                     let span = tracing::debug_span!("page_stream_in", stream = index);
@@ -677,45 +906,104 @@ async fn read_stream(
     }
 }
 
-async fn read_stream_inner(
-    stream: &mut quinn::RecvStream,
+async fn read_channel(
+    mut ch: IncomingChannel,
+    peer: SocketAddr,
+    tx: mpsc::Sender<Result<ReceivedBatch>>,
+) {
+    let r = match ch.opener.take() {
+        None => read_stream_inner(&mut ch.stream, peer, &tx).await,
+        Some(opener) => read_sealed(&mut ch.stream, opener, peer, &tx).await,
+    };
+    if let Err(e) = r {
+        let _ = tx.send(Err(e)).await;
+    }
+    // Dropping the stream closes it: the sender's `finish` sees the end.
+}
+
+/// A sealed channel: a record with the magic, then per batch a record with
+/// its prefix and one with its data, then the end record.
+async fn read_sealed(
+    stream: &mut TcpStream,
+    mut opener: Opener,
+    peer: SocketAddr,
+    tx: &mpsc::Sender<Result<ReceivedBatch>>,
+) -> Result<()> {
+    let missing = |what: &str| TransportError::Invalid {
+        peer,
+        kind: FrameKind::SealedRecord,
+        what: what.to_owned(),
+    };
+    let magic = opener
+        .read(stream, peer)
+        .await?
+        .ok_or_else(|| missing("channel ended before its preamble"))?;
+    let mut m = &magic[..];
+    read_stream_magic(&mut m, peer).await?;
+    if !m.is_empty() {
+        return Err(missing("extra bytes after the preamble"));
+    }
+    let mut dec = batch_decompressor()?;
+    while let Some(prefix) = opener.read(stream, peer).await? {
+        let data = opener
+            .read(stream, peer)
+            .await?
+            .ok_or_else(|| missing("channel ended between a batch header and its data"))?;
+        let mut r = (&prefix[..]).chain(&data[..]);
+        let Some((h, data)) = read_batch(&mut r, peer).await? else {
+            return Err(missing("empty batch record"));
+        };
+        let (a, b) = r.get_ref();
+        if !a.is_empty() || !b.is_empty() {
+            return Err(missing("extra bytes after a batch"));
+        }
+        if !deliver(h, data, &mut dec, peer, tx).await? {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Decodes one batch (decompressing off the async threads when needed)
+/// and queues it. `Ok(false)` when nobody receives any more.
+async fn deliver(
+    h: PageBatchHeader,
+    data: Vec<u8>,
+    dec: &mut zstd::bulk::Decompressor<'static>,
+    peer: SocketAddr,
+    tx: &mpsc::Sender<Result<ReceivedBatch>>,
+) -> Result<bool> {
+    let batch = if h.compression == Compression::Zstd as i32 {
+        let mut d = std::mem::replace(dec, batch_decompressor()?);
+        let (d, h2, res) = tokio::task::spawn_blocking(move || {
+            let r = decode_batch_data(peer, &h, data, &mut d);
+            (d, h, r)
+        })
+        .await
+        .map_err(|e| TransportError::PageStreamStopped {
+            peer,
+            what: format!("decompression task failed: {e}"),
+        })?;
+        *dec = d;
+        (h2, res?)
+    } else {
+        // Uncompressed: only a CRC, cheap enough here.
+        let raw = decode_batch_data(peer, &h, data, dec)?;
+        (h, raw)
+    };
+    // An error means the receiver was dropped: nobody wants the pages.
+    Ok(tx.send(Ok(batch)).await.is_ok())
+}
+
+async fn read_stream_inner<R: AsyncRead + Unpin>(
+    stream: &mut R,
     peer: SocketAddr,
     tx: &mpsc::Sender<Result<ReceivedBatch>>,
 ) -> Result<()> {
     read_stream_magic(stream, peer).await?;
-    let mut dec = Some(batch_decompressor()?);
+    let mut dec = batch_decompressor()?;
     while let Some((h, data)) = read_batch(stream, peer).await? {
-        let raw = if h.compression == Compression::Zstd as i32 {
-            let Some(mut d) = dec.take() else {
-                return Err(TransportError::PageStreamStopped {
-                    peer,
-                    what: "decompressor lost".into(),
-                });
-            };
-            let (d, h2, res) = tokio::task::spawn_blocking(move || {
-                let r = decode_batch_data(peer, &h, data, &mut d);
-                (d, h, r)
-            })
-            .await
-            .map_err(|e| TransportError::PageStreamStopped {
-                peer,
-                what: format!("decompression task failed: {e}"),
-            })?;
-            dec = Some(d);
-            (h2, res?)
-        } else {
-            // Uncompressed: only a CRC, cheap enough here.
-            let d = dec
-                .as_mut()
-                .ok_or_else(|| TransportError::PageStreamStopped {
-                    peer,
-                    what: "decompressor lost".into(),
-                })?;
-            let raw = decode_batch_data(peer, &h, data, d)?;
-            (h, raw)
-        };
-        if tx.send(Ok(raw)).await.is_err() {
-            // The receiver was dropped: nobody wants the pages.
+        if !deliver(h, data, &mut dec, peer, tx).await? {
             return Ok(());
         }
     }

@@ -32,7 +32,8 @@ use super::frame::{
     decode_control, decode_hello, decode_hello_reply, encode_message, read_required, FrameKind,
     FrameReader, MAX_CONTROL_LEN, MAX_HELLO_LEN,
 };
-use super::pages::{Compress, PageReceiver, PageSender};
+use super::pages::{Compress, PageReceiver, PageSender, PageTransport};
+use super::tcp_channel::{self, ChannelListener, ChannelSecret, Registration, Registry};
 use super::{code, ALPN, CAPABILITIES, MAX_PAGE_STREAMS, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 /// Time a peer has from its first packet to a completed Hello exchange.
@@ -146,8 +147,12 @@ fn client_config(verifier: Arc<ServerVerifier>) -> Result<quinn::ClientConfig> {
 }
 
 fn exporter(conn: &quinn::Connection) -> Result<[u8; 32]> {
+    exporter_with(conn, auth::EXPORTER_LABEL)
+}
+
+fn exporter_with(conn: &quinn::Connection, label: &[u8]) -> Result<[u8; 32]> {
     let mut out = [0u8; 32];
-    conn.export_keying_material(&mut out, auth::EXPORTER_LABEL, b"")
+    conn.export_keying_material(&mut out, label, b"")
         .map_err(|_| TransportError::Tls {
             what: "TLS keying material export failed".into(),
         })?;
@@ -224,11 +229,27 @@ pub async fn listen(addr: SocketAddr, auth: Auth, state_dir: &Path) -> Result<Li
     let local = endpoint
         .local_addr()
         .map_err(|source| TransportError::Bind { addr, source })?;
+    // Page channels listen on TCP at the same address and port number.
+    let channels = match ChannelListener::bind(local).await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            warn!(addr = %local, error = %e, "no TCP page channels (pages will travel on QUIC)");
+            None
+        }
+    };
+    let registry = channels.as_ref().map(|c| c.registry().clone());
     let (tx, rx) = mpsc::channel(4);
     let refused = Arc::new(AtomicU64::new(0));
     let span = tracing::info_span!("listener", addr = %local);
     let task = tokio::spawn(
-        accept_loop(endpoint.clone(), Arc::new(token), tx, refused.clone()).instrument(span),
+        accept_loop(
+            endpoint.clone(),
+            Arc::new(token),
+            registry,
+            tx,
+            refused.clone(),
+        )
+        .instrument(span),
     );
     info!(
         addr = %local,
@@ -237,6 +258,7 @@ pub async fn listen(addr: SocketAddr, auth: Auth, state_dir: &Path) -> Result<Li
     );
     Ok(Listener {
         endpoint,
+        _channels: channels,
         addr: local,
         fingerprint: id.fingerprint,
         sessions: Mutex::new(rx),
@@ -249,6 +271,8 @@ pub async fn listen(addr: SocketAddr, auth: Auth, state_dir: &Path) -> Result<Li
 /// returned by [`accept`](Self::accept) live on.
 pub struct Listener {
     endpoint: quinn::Endpoint,
+    /// TCP page channels (see [`tcp_channel`]); kept alive with the listener.
+    _channels: Option<ChannelListener>,
     addr: SocketAddr,
     fingerprint: [u8; 32],
     sessions: Mutex<mpsc::Receiver<Session>>,
@@ -320,6 +344,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 async fn accept_loop(
     endpoint: quinn::Endpoint,
     token: Arc<Vec<u8>>,
+    registry: Option<Arc<Registry>>,
     tx: mpsc::Sender<Session>,
     refused: Arc<AtomicU64>,
 ) {
@@ -337,12 +362,13 @@ async fn accept_loop(
                 }
                 let token = token.clone();
                 let endpoint = endpoint.clone();
+                let registry = registry.clone();
                 let span = tracing::info_span!("peer", %peer);
                 pending.spawn(
                     async move {
                         let r = tokio::time::timeout(
                             HANDSHAKE_TIMEOUT,
-                            server_handshake(incoming, peer, &token, endpoint),
+                            server_handshake(incoming, peer, &token, registry, endpoint),
                         )
                         .await
                         .unwrap_or(Err(TransportError::Timeout {
@@ -380,6 +406,7 @@ async fn server_handshake(
     incoming: quinn::Incoming,
     peer: SocketAddr,
     token: &[u8],
+    registry: Option<Arc<Registry>>,
     endpoint: quinn::Endpoint,
 ) -> Result<Session> {
     let conn = incoming
@@ -435,13 +462,25 @@ async fn server_handshake(
         };
         return Err(refuse(&conn, &mut send, reason, e).await);
     }
+    // Authenticated: the session may open TCP page channels.
+    let registration = match &registry {
+        Some(r) => Some(r.register(ChannelSecret::new(exporter_with(
+            &conn,
+            tcp_channel::CHANNEL_EXPORTER_LABEL,
+        )?))),
+        None => None,
+    };
+    let mut capabilities: Vec<String> = CAPABILITIES.iter().map(|s| s.to_string()).collect();
+    if registration.is_some() {
+        capabilities.push(tcp_channel::CAPABILITY.to_owned());
+    }
     let reply = HelloReply {
         accepted: true,
         reason: String::new(),
         auth_proof: auth::proof(token, &ekm, Role::Server).to_vec(),
         protocol_version: version,
         tool_version: TOOL_VERSION.to_owned(),
-        capabilities: CAPABILITIES.iter().map(|s| s.to_string()).collect(),
+        capabilities,
     };
     let frame = encode_message(peer, FrameKind::HelloReply, &reply)?;
     send.write_all(&frame)
@@ -452,7 +491,7 @@ async fn server_handshake(
             source,
         })?;
     conn.set_max_concurrent_uni_streams(VarInt::from_u32(MAX_PAGE_STREAMS));
-    Ok(Session::new(
+    let mut session = Session::new(
         conn,
         endpoint,
         false,
@@ -463,7 +502,9 @@ async fn server_handshake(
         send,
         recv,
         None,
-    ))
+    );
+    session.channel_registration = std::sync::Mutex::new(registration);
+    Ok(session)
 }
 
 /// Tells the client why it is refused, gives it a moment to read that, and
@@ -619,7 +660,20 @@ async fn client_handshake(
         }
     }
     conn.set_max_concurrent_uni_streams(VarInt::from_u32(MAX_PAGE_STREAMS));
-    Ok(Session::new(
+    // Pages go on TCP channels when the receiver offers them.
+    let channel_secret = if reply
+        .capabilities
+        .iter()
+        .any(|c| c == tcp_channel::CAPABILITY)
+    {
+        Some(ChannelSecret::new(exporter_with(
+            &conn,
+            tcp_channel::CHANNEL_EXPORTER_LABEL,
+        )?))
+    } else {
+        None
+    };
+    let mut session = Session::new(
         conn,
         endpoint,
         true,
@@ -630,7 +684,9 @@ async fn client_handshake(
         send,
         recv,
         verifier.seen(),
-    ))
+    );
+    session.channel_secret = channel_secret;
+    Ok(session)
 }
 
 /// An authenticated migration session: the control stream and access to the
@@ -655,6 +711,10 @@ pub struct Session {
     send_torn: AtomicBool,
     receiver_taken: AtomicBool,
     server_fingerprint: Option<[u8; 32]>,
+    /// Client: the secret of the TCP page channels, when they are used.
+    channel_secret: Option<ChannelSecret>,
+    /// Server: where this session's TCP page channels arrive.
+    channel_registration: std::sync::Mutex<Option<Registration>>,
 }
 
 impl std::fmt::Debug for Session {
@@ -694,6 +754,8 @@ impl Session {
             send_torn: AtomicBool::new(false),
             receiver_taken: AtomicBool::new(false),
             server_fingerprint,
+            channel_secret: None,
+            channel_registration: std::sync::Mutex::new(None),
         }
     }
 
@@ -797,9 +859,25 @@ impl Session {
     }
 
     /// Opens `n_streams` page streams (clamped to 1..=16) and returns their
-    /// sender. Waits until the peer allows the streams.
-    pub async fn page_sender(&self, n_streams: usize, compress: Compress) -> Result<PageSender> {
-        PageSender::open(self.conn.clone(), self.peer, n_streams, compress).await
+    /// sender: TCP page channels when the peer is on this host and offers
+    /// them ([`tcp_channel`]), QUIC streams otherwise. Waits until the peer
+    /// allows the streams.
+    pub async fn page_sender(
+        &self,
+        n_streams: usize,
+        compress: Compress,
+        transport: PageTransport,
+    ) -> Result<PageSender> {
+        // Unsealed only to this host (loopback), see `tcp_channel`.
+        let channels = match transport {
+            PageTransport::Auto => self
+                .channel_secret
+                .as_ref()
+                .map(|s| (s, !self.peer.ip().is_loopback())),
+            PageTransport::Sealed => self.channel_secret.as_ref().map(|s| (s, true)),
+            PageTransport::Quic => None,
+        };
+        PageSender::open(self.conn.clone(), self.peer, n_streams, compress, channels).await
     }
 
     /// Starts receiving the peer's page streams. Only one receiver per
@@ -808,7 +886,13 @@ impl Session {
         if self.receiver_taken.swap(true, Ordering::AcqRel) {
             return Err(TransportError::PageReceiverTaken { peer: self.peer });
         }
-        Ok(PageReceiver::start(self.conn.clone(), self.peer))
+        let channels = self
+            .channel_registration
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+            .and_then(Registration::take_channels);
+        Ok(PageReceiver::start(self.conn.clone(), self.peer, channels))
     }
 
     /// Closes the session at once (abort path): unsent and unacknowledged

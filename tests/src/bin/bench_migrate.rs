@@ -102,6 +102,9 @@ const RUST_LOG: &str = "debug,quinn=info,quinn_proto=info,quinn_udp=info,rustls=
 type Res<T> = Result<T, String>;
 
 fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("--first-touch-probe") {
+        return first_touch_probe();
+    }
     if std::env::args().nth(1).as_deref() == Some("--memcpy-probe") {
         return memcpy_probe();
     }
@@ -371,6 +374,43 @@ fn memcpy_probe() -> ExitCode {
     }
     println!("{:.3}", gbps(copied, started.elapsed()));
     ExitCode::SUCCESS
+}
+
+/// `--first-touch-probe MIB`: in a child process, maps MIB MiB of fresh
+/// anonymous memory and writes one byte per page; prints the milliseconds.
+/// Every page a migration carries lands in fresh memory at the destination
+/// (its page store), so this is a floor for the transfer on this machine.
+fn first_touch_probe() -> ExitCode {
+    let mib: usize = std::env::args()
+        .nth(2)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1024);
+    let len = mib * MIB;
+    let p = crm_tests::wl::map_anon(len);
+    let started = Instant::now();
+    for off in (0..len).step_by(4096) {
+        // SAFETY: `p` maps `len` bytes, readable and writable.
+        unsafe { p.add(off).write_volatile(1) };
+    }
+    println!("{:.3}", started.elapsed().as_secs_f64() * 1e3);
+    ExitCode::SUCCESS
+}
+
+/// Runs [`first_touch_probe`] for `mib` MiB; the milliseconds it took.
+fn first_touch_ms(mib: usize) -> Res<f64> {
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    let out = Command::new(exe)
+        .args(["--first-touch-probe", &mib.to_string()])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("running the first-touch probe: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("the first-touch probe failed: {}", out.status));
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .map_err(|e| format!("first-touch probe output: {e}"))
 }
 
 fn memcpy_gbps() -> Res<f64> {
@@ -1213,6 +1253,16 @@ fn run(opts: &Opts) -> Res<()> {
             MEMCPY_BUF / MIB
         ),
         Err(e) => println!("  memcpy baseline: {e}"),
+    }
+    match first_touch_ms(opts.size_mib) {
+        Ok(ms) => println!(
+            "  first write to {} MiB of fresh anonymous memory (child process): {ms:.0} ms \
+             ({:.2} GB/s): every page lands in fresh memory at the destination, so a \
+             migration cannot move pages faster on this machine",
+            opts.size_mib,
+            (opts.size_mib * MIB) as f64 / (ms * 1e-3) / 1e9
+        ),
+        Err(e) => println!("  first-touch baseline: {e}"),
     }
     let size_bytes = opts.size_mib * MIB;
     let total_limit_ms = TOTAL_FACTOR * size_bytes as f64 / (loopback * 1e9) * 1e3;

@@ -18,7 +18,7 @@
 //!   session (a daemon): a session with no leader.
 //! - `session-left`: child P forks K, then P calls setsid(): K is in the
 //!   root's session but P is not (dump refuses it).
-//! - `child-socket`: as `multitask` with a socketpair in child 2 (dump
+//! - `child-socket`: as `multitask` with a netlink socket in child 2 (dump
 //!   refuses it).
 //! - `child-cwd`: as `multitask` with child 3 working in `./cwd-child`
 //!   (a test removes it to make the restore of that child fail).
@@ -445,16 +445,14 @@ fn main() {
                             member(&mut inh, || None)
                         }
                         2 if mode == "child-socket" => {
-                            let mut fds = [0i32; 2];
-                            // SAFETY: socketpair writes two fds into the array.
-                            unsafe {
-                                libc::socketpair(
-                                    libc::AF_UNIX,
-                                    libc::SOCK_STREAM,
-                                    0,
-                                    fds.as_mut_ptr(),
-                                )
+                            // A netlink socket: a kind the engine refuses.
+                            // SAFETY: socket(2) takes no pointers.
+                            let fd = unsafe {
+                                libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE)
                             };
+                            if fd < 0 {
+                                wl::fail_setup("netlink socket");
+                            }
                             member(&mut inh, || None)
                         }
                         3 if mode == "child-cwd" => {

@@ -1,5 +1,6 @@
-//! Workload `wl_unsupported_fd`: holds both ends of a unix socketpair, a kind
-//! of fd the dump must refuse (for now), at the distinctive fd numbers 37 and 38.
+//! Workload `wl_unsupported_fd`: holds both ends of an established TCP
+//! connection over loopback (client fd 37, accepted fd 38), a kind of fd the
+//! dump must refuse (it needs TCP repair), at distinctive fd numbers.
 //!
 //! Protocol: `READY pid=N sock_fd_a=37 sock_fd_b=38`; on SIGUSR2 writes a byte
 //! into fd 38, reads it back from fd 37 and prints `PASS socket fds 37/38
@@ -17,28 +18,28 @@ const WRITE_FD: i32 = 38;
 
 fn main() {
     wl::catch(libc::SIGUSR2);
-    let mut fds = [0i32; 2];
-    // SAFETY: socketpair writes two fds into the live two-element array.
-    if unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    } != 0
+    let listener = crm_tests::sock::socket(libc::AF_INET, libc::SOCK_STREAM);
+    let any = crm_tests::sock::loopback(false, 0);
+    if crm_tests::sock::bind(listener, &any).is_err()
+        || crm_tests::sock::listen(listener, 1).is_err()
     {
-        wl::fail_setup("socketpair");
+        wl::fail_setup("TCP listener");
     }
-    for (from, to) in [(fds[0], READ_FD), (fds[1], WRITE_FD)] {
-        // SAFETY: dup2 onto fd numbers we do not otherwise use, then close the
-        // original, which nothing else refers to.
-        let ok = unsafe { libc::dup2(from, to) == to && libc::close(from) == 0 };
-        if !ok {
-            wl::fail_setup("dup2 of a socket fd");
-        }
+    let port = crm_tests::sock::port_of(&crm_tests::sock::local_name(listener));
+    let client = crm_tests::sock::socket(libc::AF_INET, libc::SOCK_STREAM);
+    if crm_tests::sock::connect(client, &crm_tests::sock::loopback(false, port)).is_err() {
+        wl::fail_setup("TCP connect");
     }
-    // SAFETY: READ_FD and WRITE_FD were just created by dup2 and are owned by nothing
+    let Ok(accepted) = crm_tests::sock::accept(listener, 5000) else {
+        wl::fail_setup("TCP accept");
+    };
+    // The accepted socket is non-blocking: make it blocking like the client.
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe { libc::fcntl(accepted, libc::F_SETFL, 0) };
+    crm_tests::sock::close(listener);
+    crm_tests::sock::place(client, READ_FD);
+    crm_tests::sock::place(accepted, WRITE_FD);
+    // SAFETY: READ_FD and WRITE_FD were just placed by dup2 and are owned by nothing
     // else; the Files take ownership for the rest of the process.
     let (mut rd, mut wr) = unsafe {
         (
@@ -60,7 +61,7 @@ fn main() {
                 Err(e) => vec![format!("socket fds {READ_FD}/{WRITE_FD}: {e}")],
             };
             wl::verdict(
-                &format!("socket fds {READ_FD}/{WRITE_FD} connected"),
+                &format!("TCP socket fds {READ_FD}/{WRITE_FD} connected"),
                 &problems,
             );
         }

@@ -8,6 +8,7 @@ use crm_proto::migrate::{Commit, Compression, PageBatchHeader, RestoreResult, Ro
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::Instant;
+use tokio::io::AsyncWriteExt;
 
 const TOKEN: &[u8] = b"correct horse battery staple";
 const MIB: usize = 1 << 20;
@@ -291,7 +292,12 @@ const BASE: u64 = 0x7f00_0000_0000;
 
 /// Sends `total` bytes of checkable pages in batches of varying size over
 /// `streams` streams and checks every batch on arrival.
-async fn transfer_checked(name: &str, policy: Compress, total: usize) -> SenderStats {
+async fn transfer_checked(
+    name: &str,
+    policy: Compress,
+    transport: PageTransport,
+    total: usize,
+) -> SenderStats {
     let (c, s, _l, _dir) = pair(name).await;
     let mut rx = s.page_receiver().unwrap();
     assert!(matches!(
@@ -315,8 +321,11 @@ async fn transfer_checked(name: &str, policy: Compress, total: usize) -> SenderS
         }
         Ok::<_, TransportError>((seen.len(), bytes))
     });
-    let mut tx = c.page_sender(4, policy).await.unwrap();
+    let mut tx = c.page_sender(4, policy, transport).await.unwrap();
     assert_eq!(tx.streams(), 4);
+    // The listener is on loopback: `Auto` takes unsealed TCP page channels.
+    assert_eq!(tx.uses_tcp_channels(), transport != PageTransport::Quic);
+    assert_eq!(tx.sealed(), transport == PageTransport::Sealed);
     let sizes = [1usize, 7, 64, 256, 1024, 3];
     let (mut sent, mut vaddr, mut i) = (0, BASE, 0);
     while sent < total {
@@ -342,15 +351,36 @@ async fn transfer_checked(name: &str, policy: Compress, total: usize) -> SenderS
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_64mib_over_4_streams_raw() {
-    let st = transfer_checked("raw64", Compress::Never, 64 * MIB).await;
+    let st = transfer_checked("raw64", Compress::Never, PageTransport::Quic, 64 * MIB).await;
     println!("Never: {st:?}");
     assert_eq!(st.compressed_batches, 0);
     assert!(st.wire_bytes > st.raw_bytes);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_64mib_over_4_sealed_tcp_channels_zstd() {
+    let st = transfer_checked(
+        "sealed64",
+        Compress::Always,
+        PageTransport::Sealed,
+        64 * MIB,
+    )
+    .await;
+    println!("Always over sealed TCP channels: {st:?}");
+    assert_eq!(st.compressed_batches, st.batches);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_64mib_over_4_tcp_channels_raw() {
+    let st = transfer_checked("tcp64", Compress::Never, PageTransport::Auto, 64 * MIB).await;
+    println!("Never over TCP channels: {st:?}");
+    assert_eq!(st.compressed_batches, 0);
+    assert!(st.wire_bytes > st.raw_bytes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_64mib_over_4_streams_zstd() {
-    let st = transfer_checked("zstd64", Compress::Always, 64 * MIB).await;
+    let st = transfer_checked("zstd64", Compress::Always, PageTransport::Quic, 64 * MIB).await;
     println!(
         "Always: {st:?}; wire/raw = {:.3}",
         st.wire_bytes as f64 / st.raw_bytes as f64
@@ -362,7 +392,7 @@ async fn pages_64mib_over_4_streams_zstd() {
 /// Malformed input from an authenticated peer: typed errors, no panic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_page_streams_and_control_frames() {
-    let (c, s, _l, _dir) = pair("malformed").await;
+    let (c, s, l, _dir) = pair("malformed").await;
     let mut rx = s.page_receiver().unwrap();
     let peer = c.peer();
 
@@ -439,14 +469,50 @@ async fn malformed_page_streams_and_control_frames() {
     ));
 
     // A good batch still gets through after all that.
-    let mut tx = c.page_sender(1, Compress::Never).await.unwrap();
+    let mut tx = c
+        .page_sender(1, Compress::Never, PageTransport::Quic)
+        .await
+        .unwrap();
+    tx.send_batch(1, 0, BASE, data.clone()).await.unwrap();
+    let (h2, d2) = rx.next().await.unwrap().unwrap();
+    assert_eq!((h2.vaddr, d2), (BASE, data.clone()));
+    tx.finish().await.unwrap();
+
+    // The same over a TCP page channel: garbage after a valid channel
+    // handshake is a typed error, and good batches still get through.
+    let secret = c
+        .channel_secret
+        .clone()
+        .expect("loopback peer: TCP channels");
+    let (mut ch, _) = tcp_channel::connect(l.local_addr(), &secret, 7, false)
+        .await
+        .unwrap();
+    ch.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    ch.shutdown().await.unwrap();
+    let e = rx.next().await.unwrap_err();
+    println!("{e}");
+    assert!(matches!(
+        e,
+        TransportError::Invalid {
+            kind: FrameKind::StreamMagic,
+            ..
+        }
+    ));
+    let mut tx = c
+        .page_sender(1, Compress::Never, PageTransport::Auto)
+        .await
+        .unwrap();
+    assert!(tx.uses_tcp_channels());
     tx.send_batch(1, 0, BASE, data.clone()).await.unwrap();
     let (h2, d2) = rx.next().await.unwrap().unwrap();
     assert_eq!((h2.vaddr, d2), (BASE, data.clone()));
     tx.finish().await.unwrap();
 
     // Caller mistakes are refused before anything is sent.
-    let mut tx = c.page_sender(1, Compress::Never).await.unwrap();
+    let mut tx = c
+        .page_sender(1, Compress::Never, PageTransport::Auto)
+        .await
+        .unwrap();
     assert!(matches!(
         tx.send_batch(1, 0, BASE + 1, data.clone()).await,
         Err(TransportError::InvalidSend { .. })
@@ -490,7 +556,14 @@ async fn malformed_page_streams_and_control_frames() {
 async fn loopback_throughput() {
     let total = 256 * MIB;
     let batch = page_content(BASE, 4 * MIB);
-    for policy in [Compress::Never, Compress::Always, Compress::Auto] {
+    for (policy, transport) in [
+        (Compress::Never, PageTransport::Quic),
+        (Compress::Always, PageTransport::Quic),
+        (Compress::Auto, PageTransport::Quic),
+        (Compress::Never, PageTransport::Auto),
+        (Compress::Auto, PageTransport::Auto),
+        (Compress::Never, PageTransport::Sealed),
+    ] {
         let (c, s, _l, _dir) = pair("tput").await;
         let mut rx = s.page_receiver().unwrap();
         let receiver = tokio::spawn(async move {
@@ -501,21 +574,27 @@ async fn loopback_throughput() {
             }
             Ok::<_, TransportError>(bytes)
         });
-        let mut tx = c.page_sender(4, policy).await.unwrap();
+        let mut tx = c.page_sender(4, policy, transport).await.unwrap();
         let start = Instant::now();
         let mut vaddr = BASE;
         for _ in 0..total / batch.len() {
             tx.send_batch(1, 0, vaddr, batch.clone()).await.unwrap();
             vaddr += batch.len() as u64;
         }
+        let (tx_tcp, tx_sealed) = (tx.uses_tcp_channels(), tx.sealed());
         let st = tx.finish().await.unwrap();
         assert_eq!(receiver.await.unwrap().unwrap(), total);
         let secs = start.elapsed().as_secs_f64();
         let stats = c.conn.stats();
         println!(
-            "loopback {policy:?}: {} MiB in {secs:.3} s = {:.0} MiB/s raw pages, wire/raw {:.3}, \
+            "loopback {policy:?} over {}: {} MiB in {secs:.3} s = {:.0} MiB/s raw pages, wire/raw {:.3}, \
              compressed batches {}/{}, compressing at end: {}, last sample: {:?}, \
              path rtt {:?} cwnd {} B mtu {}",
+            match (tx_tcp, tx_sealed) {
+                (true, true) => "sealed TCP channels",
+                (true, false) => "TCP channels",
+                _ => "QUIC streams",
+            },
             total / MIB,
             total as f64 / MIB as f64 / secs,
             st.wire_bytes as f64 / st.raw_bytes as f64,
