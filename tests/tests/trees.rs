@@ -663,3 +663,25 @@ fn restore_without_detach_waits_for_the_root() {
     );
     println!("checked: restore without --detach waited for the root and exited 128+SIGTERM");
 }
+
+#[test]
+fn pipe_between_tasks_refused_untouched() {
+    h::init();
+    let _serial = h::serial();
+    let tmp = TempDir::new("tree-pipe");
+    let images = tmp.subdir("images");
+    let tree = start("child-pipe", tmp.path());
+    let before = tree.links();
+    let pid = tree.wl.pid().to_string();
+    let out = run_crm(&["dump", "--pid", &pid, "--images-dir", path_str(&images)]);
+    let err = assert_refused(&out, "dump");
+    let named = tree
+        .all()
+        .iter()
+        .any(|p| err.contains(&format!("process {p}: fd ")));
+    assert!(
+        named && err.contains("a pipe to another process"),
+        "the refusal should name a task of the tree, the fd and its kind:\n{err}"
+    );
+    assert_untouched(&tree, &before, "the refused dump");
+}

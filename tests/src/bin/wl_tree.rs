@@ -20,6 +20,9 @@
 //!   root's session but P is not (dump refuses it).
 //! - `child-socket`: as `multitask` with a netlink socket in child 2 (dump
 //!   refuses it).
+//! - `child-pipe`: a pipe whose write end the root holds and whose read
+//!   end a child holds (dump refuses it until pipes between tasks are
+//!   supported).
 //! - `child-cwd`: as `multitask` with child 3 working in `./cwd-child`
 //!   (a test removes it to make the restore of that child fail).
 //! - `shmem`: a 4 MiB `MAP_SHARED | MAP_ANONYMOUS` region (its last MiB
@@ -433,6 +436,22 @@ fn main() {
     let mut shared_region: Option<usize> = None;
 
     match mode.as_str() {
+        "child-pipe" => {
+            // A pipe from the root to a child: not restorable yet.
+            let mut fds = [0i32; 2];
+            // SAFETY: pipe writes two descriptors into the array.
+            if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+                wl::fail_setup("pipe");
+            }
+            if fork() == 0 {
+                // SAFETY: closing our copy of the write end.
+                unsafe { libc::close(fds[1]) };
+                member(&mut inh, || None);
+            }
+            // SAFETY: closing our copy of the read end.
+            unsafe { libc::close(fds[0]) };
+            expected_members = 1;
+        }
         "multitask" | "child-socket" | "child-cwd" => {
             for i in 0..4 {
                 if fork() == 0 {
