@@ -78,6 +78,33 @@ impl ImageDir {
         Ok(dir)
     }
 
+    /// The same directory, with files written without fsync: for a writer
+    /// that makes them durable at once with [`ImageDir::sync_all`] before
+    /// it writes the inventory.
+    pub fn unsynced(&self) -> ImageDir {
+        ImageDir {
+            path: self.path.clone(),
+            durability: Durability::Scratch,
+        }
+    }
+
+    /// Makes everything written so far durable: one `syncfs(2)` of the
+    /// directory's filesystem (data, renames and the directory itself)
+    /// instead of an fsync per file.
+    pub fn sync_all(&self) -> Result<(), ImageError> {
+        let dir = fs::File::open(&self.path)
+            .map_err(|e| ImageError::io(&self.path, "open the directory", e))?;
+        // SAFETY: syncfs on a descriptor we own; no pointers.
+        if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir)) } != 0 {
+            return Err(ImageError::io(
+                &self.path,
+                "syncfs",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Opens an existing image: reads and checks `inventory.img` (magic, versions, page size).
     pub fn open(path: &Path) -> Result<ImageDir, ImageError> {
         let dir = ImageDir {
