@@ -63,6 +63,8 @@ pub const CHANNEL_EXPORTER_LABEL: &[u8] = b"EXPORTER-cr-migrate-page-channels";
 pub const CHANNEL_MAGIC: [u8; 4] = *b"CRMT";
 /// Time a peer has to complete a channel handshake.
 pub const CHANNEL_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a TCP connect may take before page channels are given up.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Channel handshakes the receiver runs at once.
 pub const MAX_PENDING_HANDSHAKES: usize = 16;
 /// Socket buffers of a channel: enough for a few batches in flight.
@@ -383,8 +385,11 @@ pub async fn connect(
     sealed: bool,
 ) -> Result<(TcpStream, Option<Sealer>)> {
     let fut = async {
-        let mut stream = TcpStream::connect(peer)
+        // A firewall that drops TCP would otherwise hold the migration for
+        // the whole handshake timeout before it falls back to QUIC streams.
+        let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(peer))
             .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
             .map_err(channel_err(peer, "connecting a page channel"))?;
         let mut hello = Vec::with_capacity(4 + SESSION_ID_LEN);
         hello.extend_from_slice(&CHANNEL_MAGIC);
