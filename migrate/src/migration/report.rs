@@ -27,6 +27,8 @@ pub struct Report {
     pub wire_bytes: u64,
     pub frozen_at_unix_us: u64,
     pub restored_at_unix_us: u64,
+    /// Start → the destination committed (the process runs there and the
+    /// original is dead); freeing the original's memory comes after.
     pub total: Duration,
 }
 
@@ -90,7 +92,7 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "  time: {:.3} s total, downtime {:.1} ms (source frozen -> destination running)",
+            "  time: {:.3} s total (start -> committed), downtime {:.1} ms (source frozen -> destination running)",
             self.total.as_secs_f64(),
             self.downtime().as_secs_f64() * 1e3
         );

@@ -568,7 +568,11 @@ pub async fn send(session: Session, opts: &SendOptions, progress: Progress) -> R
         return Err(e);
     }
     // Every round was flushed and the destination confirmed the restore:
-    // the page streams have nothing left to carry.
+    // the page streams have nothing left to carry. The migration is done
+    // here (the process runs there, the original is dead); what follows is
+    // cleanup: the engine thread frees the original's memory (a GiB takes
+    // tens of ms) and removes the tracker.
+    let total = started.elapsed();
     let stats = d.pages.stats();
     tracing::debug!(
         "path MTU {} bytes, RTT {:.2?}",
@@ -582,7 +586,7 @@ pub async fn send(session: Session, opts: &SendOptions, progress: Progress) -> R
     report.raw_bytes = stats.raw_bytes;
     report.compressed_batches = stats.compressed_batches;
     report.batches = stats.batches;
-    report.total = started.elapsed();
+    report.total = total;
     // The Commit must reach the destination before we close: wait until it
     // closes the connection (it exits right after the Commit), 3 s at most.
     let _ = tokio::time::timeout(Duration::from_secs(3), async {
