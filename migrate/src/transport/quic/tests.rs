@@ -319,7 +319,10 @@ async fn transfer_checked(
             assert!(seen.insert(h.vaddr), "batch at {:#x} twice", h.vaddr);
             bytes += data.len();
         }
-        Ok::<_, TransportError>((seen.len(), bytes))
+        // The receiver is handed back, not dropped: dropping it stops the
+        // streams, and a stream stopped before the sender saw its end
+        // acknowledged fails the sender's `finish`.
+        Ok::<_, TransportError>((seen.len(), bytes, rx))
     });
     let mut tx = c.page_sender(4, policy, transport).await.unwrap();
     assert_eq!(tx.streams(), 4);
@@ -338,8 +341,9 @@ async fn transfer_checked(
         i += 1;
     }
     tx.flush().await.unwrap();
+    let (batches, bytes, rx) = receiver.await.unwrap().unwrap();
     let stats = tx.finish().await.unwrap();
-    let (batches, bytes) = receiver.await.unwrap().unwrap();
+    drop(rx);
     assert_eq!(bytes, total);
     assert_eq!(batches as u64, stats.batches);
     assert_eq!(stats.raw_bytes, total as u64);
@@ -572,7 +576,8 @@ async fn loopback_throughput() {
                 let (_, d) = rx.next().await?.expect("ended early");
                 bytes += d.len();
             }
-            Ok::<_, TransportError>(bytes)
+            // Handed back, not dropped (see `transfer_checked`).
+            Ok::<_, TransportError>((bytes, rx))
         });
         let mut tx = c.page_sender(4, policy, transport).await.unwrap();
         let start = Instant::now();
@@ -582,8 +587,10 @@ async fn loopback_throughput() {
             vaddr += batch.len() as u64;
         }
         let (tx_tcp, tx_sealed) = (tx.uses_tcp_channels(), tx.sealed());
+        let (bytes, rx) = receiver.await.unwrap().unwrap();
+        assert_eq!(bytes, total);
         let st = tx.finish().await.unwrap();
-        assert_eq!(receiver.await.unwrap().unwrap(), total);
+        drop(rx);
         let secs = start.elapsed().as_secs_f64();
         let stats = c.conn.stats();
         println!(
