@@ -4,10 +4,13 @@
 //! fail before anything is touched, naming the fd and its kind.
 pub mod epoll;
 pub mod eventfd;
+pub mod fifo;
 pub mod inet;
 pub mod inotify;
 mod inotify_sys;
+pub mod locks;
 pub mod pipe;
+mod pipe_buf;
 pub mod regular;
 pub mod signalfd;
 mod sock_sys;
@@ -65,6 +68,16 @@ pub enum FilesError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot restore fd {fd} on the FIFO {path}: {what}")]
+    Fifo { fd: i32, path: String, what: String },
+    #[error("fd {fd}: cannot take the {lock} lock on {path} again")]
+    Lock {
+        fd: i32,
+        path: String,
+        lock: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot reopen {path} as fd {fd}")]
     Reopen {
         fd: i32,
@@ -82,6 +95,7 @@ enum Kind {
     TimerFd,
     Epoll,
     Pipe,
+    Fifo,
     Socket,
     Inotify,
 }
@@ -94,7 +108,7 @@ fn kind_of(link: &str, meta: &std::fs::Metadata) -> Result<Kind, &'static str> {
         return Ok(Kind::Pipe);
     }
     if ft.is_fifo() {
-        return Err("a FIFO");
+        return Ok(Kind::Fifo);
     }
     if link.starts_with("socket:") || ft.is_socket() {
         return Ok(Kind::Socket);
@@ -149,6 +163,8 @@ fn kind_of(link: &str, meta: &std::fs::Metadata) -> Result<Kind, &'static str> {
 pub fn dump(pid: i32) -> Result<FilesCore, FilesError> {
     let mut fds = Vec::new();
     let mut pipes_with_data = std::collections::HashSet::new();
+    let mut fifos_with_data = std::collections::HashSet::new();
+    let mut locks_seen = locks::Seen::default();
     let mut ghost_budget = regular::GHOST_LIMIT;
     let mut sockets = unix::Seen::default();
     for fd in procfs::list_fds(pid)? {
@@ -170,14 +186,22 @@ pub fn dump(pid: i32) -> Result<FilesCore, FilesError> {
         })?;
         let info = procfs::read_fdinfo(pid, fd)?;
         let cloexec = info.flags & libc::O_CLOEXEC as u32 != 0;
+        if !matches!(kind, Kind::Regular) {
+            locks::refuse_on(pid, fd, &info.locks)?;
+        }
         let kind = match kind {
-            Kind::Regular => fd_entry::Kind::Regular(regular::dump(
+            Kind::Regular => {
+                let mut r = regular::dump(pid, fd, &link, &meta, &info, &mut ghost_budget)?;
+                r.locks = locks::dump(pid, fd, &info.locks, &mut locks_seen)?;
+                fd_entry::Kind::Regular(r)
+            }
+            Kind::Fifo => fd_entry::Kind::Fifo(fifo::dump(
                 pid,
                 fd,
                 &link,
                 &meta,
                 &info,
-                &mut ghost_budget,
+                &mut fifos_with_data,
             )?),
             Kind::EventFd => fd_entry::Kind::Eventfd(eventfd::dump(pid, fd, &info)?),
             Kind::SignalFd => fd_entry::Kind::Signalfd(signalfd::dump(pid, fd, &info)?),
@@ -197,6 +221,7 @@ pub fn dump(pid: i32) -> Result<FilesCore, FilesError> {
     }
     epoll::check_targets(pid, &fds)?;
     pipe::check_ends(pid, &fds)?;
+    fifo::check_readers(pid, &fds)?;
     unix::check(pid, &mut fds, &sockets)?;
     Ok(FilesCore { fds })
 }
@@ -207,6 +232,7 @@ pub fn dump(pid: i32) -> Result<FilesCore, FilesError> {
 #[derive(Debug)]
 pub struct Restoring {
     pipes: pipe::Pipes,
+    fifos: fifo::Fifos,
     unix: unix::Made,
     inet: inet::Made,
 }
@@ -217,6 +243,7 @@ impl Restoring {
     pub fn new(high: i32, fds: &[(i32, bool, fd_entry::Kind)]) -> Restoring {
         Restoring {
             pipes: pipe::Pipes::new(high),
+            fifos: fifo::Fifos::new(high),
             unix: unix::Made::new(high, fds),
             inet: inet::Made::new(high),
         }
@@ -231,6 +258,7 @@ pub fn restore(
 ) -> Result<std::os::fd::OwnedFd, FilesError> {
     match kind {
         fd_entry::Kind::Pipe(p) => pipe::restore(fd, p, &mut made.pipes),
+        fd_entry::Kind::Fifo(f) => fifo::restore(fd, f, &mut made.fifos),
         fd_entry::Kind::UnixSocket(s) => unix::restore(fd, s, &mut made.unix),
         fd_entry::Kind::InetSocket(s) => inet::restore(fd, s, &mut made.inet),
         fd_entry::Kind::Inotify(i) => inotify::restore(fd, i),
@@ -252,8 +280,18 @@ pub fn too_large(kind: &fd_entry::Kind) -> Option<String> {
         fd_entry::Kind::Inotify(i) if i.watches.len() > inotify::MAX_WATCHES => {
             Some(format!("{} inotify watches", i.watches.len()))
         }
+        fd_entry::Kind::Regular(r) if r.locks.len() > locks::MAX_LOCKS => {
+            Some(format!("{} locks on one descriptor", r.locks.len()))
+        }
         _ => None,
     }
+}
+
+/// Takes the file locks of the image again, once every descriptor is at
+/// its number (`made` dropped: the helpers are closed) and nothing will
+/// close a descriptor any more (see [`locks`]).
+pub fn restore_locks(fds: &[(i32, bool, fd_entry::Kind)]) -> Result<(), FilesError> {
+    locks::restore_all(fds)
 }
 
 /// `e` and its sources, `: `-separated (the restoring child reports its

@@ -92,6 +92,7 @@ pub fn dump(
         flags: info.flags & !(libc::O_CLOEXEC as u32),
         pos: info.pos,
         ghost,
+        locks: Vec::new(),
     })
 }
 
