@@ -101,11 +101,13 @@ pub fn run(dir: &Path, show_pages: bool) -> anyhow::Result<i32> {
         for f in &files.fds {
             match &f.kind {
                 Some(crm_proto::image::fd_entry::Kind::Regular(r)) => println!(
-                    "    fd {} {} flags {:#o} pos {}{}{}{}",
+                    "    fd {} {} flags {:#o} pos {}{}{}{}{}",
                     f.fd,
                     r.file.as_ref().map_or("?", |f| f.path.as_str()),
                     r.flags,
                     r.pos,
+                    r.dup_of
+                        .map_or(String::new(), |n| format!(" (dup of fd {n})")),
                     r.ghost.as_ref().map_or(String::new(), |g| format!(
                         " (unlinked: {} bytes saved, mode {:o})",
                         g.contents.len(),

@@ -262,3 +262,104 @@ pub fn describe(f: &Fifo) -> String {
         }
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crm_proto::image::FileId;
+
+    fn image(path: &str, flags: i32, has_data: bool, data: &[u8]) -> Fifo {
+        Fifo {
+            file: Some(FileId {
+                path: path.into(),
+                dev: 1,
+                ino: 2,
+                ..Default::default()
+            }),
+            flags: flags as u32,
+            mode: 0o640,
+            uid: 0,
+            gid: 0,
+            size: 65536,
+            has_data,
+            data: data.to_vec(),
+        }
+    }
+
+    fn read_all(fd: &OwnedFd) -> Vec<u8> {
+        let mut buf = vec![0u8; 4096];
+        // SAFETY: reading into a local buffer.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        buf.truncate(n.max(0) as usize);
+        buf
+    }
+
+    fn tmp(name: &str) -> String {
+        let d = std::env::temp_dir().join(format!("crm-fifo-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join(name);
+        let _ = std::fs::remove_file(&p);
+        p.to_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn missing_node_is_created_and_data_refilled_once() {
+        let path = tmp("created");
+        let mut fifos = Fifos::new(200);
+        let r = restore(
+            3,
+            &image(&path, libc::O_RDONLY | libc::O_NONBLOCK, true, b"abc"),
+            &mut fifos,
+        )
+        .unwrap();
+        let w = restore(4, &image(&path, libc::O_WRONLY, false, b""), &mut fifos).unwrap();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.file_type().is_fifo());
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o640);
+        assert_eq!(fcntl(&w, libc::F_GETFL, 0).unwrap() & libc::O_NONBLOCK, 0);
+        drop(fifos); // the helper: the ends keep the FIFO
+        assert_eq!(read_all(&r), b"abc");
+        // Reopened while someone still holds it with bytes in it: the
+        // kernel's bytes are kept, the saved copy is not written again.
+        refill(&w, 0, b"xyz").unwrap();
+        let mut again = Fifos::new(200);
+        let r2 = restore(
+            5,
+            &image(&path, libc::O_RDONLY | libc::O_NONBLOCK, true, b"xyz"),
+            &mut again,
+        )
+        .unwrap();
+        assert_eq!(read_all(&r2), b"xyz");
+        assert!(read_all(&r2).is_empty());
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_path_that_is_not_a_fifo_is_refused_and_left_alone() {
+        let path = tmp("regular");
+        std::fs::write(&path, b"data").unwrap();
+        let e = restore(
+            7,
+            &image(&path, libc::O_RDONLY, true, b""),
+            &mut Fifos::new(200),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("fd 7") && e.contains("not a FIFO"), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"data");
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_fifo_only_written_to_is_refused() {
+        let entry = |fd, f: Fifo| FdEntry {
+            fd,
+            cloexec: false,
+            kind: Some(fd_entry::Kind::Fifo(f)),
+        };
+        let w = image("/f", libc::O_WRONLY, false, b"");
+        let r = image("/f", libc::O_RDONLY, true, b"");
+        assert!(check_readers(1, &[entry(3, w.clone())]).is_err());
+        assert!(check_readers(1, &[entry(3, w), entry(4, r)]).is_ok());
+    }
+}

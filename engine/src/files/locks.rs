@@ -114,14 +114,11 @@ pub fn dump(
     Ok(out)
 }
 
-/// Whether fds `a` and `b` of `pid` share one open file description
-/// (`kcmp(KCMP_FILE)`); without kcmp, assumed (an identical flock or OFD
-/// lock seen twice is then saved once).
+/// Whether fds `a` and `b` of `pid` share one open file description;
+/// without kcmp, assumed (an identical flock or OFD lock seen twice is
+/// then saved once).
 fn same_description(pid: i32, a: RawFd, b: RawFd) -> bool {
-    const KCMP_FILE: i32 = 0;
-    // SAFETY: kcmp takes integers only and reads nothing of ours.
-    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid, pid, KCMP_FILE, a, b) };
-    r <= 0
+    super::regular::same_description(pid, a, b).unwrap_or(true)
 }
 
 /// Refuses locks on descriptors that are not regular files.

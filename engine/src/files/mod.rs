@@ -165,6 +165,7 @@ pub fn dump(pid: i32) -> Result<FilesCore, FilesError> {
     let mut pipes_with_data = std::collections::HashSet::new();
     let mut fifos_with_data = std::collections::HashSet::new();
     let mut locks_seen = locks::Seen::default();
+    let mut regular_fds = Vec::new();
     let mut ghost_budget = regular::GHOST_LIMIT;
     let mut sockets = unix::Seen::default();
     for fd in procfs::list_fds(pid)? {
@@ -191,7 +192,10 @@ pub fn dump(pid: i32) -> Result<FilesCore, FilesError> {
         }
         let kind = match kind {
             Kind::Regular => {
-                let mut r = regular::dump(pid, fd, &link, &meta, &info, &mut ghost_budget)?;
+                let id = (meta.dev(), meta.ino());
+                let dup_of = regular::dup_of(pid, fd, id, &regular_fds);
+                regular_fds.push((fd, id));
+                let mut r = regular::dump(pid, fd, &link, &meta, &info, dup_of, &mut ghost_budget)?;
                 r.locks = locks::dump(pid, fd, &info.locks, &mut locks_seen)?;
                 fd_entry::Kind::Regular(r)
             }
@@ -235,6 +239,8 @@ pub struct Restoring {
     fifos: fifo::Fifos,
     unix: unix::Made,
     inet: inet::Made,
+    /// The image's regular-file descriptors (what `dup_of` may name).
+    regular: std::collections::HashSet<i32>,
 }
 
 impl Restoring {
@@ -246,6 +252,11 @@ impl Restoring {
             fifos: fifo::Fifos::new(high),
             unix: unix::Made::new(high, fds),
             inet: inet::Made::new(high),
+            regular: fds
+                .iter()
+                .filter(|(_, _, k)| matches!(k, fd_entry::Kind::Regular(_)))
+                .map(|(fd, _, _)| *fd)
+                .collect(),
         }
     }
 }
@@ -262,7 +273,10 @@ pub fn restore(
         fd_entry::Kind::UnixSocket(s) => unix::restore(fd, s, &mut made.unix),
         fd_entry::Kind::InetSocket(s) => inet::restore(fd, s, &mut made.inet),
         fd_entry::Kind::Inotify(i) => inotify::restore(fd, i),
-        fd_entry::Kind::Regular(r) => regular::restore(fd, r),
+        fd_entry::Kind::Regular(r) => match r.dup_of {
+            Some(n) => regular::restore_dup(fd, n, r, &made.regular),
+            None => regular::restore(fd, r),
+        },
         fd_entry::Kind::Eventfd(e) => eventfd::restore(fd, e),
         fd_entry::Kind::Signalfd(s) => signalfd::restore(fd, s),
         fd_entry::Kind::Timerfd(t) => timerfd::restore(fd, t),

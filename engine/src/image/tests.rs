@@ -171,6 +171,7 @@ fn sample_files() -> FilesCore {
                         start: 10,
                         len: fd as u64,
                     }],
+                    dup_of: (fd == 2).then_some(1),
                 })),
             })
             .collect(),

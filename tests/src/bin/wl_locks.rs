@@ -2,7 +2,8 @@
 //!
 //! In its working directory (files of 8 KiB):
 //! - `flock.dat`: fd 80 (O_RDWR) holds an exclusive flock; fd 81 is a dup
-//!   of fd 80 (the same open file description: the lock shows twice);
+//!   of fd 80 (the same open file description: the lock shows twice, and
+//!   unlocking through fd 81 releases it);
 //! - `shared.dat`: fd 82 (O_RDONLY) holds a shared flock;
 //! - `posix.dat`: fd 83 (O_RDWR) holds POSIX record locks: write on bytes
 //!   0-99, read from byte 200 to EOF;
@@ -101,7 +102,8 @@ fn take_all() -> Result<(), String> {
 }
 
 fn drop_all() -> Result<(), String> {
-    flock(FLOCK_FD, libc::LOCK_UN).map_err(|e| format!("flock UN: {e}"))?;
+    // Through the dup: one open file description, one flock.
+    flock(FLOCK_DUP, libc::LOCK_UN).map_err(|e| format!("flock UN: {e}"))?;
     flock(SHARED_FD, libc::LOCK_UN).map_err(|e| format!("flock UN: {e}"))?;
     fcntl_lock(POSIX_FD, libc::F_SETLK, &mut flk(libc::F_UNLCK, 0, 0))
         .map_err(|e| format!("F_SETLK unlock: {e}"))?;
