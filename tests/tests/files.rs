@@ -135,7 +135,7 @@ fn fifo_path_replaced_is_refused() {
     let adopted = wl.adopt_restored();
     assert!(!out.status.success(), "the restore should fail:\n{err}");
     assert!(!err.contains("panicked"), "{err}");
-    for want in ["fd 70", "fifo_a", "not a FIFO"] {
+    for want in ["fd 70", "fifo_a", "FIFO", "now a regular file"] {
         assert!(err.contains(want), "the error should say {want:?}:\n{err}");
     }
     assert!(adopted.is_err(), "a process runs with the workload's pid");

@@ -183,6 +183,35 @@ fn ensure_node(fd: i32, path: &str, f: &Fifo) -> Result<(), FilesError> {
         .map_err(|e| refuse(format!("chmod: {e}")))
 }
 
+/// Checks, before a restore touches anything, that fd `fd`'s FIFO can be
+/// reopened: a FIFO is at its path, or the path is free in an existing
+/// directory. `Err` says what is wrong.
+pub fn preflight(fd: i32, f: &Fifo) -> Result<(), String> {
+    let path = f.file.as_ref().map_or("", |i| i.path.as_str());
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_fifo() => Ok(()),
+        Ok(m) => Err(format!(
+            "fd {fd} is a FIFO, but the path is now a {}",
+            kind_name(&m)
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let dir = std::path::Path::new(path)
+                .parent()
+                .unwrap_or(std::path::Path::new("/"));
+            match std::fs::metadata(dir) {
+                Ok(d) if d.is_dir() => Ok(()),
+                _ => Err(format!(
+                    "fd {fd} is a FIFO that cannot be created again: no directory {}",
+                    dir.display()
+                )),
+            }
+        }
+        Err(e) => Err(format!(
+            "fd {fd} is a FIFO whose path cannot be looked at: {e}"
+        )),
+    }
+}
+
 fn kind_name(m: &std::fs::Metadata) -> &'static str {
     let t = m.file_type();
     if t.is_dir() {
@@ -346,6 +375,9 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("fd 7") && e.contains("not a FIFO"), "{e}");
+        let pre = preflight(7, &image(&path, libc::O_RDONLY, true, b"")).unwrap_err();
+        assert!(pre.contains("regular file"), "{pre}");
+        assert!(preflight(7, &image("/nonexistent-dir/f", 0, true, b"")).is_err());
         assert_eq!(std::fs::read(&path).unwrap(), b"data");
         let _ = std::fs::remove_file(&path);
     }
