@@ -271,3 +271,40 @@ fn lease_is_refused() {
     let pass = wl.expect_pass("after the refused dump");
     println!("checked: refused with {}; then {pass}", err.trim());
 }
+
+/// A lock that another process took between the dump and the restore
+/// makes the restore fail, naming the fd, the lock and the holder; nothing
+/// is left running.
+#[test]
+fn restore_refuses_a_lock_held_by_another_process() {
+    h::init();
+    let _serial = h::serial();
+    let tmp = TempDir::new("locks-taken");
+    let images = tmp.subdir("images");
+    let mut wl = Workload::start(workload_bin!(wl_locks), &[], tmp.path());
+    dump(&mut wl, &images);
+    let fd = open(&tmp.path().join("posix.dat"), libc::O_RDWR);
+    // SAFETY: a valid struct flock for F_SETLK on our own descriptor.
+    let taken = unsafe {
+        let mut f: libc::flock = std::mem::zeroed();
+        f.l_type = libc::F_WRLCK as i16;
+        f.l_whence = libc::SEEK_SET as i16;
+        f.l_start = 50;
+        f.l_len = 10;
+        libc::fcntl(fd, libc::F_SETLK, &mut f)
+    };
+    assert_eq!(taken, 0, "the test could not lock posix.dat");
+    let out = run_crm(&["restore", "--images-dir", path_str(&images), "--detach"]);
+    let adopted = wl.adopt_restored();
+    // SAFETY: closing our descriptor (drops our lock).
+    unsafe { libc::close(fd) };
+    let err = stderr(&out);
+    assert!(!out.status.success(), "the restore should fail:\n{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let me = format!("held by process {}", procs::getpid());
+    for want in ["fd 83", "posix.dat", "posix 0+100 write", me.as_str()] {
+        assert!(err.contains(want), "the error should say {want:?}:\n{err}");
+    }
+    assert!(adopted.is_err(), "a process runs with the workload's pid");
+    println!("checked: refused with {}", err.trim());
+}

@@ -12,8 +12,11 @@
 //! descriptor is at its number, in the restoring child, which is the
 //! restored process: POSIX locks are owned by it (closing any descriptor of
 //! a file drops the process's POSIX locks on it, so nothing may close one
-//! afterwards). A lock held by someone else at restore time is an error
-//! naming the fd, the file and the holder.
+//! afterwards: the helpers are closed first, and the restorer blob then
+//! closes only the executable's descriptor and its own, so a POSIX lock on
+//! the process's own executable file would be lost). A lock held by
+//! someone else at restore time is an error naming the fd, the file and
+//! the holder.
 use super::FilesError;
 use crm_proto::image::{fd_entry, FileLock, LockKind};
 use std::io;
