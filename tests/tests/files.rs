@@ -102,7 +102,7 @@ fn fifo_data_sizes_and_ends() {
         &[
             "fifo_a read end, size 131072, 80000 bytes buffered nonblock",
             "fifo_a write end, size 131072, data with another fd",
-            "fifo_b read-write, size 65536, 7 bytes buffered nonblock",
+            "fifo_b read-write, size 1048576, 7 bytes buffered nonblock",
         ],
     );
     let fifo_b = tmp.path().join("fifo_b");

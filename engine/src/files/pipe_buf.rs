@@ -81,7 +81,20 @@ pub fn refill(write_end: &impl AsFd, size: u32, data: &[u8]) -> io::Result<()> {
         ));
     }
     if size != 0 {
-        fcntl(write_end, libc::F_SETPIPE_SZ, size as i32)?;
+        fcntl(write_end, libc::F_SETPIPE_SZ, size as i32).map_err(|e| {
+            if e.raw_os_error() == Some(libc::EPERM) {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "setting the pipe size to {size} bytes was refused: above \
+                         fs.pipe-max-size or the user's pipe buffer limits, without \
+                         CAP_SYS_RESOURCE ({e})"
+                    ),
+                )
+            } else {
+                e
+            }
+        })?;
     }
     if data.is_empty() {
         return Ok(());

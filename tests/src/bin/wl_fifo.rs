@@ -4,7 +4,8 @@
 //! fd 70 (O_RDONLY | O_NONBLOCK) and fd 71 (O_WRONLY, blocking), sets its
 //! size to 128 KiB and writes 80000 bytes of a pattern into it (more than a
 //! default 64 KiB pipe holds); and `fifo_b` (mode 0600), opened once as
-//! fd 72 (O_RDWR | O_NONBLOCK) holding the 7 bytes "rw fifo".
+//! fd 72 (O_RDWR | O_NONBLOCK), sized 1 MiB (fs.pipe-max-size by default)
+//! and holding the 7 bytes "rw fifo".
 //!
 //! Protocol: `READY pid=N`; on SIGUSR2 checks that fds 70-72 are the FIFOs
 //! now at those paths (same inode, still FIFOs, fifo_b mode 0600), their
@@ -21,6 +22,7 @@ const A_R: i32 = 70;
 const A_W: i32 = 71;
 const B_RW: i32 = 72;
 const A_SIZE: i32 = 128 << 10;
+const B_SIZE: i32 = 1 << 20;
 const A_LEN: usize = 80_000;
 const B_TEXT: &[u8] = b"rw fifo";
 
@@ -139,6 +141,11 @@ fn check() -> Vec<String> {
     if size != A_SIZE {
         p.push(format!("fifo_a holds {size} bytes, want {A_SIZE}"));
     }
+    // SAFETY: F_GETPIPE_SZ on our descriptor.
+    let size = unsafe { libc::fcntl(B_RW, libc::F_GETPIPE_SZ) };
+    if size != B_SIZE {
+        p.push(format!("fifo_b holds {size} bytes, want {B_SIZE}"));
+    }
     if corrupt {
         let _ = drain(A_R);
     }
@@ -177,6 +184,10 @@ fn main() {
     if unsafe { libc::fcntl(A_W, libc::F_SETPIPE_SZ, A_SIZE) } < 0 {
         wl::fail_setup("F_SETPIPE_SZ");
     }
+    // SAFETY: resizing our own FIFO.
+    if unsafe { libc::fcntl(B_RW, libc::F_SETPIPE_SZ, B_SIZE) } < 0 {
+        wl::fail_setup("F_SETPIPE_SZ of 1 MiB (fs.pipe-max-size?)");
+    }
     if !write_all(A_W, &pattern()) || !write_all(B_RW, B_TEXT) {
         wl::fail_setup("fill the FIFOs");
     }
@@ -185,7 +196,7 @@ fn main() {
         if wl::take(libc::SIGUSR2) {
             let problems = check();
             wl::verdict(
-                "fifo_a (fds 70 ro nonblock, 71 wo) kept 128 KiB size and 80000 bytes; fifo_b (fd 72 rw nonblock) kept its 7 bytes",
+                "fifo_a (fds 70 ro nonblock, 71 wo) kept 128 KiB size and 80000 bytes; fifo_b (fd 72 rw nonblock) kept 1 MiB size and its 7 bytes",
                 &problems,
             );
         }
