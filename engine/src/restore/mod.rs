@@ -230,6 +230,9 @@ fn check_files(
             })?;
         }
         if let Some(crm_proto::image::fd_entry::Kind::Regular(r)) = &f.kind {
+            if r.dup_of.is_some() {
+                continue; // a duplicate of a lower fd, checked with it
+            }
             let path = r.file.as_ref().map_or("", |f| f.path.as_str());
             // An unlinked file is recreated in its directory.
             let path = match r.ghost {
