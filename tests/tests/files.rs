@@ -6,7 +6,11 @@
 //! it), reaps the original, checks what `show` prints, restores it with
 //! `--detach`, checks that it has the same descriptors, and asks it to
 //! verify again. Locks are also checked from the test process (another
-//! process than the lock owner). Guards kill and reap every process even
+//! process than the lock owner). Refusal tests check that what cannot be
+//! restored (a FIFO read by another process, a lease, a FIFO path now taken
+//! by a file, a lock someone else holds at restore time) fails with a
+//! message naming it and leaves no process behind or the original running
+//! untouched. Guards kill and reap every process even
 //! when an assertion fails; the tests take the process-wide [`h::serial`]
 //! lock.
 
@@ -307,4 +311,41 @@ fn restore_refuses_a_lock_held_by_another_process() {
     }
     assert!(adopted.is_err(), "a process runs with the workload's pid");
     println!("checked: refused with {}", err.trim());
+}
+
+/// A FIFO the process only writes to (its reader is another process) is
+/// refused at dump, naming the fd; the process runs on with its FIFOs full.
+#[test]
+fn fifo_read_by_another_process_is_refused() {
+    h::init();
+    let tmp = TempDir::new("fifo-writer");
+    let images = tmp.subdir("images");
+    let outside = tmp.path().join("outside.fifo");
+    let c = CString::new(path_str(&outside)).expect("no NUL");
+    // SAFETY: `c` is NUL-terminated.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    // This test process is the reader.
+    let reader = open(&outside, libc::O_RDONLY | libc::O_NONBLOCK);
+    let wl = Workload::start(
+        workload_bin!(wl_fifo),
+        &["--write-only", path_str(&outside)],
+        tmp.path(),
+    );
+    let pid = wl.pid().to_string();
+    let out = run_crm(&["dump", "--pid", &pid, "--images-dir", path_str(&images)]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "the dump should fail:\n{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    for want in [
+        format!("process {pid}: fd 73"),
+        "a FIFO read by another process".to_string(),
+        "outside.fifo".to_string(),
+    ] {
+        assert!(err.contains(&want), "the error should say {want:?}:\n{err}");
+    }
+    assert_eq!(procs::tracer_pid(wl.pid()), Some(0), "still traced");
+    let pass = wl.expect_pass("after the refused dump");
+    // SAFETY: closing our reader.
+    unsafe { libc::close(reader) };
+    println!("checked: refused with {}; then {pass}", err.trim());
 }

@@ -7,6 +7,9 @@
 //! fd 72 (O_RDWR | O_NONBLOCK), sized 1 MiB (fs.pipe-max-size by default)
 //! and holding the 7 bytes "rw fifo".
 //!
+//! With `--write-only PATH`, it also opens the FIFO at PATH (whose reader
+//! is another process) write-only as fd 73, which a dump must refuse.
+//!
 //! Protocol: `READY pid=N`; on SIGUSR2 checks that fds 70-72 are the FIFOs
 //! now at those paths (same inode, still FIFOs, fifo_b mode 0600), their
 //! access modes and O_NONBLOCK, fifo_a's size; reads exactly the saved bytes
@@ -190,6 +193,12 @@ fn main() {
     }
     if !write_all(A_W, &pattern()) || !write_all(B_RW, B_TEXT) {
         wl::fail_setup("fill the FIFOs");
+    }
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, flag, path] = args.as_slice() {
+        if flag == "--write-only" {
+            open_at(path, libc::O_WRONLY | libc::O_NONBLOCK, 73);
+        }
     }
     wl::ready("fifo_a=70/71 fifo_b=72");
     loop {
