@@ -1,6 +1,6 @@
 //! crm-engine: checkpoint and restore of Linux process trees on this machine.
 //!
-//! The engine knows nothing about networks. [`dump`] freezes a process with
+//! The engine knows nothing about networks. [`dump`] freezes a process tree with
 //! ptrace, collects its state from `/proc`, ptrace and remote syscalls, and
 //! writes an image directory; [`restore`] recreates the process from an image
 //! with `clone3(set_tid)` and the position-independent restorer blob
@@ -10,7 +10,9 @@
 //! syscall wrappers), `remote` (syscalls injected into a stopped thread),
 //! `dump::memory` (VMAs and pages), `dump::task` (registers, signals, creds),
 //! `files` (one module per fd kind), `image` (the on-disk format),
-//! `restore::plan` / `child` / `tracer` (the three stages of a restore).
+//! `restore::plan` / `child` / `tracer` (the three stages of a restore),
+//! `tree` (the shape of a process tree: who creates whom, sessions, groups),
+//! `dump::tree` and `restore::tree` (whole trees on each side).
 
 pub mod dirty;
 pub mod dump;
@@ -25,3 +27,4 @@ pub mod ptrace;
 pub mod remote;
 pub mod restore;
 pub mod sys;
+pub mod tree;

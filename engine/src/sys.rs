@@ -56,6 +56,35 @@ pub fn mmap_fixed_anon(at: u64, len: u64, prot: i32, extra: i32) -> io::Result<*
     )
 }
 
+/// A new `MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE` read-write mapping
+/// of `len` bytes where the kernel chooses; returns its address.
+pub fn mmap_shared_anon(len: u64) -> io::Result<u64> {
+    // SAFETY: a new mapping at an address the kernel picks overlaps nothing.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(p as u64)
+}
+
+/// Unmaps a mapping the restore code made itself.
+///
+/// # Safety
+/// No live reference may point into `[at, at+len)`.
+pub unsafe fn munmap(at: u64, len: u64) -> io::Result<()> {
+    // SAFETY: forwarded to the caller.
+    check(unsafe { libc::munmap(at as *mut libc::c_void, len as usize) } as libc::c_long).map(drop)
+}
+
 pub fn mprotect(at: u64, len: u64, prot: i32) -> io::Result<()> {
     // SAFETY: only called on mappings created by the restore code, which no
     // Rust reference points into.
@@ -82,9 +111,15 @@ pub unsafe fn mapped_slice<'a>(at: u64, len: u64) -> &'a mut [u8] {
 /// `clone3` with `set_tid = [pid]` and `exit_signal = SIGCHLD`: a new
 /// process with exactly this PID. Returns 0 in the child.
 pub fn clone3_with_pid(pid: i32) -> io::Result<i32> {
+    clone3_with_pid_signal(pid, libc::SIGCHLD)
+}
+
+/// [`clone3_with_pid`] with another signal for the parent when the child
+/// exits (0: none).
+pub fn clone3_with_pid_signal(pid: i32, exit_signal: i32) -> io::Result<i32> {
     let set_tid = [pid];
     let args = crate::restore::abi::CloneArgs {
-        exit_signal: libc::SIGCHLD as u64,
+        exit_signal: exit_signal as u64,
         set_tid: set_tid.as_ptr() as u64,
         set_tid_size: 1,
         ..Default::default()

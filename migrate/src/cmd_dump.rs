@@ -1,4 +1,4 @@
-//! `cr-migrate dump`: checkpoint a process into an image directory.
+//! `cr-migrate dump`: checkpoint a process tree into an image directory.
 use anyhow::Context;
 use crm_engine::dump::{dump, DumpOptions};
 use std::path::Path;
@@ -12,16 +12,26 @@ pub fn run(pid: i32, dir: &Path, leave_running: bool, shell_job: bool) -> anyhow
         .with_context(|| format!("dump of process {pid} into {} failed", dir.display()))?;
     let secs = stats.frozen_for.as_secs_f64();
     tracing::info!(
-        "dumped process {pid}: {} thread(s), {} VMAs, {} pages ({:.1} MiB, {} zero pages skipped); \
-         frozen {:.0} ms ({:.2} GB/s); process {}",
+        "dumped process {pid}: {} task(s), {} zombie(s), {} thread(s), {} VMAs, {} pages \
+         ({:.1} MiB, {} zero pages skipped); frozen {:.0} ms ({:.2} GB/s); tree {}",
+        stats.tasks,
+        stats.zombies,
         stats.threads,
         stats.vmas,
         stats.mem.pages_written,
         stats.page_bytes as f64 / (1 << 20) as f64,
         stats.mem.zero_pages,
         secs * 1e3,
-        if secs > 0.0 { stats.page_bytes as f64 / secs / 1e9 } else { 0.0 },
-        if leave_running { "left running" } else { "killed" },
+        if secs > 0.0 {
+            stats.page_bytes as f64 / secs / 1e9
+        } else {
+            0.0
+        },
+        if leave_running {
+            "left running"
+        } else {
+            "killed"
+        },
     );
     Ok(0)
 }

@@ -51,7 +51,8 @@ pub fn run(dir: &Path, o: Options) -> anyhow::Result<i32> {
         None => String::new(),
     };
     tracing::info!(
-        "restored process {pid}: {} thread(s), {} pages in {:.0} ms{lazy_note}",
+        "restored process {pid}: {} task(s), {} thread(s), {} pages in {:.0} ms{lazy_note}",
+        report.tasks,
         report.threads,
         report.pages,
         report.elapsed.as_secs_f64() * 1e3

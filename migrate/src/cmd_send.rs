@@ -36,6 +36,9 @@ pub fn auth(token_file: Option<&PathBuf>, pin: Option<&str>) -> Result<Auth> {
 }
 
 pub fn run(a: Args) -> Result<i32> {
+    // Before any connection: a tree would lose its children.
+    crm_engine::dump::refuse_tree(a.pid)
+        .with_context(|| format!("cannot migrate process {}", a.pid))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .worker_threads(2)

@@ -27,7 +27,28 @@ pub fn run(dir: &Path, show_pages: bool) -> anyhow::Result<i32> {
         inv.xfeatures,
         if inv.shell_job { ", shell job" } else { "" }
     );
-    for &pid in &inv.pids {
+    let tree = image.read_tree()?;
+    let mut zombies = std::collections::BTreeSet::new();
+    if let Some(t) = &tree {
+        println!(
+            "\ntree of {} task(s), root {}:",
+            t.tasks.len(),
+            inv.root_pid
+        );
+        for e in &t.tasks {
+            let what = if e.zombie {
+                zombies.insert(e.pid);
+                format!("zombie, wait status {:#x}", e.exit_status)
+            } else {
+                format!("{} thread(s)", e.threads.len())
+            };
+            println!(
+                "  {} ppid {} pgid {} sid {} exit signal {}: {what}",
+                e.pid, e.ppid, e.pgid, e.sid, e.exit_signal
+            );
+        }
+    }
+    for &pid in inv.pids.iter().filter(|p| !zombies.contains(p)) {
         let core = image.read_core(pid)?;
         let mm = image.read_mm(pid)?;
         let files = image.read_files(pid)?;
@@ -69,6 +90,17 @@ pub fn run(dir: &Path, show_pages: bool) -> anyhow::Result<i32> {
             println!(
                 "  itimer {}: {} us left, interval {} us",
                 t.which, t.value_us, t.interval_us
+            );
+        }
+        for t in &core.posix_timers {
+            let notify = match t.notify {
+                0 => format!("signal {}", t.signo),
+                1 => "no signal".to_string(),
+                _ => format!("signal {} to thread {}", t.signo, t.notify_tid),
+            };
+            println!(
+                "  posix timer {}: clock {}, {notify}, value {:#x}, {} ns left, interval {} ns",
+                t.id, t.clock, t.sigev_value, t.value_ns, t.interval_ns
             );
         }
         println!(

@@ -39,20 +39,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Checkpoint a running process (all its threads) into an image directory.
+    /// Checkpoint a running process tree (the process, its children, theirs
+    /// ..., all their threads, and unreaped zombies) into an image directory.
     ///
-    /// The process is frozen with ptrace while its state is collected and
+    /// The tree is frozen with ptrace while its state is collected and
     /// killed once the image is complete, unless --leave-running is given.
     /// Anything the engine cannot restore (an unsupported file descriptor or
-    /// mapping) makes the dump fail before the process is touched.
+    /// mapping in any task, a session whose leader is gone, a stopped task)
+    /// makes the dump fail before any task is touched.
     Dump {
-        /// The process to checkpoint.
+        /// The root of the tree to checkpoint.
         #[arg(long, short = 'p')]
         pid: i32,
         /// Where to write the image (created; must not already hold an image).
         #[arg(long, short = 'D')]
         images_dir: PathBuf,
-        /// Resume the process after the dump instead of killing it.
+        /// Resume the tree after the dump instead of killing it.
         #[arg(long)]
         leave_running: bool,
         /// Allow a process that shares its session with a shell (started from
@@ -61,10 +63,11 @@ enum Command {
         #[arg(long)]
         shell_job: bool,
     },
-    /// Restore a process from an image directory, with its original PID and TIDs.
+    /// Restore a process tree from an image directory, with its original
+    /// PIDs and TIDs, parents, process groups, sessions and zombies.
     ///
-    /// Without --detach, cr-migrate waits for the restored process and exits
-    /// with its status.
+    /// Without --detach, cr-migrate waits for the restored process (the
+    /// root of the tree) and exits with its status.
     Restore {
         #[arg(long, short = 'D')]
         images_dir: PathBuf,
@@ -98,7 +101,9 @@ enum Command {
     /// with dirty-page tracking), then the process is frozen for the last
     /// dirty pages and its state, restored on the destination, and killed
     /// here only once the destination reports it running. Any failure before
-    /// that (including Ctrl-C) resumes the process here, untouched.
+    /// that (including Ctrl-C) resumes the process here, untouched. A
+    /// process with children is refused before connecting: process trees
+    /// are not migrated live yet (dump and restore them instead).
     Send {
         /// The process to migrate.
         pid: i32,

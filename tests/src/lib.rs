@@ -14,18 +14,22 @@
 //! - [`tmp`]: per-test temporary directories removed on drop;
 //! - [`workload`]: the guard that starts, talks to and finally kills a workload;
 //! - [`wl`]: the workload side of the line protocol (used by `src/bin/*`);
+//! - [`tree`]: the guard of a process-tree workload (`wl_tree`);
 //! - [`bg`]: background commands (a `receive` and a `send` running at once);
 //! - [`netns`]: two network namespaces joined by a veth pair, removed on drop;
-//! - [`sock`]: socket helpers for the socket workloads.
+//! - [`sock`]: socket helpers for the socket workloads;
+//! - [`port`]: a port free for both UDP and TCP (receive listens on both).
 
 use std::sync::{Mutex, MutexGuard, Once};
 
 pub mod bg;
 pub mod crm;
 pub mod netns;
+pub mod port;
 pub mod procs;
 pub mod sock;
 pub mod tmp;
+pub mod tree;
 pub mod wl;
 pub mod workload;
 

@@ -964,3 +964,20 @@ fn unlinked_files_and_append_mode() {
         ],
     );
 }
+
+/// POSIX timers come back with their IDs (a deleted one leaving a gap),
+/// clocks, notifications, time left and intervals (workload
+/// `wl_posix_timers`).
+#[test]
+fn posix_timers_keep_ids_and_time() {
+    event_fd_cycle(
+        "posix-timers",
+        workload_bin!(wl_posix_timers),
+        &[
+            "posix timer 0: clock 1, signal 10, value 0xfeed",
+            "interval 20000000 ns",
+            "posix timer 1: clock 0, no signal",
+            "posix timer 3: clock 1, signal 35 to thread",
+        ],
+    );
+}

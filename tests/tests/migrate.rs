@@ -142,9 +142,9 @@ fn write_token(tmp: &TempDir, name: &str, token: &str) -> PathBuf {
 }
 
 /// A UDP port of 127.0.0.1 that was free a moment ago.
-fn free_udp_port() -> u16 {
-    let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("binding a UDP socket");
-    sock.local_addr().expect("local_addr").port()
+/// A port free for UDP (QUIC) and TCP (page channels).
+fn free_port() -> u16 {
+    crm_tests::port::free_port().expect("a port free for UDP and TCP")
 }
 
 fn strings(args: &[&str]) -> Vec<String> {
@@ -461,7 +461,7 @@ fn migrate_locally_with(
     recv_extra: &[&str],
     extra: &[&str],
 ) -> (Json, String) {
-    let addr = format!("127.0.0.1:{}", free_udp_port());
+    let addr = format!("127.0.0.1:{}", free_port());
     let mut recv = s.receive_with(&[], &addr, &s.token, recv_extra);
     let before = Before::take(wl);
     let mut send = s.send(&[], wl.pid(), &addr, &s.token, extra);
@@ -674,6 +674,7 @@ fn migrate_event_fds() {
         ("epoll", workload_bin!(wl_epoll)),
         ("pipes", workload_bin!(wl_pipes)),
         ("unlinked", workload_bin!(wl_unlinked)),
+        ("posix-timers", workload_bin!(wl_posix_timers)),
         ("unix", workload_bin!(wl_unix)),
         ("inet", workload_bin!(wl_inet)),
         ("inotify", workload_bin!(wl_inotify)),
@@ -740,7 +741,7 @@ fn migrate_across_network_namespaces() {
         wl.pid(),
         ns.a
     );
-    let port = free_udp_port();
+    let port = free_port();
     let listen = format!("{}:{port}", ns.addr_b);
     let mut recv = s.receive(&ns.exec_prefix(&ns.b), &listen, &s.token);
     let before = Before::take(&wl);
@@ -780,7 +781,7 @@ fn receive_ignores_garbage_datagrams_then_migrates() {
     let _serial = h::serial();
     let s = Setup::new("mig-garbage");
     let mut wl = Workload::start(workload_bin!(wl_counter), &[], s.dir());
-    let addr = format!("127.0.0.1:{}", free_udp_port());
+    let addr = format!("127.0.0.1:{}", free_port());
     let mut recv = s.receive(&[], &addr, &s.token);
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("binding a UDP socket");
     let mut x: u64 = 0x243F_6A88_85A3_08D3;
@@ -825,7 +826,7 @@ fn migrate_refused_with_wrong_token() {
     let s = Setup::new("mig-token");
     let other = write_token(&s.tmp, "other-token", "another-token-fedcba9876543210");
     let mut wl = Workload::start(workload_bin!(wl_counter), &[], s.dir());
-    let addr = format!("127.0.0.1:{}", free_udp_port());
+    let addr = format!("127.0.0.1:{}", free_port());
     let mut recv = s.receive(&[], &addr, &s.token);
     let before = Before::take(&wl);
     let mut send = s.send(&[], wl.pid(), &addr, &other, &[]);
@@ -868,7 +869,7 @@ fn migrate_fails_when_the_receiver_dies() {
         &[path_str(&files), "512"],
         s.dir(),
     );
-    let addr = format!("127.0.0.1:{}", free_udp_port());
+    let addr = format!("127.0.0.1:{}", free_port());
     let mut recv = s.receive(&[], &addr, &s.token);
     let before = Before::take(&wl);
     let mut send = s.send(&[], wl.pid(), &addr, &s.token, &[]);
@@ -935,7 +936,7 @@ fn migrate_fails_when_the_destination_cannot_restore() {
         &[path_str(&hidden), "64"],
         s.dir(),
     );
-    let addr = format!("127.0.0.1:{}", free_udp_port());
+    let addr = format!("127.0.0.1:{}", free_port());
     let script = format!(
         "mount -t tmpfs crm-hide '{}' && exec \"$0\" \"$@\"",
         path_str(&hidden)
@@ -1007,7 +1008,7 @@ fn migrate_interrupted_by_ctrl_c() {
         &[path_str(&files), "512"],
         s.dir(),
     );
-    let addr = format!("127.0.0.1:{}", free_udp_port());
+    let addr = format!("127.0.0.1:{}", free_port());
     let mut recv = s.receive(&[], &addr, &s.token);
     let before = Before::take(&wl);
     let mut send = s.send(&[], wl.pid(), &addr, &s.token, &[]);

@@ -334,6 +334,24 @@ fn python_http_server_serves_after_restore() {
         }
     };
     assert!(first.contains("hello from the restored server"), "{first}");
+    // The client sees the end of the reply at the server's shutdown(), a
+    // moment before the server closes the connection: wait until only the
+    // listening socket is left, or the dump would meet an established TCP
+    // connection (refused) or race with its close.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while fds(wl.pid())
+        .values()
+        .filter(|l| l.starts_with("socket:"))
+        .count()
+        > 1
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server kept its client connection open: {:?}",
+            fds(wl.pid())
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     cycle(
         &mut wl,
         &images,

@@ -37,6 +37,9 @@ pub mod step {
     pub const NAME: u64 = 18;
     pub const BAD_ARGS: u64 = 19;
     pub const UMASK: u64 = 20;
+    pub const POSIX_TIMER: u64 = 21;
+    pub const POSIX_TIMER_ID: u64 = 22;
+    pub const POSIX_TIMER_SET: u64 = 23;
 
     /// A human name for a step number, for error messages.
     pub fn name(step: u64) -> &'static str {
@@ -56,6 +59,11 @@ pub mod step {
             SIGQUEUE => "queue a pending signal",
             CREDS => "restore credentials",
             ITIMER => "setitimer",
+            POSIX_TIMER => "timer_create of a POSIX timer (detail: its ID)",
+            POSIX_TIMER_ID => {
+                "timer_create gave another ID (kernel without PR_TIMER_CREATE_RESTORE_IDS?)"
+            }
+            POSIX_TIMER_SET => "timer_settime of a POSIX timer (detail: its ID)",
             RLIMIT => "prlimit",
             CLOSE => "close the restorer's descriptors",
             NAME => "prctl(PR_SET_NAME)",
@@ -121,6 +129,41 @@ pub struct ITimerVal {
     pub interval_usec: i64,
     pub value_sec: i64,
     pub value_usec: i64,
+}
+
+/// Most POSIX timers (timer_create) a task may have in an image.
+pub const MAX_POSIX_TIMERS: usize = 32;
+
+/// The kernel's `struct sigevent` (64 bytes on x86-64).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KernelSigevent {
+    pub value: u64,
+    pub signo: i32,
+    pub notify: i32,
+    /// `sigev_notify_thread_id` for SIGEV_THREAD_ID.
+    pub tid: i32,
+    pub pad: [i32; 11],
+}
+
+/// `struct timespec`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Timespec {
+    pub sec: i64,
+    pub nsec: i64,
+}
+
+/// One POSIX timer to create with its original ID and arm.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PosixTimerArgs {
+    pub id: i32,
+    pub clock: i32,
+    pub sigev: KernelSigevent,
+    /// `struct itimerspec`: interval, then time left (zero: disarmed).
+    pub interval: Timespec,
+    pub value: Timespec,
 }
 
 /// `struct rlimit64`.
@@ -251,6 +294,8 @@ pub struct RestoreArgs {
     pub sigaction_mask: u64,
     pub sigactions: [KernelSigaction; NSIG],
     pub itimers: [ITimerVal; 3],
+    pub posix_timers: [PosixTimerArgs; MAX_POSIX_TIMERS],
+    pub nr_posix_timers: u64,
     pub nr_rlimits: u64,
     pub rlimit_res: [u64; NRLIMITS],
     pub rlimits: [RLimit64; NRLIMITS],

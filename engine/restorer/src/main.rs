@@ -34,6 +34,8 @@ mod nr {
     pub const RT_SIGACTION: u64 = 13;
     pub const MREMAP: u64 = 25;
     pub const SETITIMER: u64 = 38;
+    pub const TIMER_CREATE: u64 = 222;
+    pub const TIMER_SETTIME: u64 = 223;
     pub const UMASK: u64 = 95;
     pub const SETGROUPS: u64 = 116;
     pub const SETRESUID: u64 = 117;
@@ -238,6 +240,7 @@ unsafe extern "C" fn restore_main(args: *mut RestoreArgs) -> ! {
             );
         }
     }
+    restore_posix_timers(a);
     for i in 0..a.nr_rlimits as usize {
         let res = sys(
             nr::PRLIMIT64,
@@ -258,6 +261,51 @@ unsafe extern "C" fn restore_main(args: *mut RestoreArgs) -> ! {
     thread_setup(&*threads, args);
 }
 
+
+/// `prctl(PR_TIMER_CREATE_RESTORE_IDS, ...)`: timer_create takes the ID to
+/// use from `*timer_id` (Linux 6.16+).
+const PR_TIMER_CREATE_RESTORE_IDS: u64 = 77;
+
+/// Creates the POSIX timers with their original IDs (all threads exist by
+/// now, for SIGEV_THREAD_ID), then arms them.
+unsafe fn restore_posix_timers(a: &RestoreArgs) {
+    let n = (a.nr_posix_timers as usize).min(MAX_POSIX_TIMERS);
+    if n == 0 {
+        return;
+    }
+    // Without the prctl (older kernels) IDs are handed out in order from
+    // 0; the engine refuses images whose IDs do not start there.
+    let restore_ids = sys(nr::PRCTL, PR_TIMER_CREATE_RESTORE_IDS, 1, 0, 0) == 0;
+    for t in &a.posix_timers[..n] {
+        let mut id: i32 = t.id;
+        let res = sys(
+            nr::TIMER_CREATE,
+            t.clock as u64,
+            &t.sigev as *const KernelSigevent as u64,
+            &mut id as *mut i32 as u64,
+            0,
+        );
+        check(res, step::POSIX_TIMER, t.id as u64);
+        if id != t.id {
+            trap(TRAP_FAIL, step::POSIX_TIMER_ID, id as i64, t.id as u64);
+        }
+    }
+    if restore_ids {
+        sys(nr::PRCTL, PR_TIMER_CREATE_RESTORE_IDS, 0, 0, 0);
+    }
+    for t in &a.posix_timers[..n] {
+        if t.value.sec != 0 || t.value.nsec != 0 {
+            let res = sys(
+                nr::TIMER_SETTIME,
+                t.id as u64,
+                0,
+                &t.interval as *const Timespec as u64,
+                0,
+            );
+            check(res, step::POSIX_TIMER_SET, t.id as u64);
+        }
+    }
+}
 
 #[inline(never)]
 unsafe fn clone_thread(cl: *mut CloneArgs, t: *mut ThreadArgs, args: *mut RestoreArgs) -> i64 {

@@ -63,6 +63,7 @@ pub fn classify(pid: i32, maps: &[MapEntry]) -> Result<Vec<Vma>, DumpError> {
             what: what.to_string(),
         };
         let mut file = None;
+        let mut shmem_ino = 0;
         let kind = match m.name.as_str() {
             "[vdso]" => VmaKind::Vdso,
             "[vvar]" => VmaKind::Vvar,
@@ -93,6 +94,17 @@ pub fn classify(pid: i32, maps: &[MapEntry]) -> Result<Vec<Vma>, DumpError> {
             }
             _ => return Err(unsupported("a special mapping")),
         };
+        if kind == VmaKind::Anon && m.shared {
+            use std::os::unix::fs::MetadataExt;
+            let link = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+            shmem_ino = std::fs::metadata(&link)
+                .map_err(|e| DumpError::Io {
+                    pid,
+                    what: format!("stat {link}"),
+                    source: e,
+                })?
+                .ino();
+        }
         out.push(Vma {
             start: m.start,
             end: m.end,
@@ -102,6 +114,7 @@ pub fn classify(pid: i32, maps: &[MapEntry]) -> Result<Vec<Vma>, DumpError> {
             file,
             pgoff: m.offset,
             vm_flags: m.vm_flags.join(" "),
+            shmem_ino,
         });
     }
     Ok(out)
@@ -130,6 +143,15 @@ pub struct MemStats {
     pub pages_scanned: u64,
     pub pages_written: u64,
     pub zero_pages: u64,
+}
+
+impl MemStats {
+    /// Adds the counts of `other` (another task of the same dump).
+    pub fn add(&mut self, other: &MemStats) {
+        self.pages_scanned += other.pages_scanned;
+        self.pages_written += other.pages_written;
+        self.zero_pages += other.zero_pages;
+    }
 }
 
 fn is_zero(page: &[u8]) -> bool {

@@ -13,6 +13,7 @@ use crm_proto::image::*;
 
 const PR_GET_TID_ADDRESS: u64 = 40;
 const PR_GET_SECUREBITS: u64 = 27;
+const PR_GET_CHILD_SUBREAPER: u64 = 37;
 
 /// A page of memory mapped into the target for syscall arguments.
 pub struct Scratch {
@@ -215,6 +216,8 @@ pub fn collect(
         });
     }
 
+    let posix_timers = super::posix_timers::dump(pid, &main, scratch)?;
+
     let mut rlimits = Vec::new();
     for res in 0..16u32 {
         let mut old = libc::rlimit64 {
@@ -252,6 +255,11 @@ pub fn collect(
     let securebits =
         main.syscall(libc::SYS_prctl as u64, [PR_GET_SECUREBITS, 0, 0, 0, 0, 0])? as u32;
     let brk = main.syscall(libc::SYS_brk as u64, [0; 6])?;
+    main.syscall(
+        libc::SYS_prctl as u64,
+        [PR_GET_CHILD_SUBREAPER, scratch.addr, 0, 0, 0, 0],
+    )?;
+    let child_subreaper = scratch.read(4)?.iter().any(|&b| b != 0);
     let shared_pending = ptrace::peek_siginfo(pid, true)
         .map_err(|source| DumpError::Ptrace {
             pid,
@@ -295,9 +303,11 @@ pub fn collect(
         rlimits,
         sigactions,
         itimers,
+        posix_timers,
         shared_pending,
         threads,
         exit_signal: stat.exit_signal,
+        child_subreaper,
     };
     Ok(Collected { core, brk })
 }

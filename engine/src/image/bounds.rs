@@ -5,6 +5,9 @@
 //! repeated field first keeps decoding proportional to a sane image.
 use super::framing::FileKind;
 
+/// Most tasks a `tree.img` may list.
+pub const MAX_TREE_TASKS: u64 = 1 << 15;
+
 /// `(field number, name, most occurrences)` per file kind.
 fn limits(kind: FileKind) -> &'static [(u32, &'static str, u64)] {
     match kind {
@@ -19,6 +22,7 @@ fn limits(kind: FileKind) -> &'static [(u32, &'static str, u64)] {
         FileKind::Mm => &[(12, "auxv", 128), (14, "vmas", 1 << 18)],
         FileKind::Files => &[(1, "fds", 1 << 18)],
         FileKind::PageMap => &[(1, "runs", 1 << 16)],
+        FileKind::Tree => &[(1, "tasks", MAX_TREE_TASKS)],
     }
 }
 

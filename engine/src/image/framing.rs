@@ -4,14 +4,15 @@
 //! offset  size  field
 //! 0       8     magic  b"CRMIMG\0\0"
 //! 8       4     format version, u32 little endian (crm_proto::IMAGE_FORMAT_VERSION)
-//! 12      4     file kind, u32 little endian (inventory=1, core=2, mm=3, files=4, pagemap=5)
+//! 12      4     file kind, u32 little endian (inventory=1, core=2, mm=3, files=4, pagemap=5,
+//!               tree=6)
 //! 16      ...   records, back to back:
 //!                 4  payload length, u32 little endian (at most the kind's limit)
 //!                 4  CRC32 (IEEE, as crc32fast) of the payload, u32 little endian
 //!                 n  payload: one protobuf message of the file kind's type
 //! ```
 //!
-//! Inventory, core, mm and files hold exactly one record; a pagemap holds up
+//! Inventory, core, mm, files and tree hold exactly one record; a pagemap holds up
 //! to [`MAX_PAGEMAP_RECORDS`] `PageMapChunk` records. The file ends exactly
 //! at a record boundary; anything else is [`ImageErrorKind::Truncated`].
 //!
@@ -48,6 +49,8 @@ pub const MAX_RECORD_LEN: u64 = 64 << 20;
 pub const MAX_PAGEMAP_RECORD_LEN: u64 = 1 << 20;
 /// Largest number of records in a pagemap file.
 pub const MAX_PAGEMAP_RECORDS: u64 = 1 << 16;
+/// Largest tree record payload (4 MiB: thousands of tasks with their TIDs).
+pub const MAX_TREE_RECORD_LEN: u64 = 4 << 20;
 
 /// What a record file holds; the code is stored in its header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,15 +65,18 @@ pub enum FileKind {
     Files = 4,
     /// `pagemap-PID.img`: `PageMapChunk` records indexing `pages-PID.img`.
     PageMap = 5,
+    /// `tree.img`: one `ProcessTree`.
+    Tree = 6,
 }
 
 impl FileKind {
-    const ALL: [FileKind; 5] = [
+    const ALL: [FileKind; 6] = [
         FileKind::Inventory,
         FileKind::Core,
         FileKind::Mm,
         FileKind::Files,
         FileKind::PageMap,
+        FileKind::Tree,
     ];
 
     /// The code stored in the file header.
@@ -86,6 +92,7 @@ impl FileKind {
             FileKind::Mm => "mm",
             FileKind::Files => "files",
             FileKind::PageMap => "pagemap",
+            FileKind::Tree => "tree",
         }
     }
 
@@ -101,6 +108,7 @@ impl FileKind {
     pub fn max_record_len(self) -> u64 {
         match self {
             FileKind::PageMap => MAX_PAGEMAP_RECORD_LEN,
+            FileKind::Tree => MAX_TREE_RECORD_LEN,
             _ => MAX_RECORD_LEN,
         }
     }

@@ -1,6 +1,9 @@
 //! Image directory reading and writing.
 //!
-//! An image directory holds one `inventory.img` and, per task, `core-PID.img`
+//! An image directory holds one `inventory.img`, one `tree.img`
+//! (`ProcessTree`: pid, parent, group, session, threads of every task, and
+//! the exit status of zombies; optional for a single task) and, per live
+//! task, `core-PID.img`
 //! (`TaskCore`), `mm-PID.img` (`MmCore`), `files-PID.img` (`FilesCore`),
 //! `pages-PID.img` (raw pages) and `pagemap-PID.img` (the `PageRun`s indexing
 //! the pages file). The messages are the prost types of `crm_proto::image`.
@@ -29,9 +32,10 @@ mod tests;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use crm_proto::image::{FilesCore, Inventory, MmCore, TaskCore};
+use crm_proto::image::{FilesCore, Inventory, MmCore, ProcessTree, TaskCore};
 use crm_proto::IMAGE_FORMAT_VERSION;
 
+pub use bounds::MAX_TREE_TASKS;
 pub use error::{ImageError, ImageErrorKind};
 pub use framing::Durability;
 use framing::FileKind;
@@ -39,6 +43,8 @@ pub use pages::{PagesReader, PagesWriter, PAGE_SIZE};
 
 /// Name of the inventory file.
 pub const INVENTORY_FILE: &str = "inventory.img";
+/// Name of the process tree file.
+pub const TREE_FILE: &str = "tree.img";
 
 /// An image directory. Holds only its path; every call opens the files it needs.
 #[derive(Clone, Debug)]
@@ -70,6 +76,33 @@ impl ImageDir {
         let mut dir = Self::create(path)?;
         dir.durability = Durability::Scratch;
         Ok(dir)
+    }
+
+    /// The same directory, with files written without fsync: for a writer
+    /// that makes them durable at once with [`ImageDir::sync_all`] before
+    /// it writes the inventory.
+    pub fn unsynced(&self) -> ImageDir {
+        ImageDir {
+            path: self.path.clone(),
+            durability: Durability::Scratch,
+        }
+    }
+
+    /// Makes everything written so far durable: one `syncfs(2)` of the
+    /// directory's filesystem (data, renames and the directory itself)
+    /// instead of an fsync per file.
+    pub fn sync_all(&self) -> Result<(), ImageError> {
+        let dir = fs::File::open(&self.path)
+            .map_err(|e| ImageError::io(&self.path, "open the directory", e))?;
+        // SAFETY: syncfs on a descriptor we own; no pointers.
+        if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir)) } != 0 {
+            return Err(ImageError::io(
+                &self.path,
+                "syncfs",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
     }
 
     /// Opens an existing image: reads and checks `inventory.img` (magic, versions, page size).
@@ -126,6 +159,25 @@ impl ImageDir {
             ));
         }
         Ok(inv)
+    }
+
+    /// Writes `tree.img`.
+    pub fn write_tree(&self, tree: &ProcessTree) -> Result<(), ImageError> {
+        framing::write_single(
+            &self.path.join(TREE_FILE),
+            FileKind::Tree,
+            tree,
+            self.durability,
+        )
+    }
+
+    /// Reads `tree.img`; `None` if the image has none (a single-task image).
+    pub fn read_tree(&self) -> Result<Option<ProcessTree>, ImageError> {
+        match framing::read_single(&self.path.join(TREE_FILE), FileKind::Tree) {
+            Ok(t) => Ok(Some(t)),
+            Err(e) if matches!(e.kind, ImageErrorKind::Missing) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Writes `core-PID.img`.

@@ -204,6 +204,18 @@ fn write_sample_image(path: &Path) -> ImageDir {
         w.add_run(vaddr, &page_data(vaddr, pages)).unwrap();
     }
     w.finish().unwrap();
+    dir.write_tree(&crm_proto::image::ProcessTree {
+        tasks: vec![crm_proto::image::TreeTask {
+            pid: PID,
+            ppid: 1,
+            pgid: PID,
+            sid: PID,
+            threads: vec![PID, PID + 1],
+            exit_signal: libc::SIGCHLD,
+            ..Default::default()
+        }],
+    })
+    .unwrap();
     dir.write_inventory(&sample_inventory()).unwrap();
     dir
 }
@@ -527,10 +539,19 @@ struct Target {
     records: bool,
 }
 
-const TARGETS: [Target; 6] = [
+const TARGETS: [Target; 7] = [
     Target {
         name: "inventory.img",
         read: |d| ImageDir::open(d.path()).map(drop),
+        records: true,
+    },
+    Target {
+        name: "tree.img",
+        read: |d| {
+            d.read_tree()?
+                .map(drop)
+                .ok_or_else(|| ImageError::new(d.path().join(TREE_FILE), ImageErrorKind::Missing))
+        },
         records: true,
     },
     Target {
@@ -682,5 +703,86 @@ fn check_runs_invariants(dir: &ImageDir) {
         );
         assert!(run.vaddr >= prev_end, "{run:?} overlaps");
         prev_end = run.vaddr + run.nr_pages * PAGE_SIZE;
+    }
+}
+
+#[test]
+fn tree_round_trips_and_is_bounded() {
+    use crm_proto::image::{ProcessTree, TreeTask};
+    use prost::Message;
+    let tmp = TempDir::new("tree");
+    let dir = ImageDir::create(&tmp.0).unwrap();
+    assert!(
+        dir.read_tree().unwrap().is_none(),
+        "no tree.img: a single task"
+    );
+    let tree = ProcessTree {
+        tasks: vec![
+            TreeTask {
+                pid: PID,
+                ppid: 1,
+                pgid: PID,
+                sid: PID,
+                threads: vec![PID, PID + 1],
+                exit_signal: libc::SIGCHLD,
+                ..Default::default()
+            },
+            TreeTask {
+                pid: PID + 2,
+                ppid: PID,
+                pgid: PID,
+                sid: PID,
+                zombie: true,
+                exit_status: 7 << 8,
+                ..Default::default()
+            },
+        ],
+    };
+    dir.write_tree(&tree).unwrap();
+    assert_eq!(dir.read_tree().unwrap(), Some(tree));
+
+    // More tasks than allowed: refused before decoding, naming the field.
+    let path = tmp.0.join(TREE_FILE);
+    let bomb = [0x0a, 0x00].repeat(MAX_TREE_TASKS as usize + 1);
+    let mut w =
+        RecordWriter::create(&path, FileKind::Tree, super::framing::Durability::Durable).unwrap();
+    w.append(&RawPayload(bomb)).unwrap();
+    w.commit().unwrap();
+    let err = dir.read_tree().unwrap_err();
+    assert!(err.to_string().contains("tasks"), "{err}");
+    // A core file is not a tree file.
+    let core_path = dir.task_file("core", PID).unwrap();
+    dir.write_core(PID, &sample_core()).unwrap();
+    fs::copy(&core_path, &path).unwrap();
+    assert!(matches!(
+        dir.read_tree().unwrap_err().kind,
+        ImageErrorKind::WrongKind {
+            expected: "tree",
+            ..
+        }
+    ));
+
+    /// A message that encodes as the given raw bytes.
+    #[derive(Debug, Default)]
+    struct RawPayload(Vec<u8>);
+    impl Message for RawPayload {
+        fn encode_raw(&self, buf: &mut impl prost::bytes::BufMut) {
+            buf.put_slice(&self.0);
+        }
+        fn merge_field(
+            &mut self,
+            _: u32,
+            _: prost::encoding::WireType,
+            _: &mut impl prost::bytes::Buf,
+            _: prost::encoding::DecodeContext,
+        ) -> Result<(), prost::DecodeError> {
+            Ok(())
+        }
+        fn encoded_len(&self) -> usize {
+            self.0.len()
+        }
+        fn clear(&mut self) {
+            self.0.clear();
+        }
     }
 }

@@ -167,6 +167,29 @@ pub fn list_tasks(pid: i32) -> Result<Vec<i32>, ProcError> {
     list_numeric(&proc_dir(pid).join("task"))
 }
 
+/// The children of every thread of `pid` (`/proc/PID/task/TID/children`),
+/// sorted. Threads that vanish while being read are skipped.
+pub fn list_children(pid: i32) -> Result<Vec<i32>, ProcError> {
+    let mut out = Vec::new();
+    for tid in list_tasks(pid)? {
+        let path = proc_dir(pid).join(format!("task/{tid}/children"));
+        let text = match read_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(e),
+        };
+        for w in text.split_whitespace() {
+            out.push(
+                w.parse()
+                    .map_err(|_| ProcError::parse(&path, format!("bad pid {w:?}")))?,
+            );
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
 pub fn list_fds(pid: i32) -> Result<Vec<i32>, ProcError> {
     list_numeric(&proc_dir(pid).join("fd"))
 }

@@ -26,6 +26,9 @@ pub struct Stat {
     pub arg_end: u64,
     pub env_start: u64,
     pub env_end: u64,
+    /// Field 52: the exit status as `waitpid(2)` reports it (meaningful for
+    /// a zombie); 0 when the kernel does not show it.
+    pub exit_code: i32,
 }
 
 impl Stat {
@@ -78,6 +81,7 @@ impl Stat {
             arg_end: u(49)?,
             env_start: u(50)?,
             env_end: u(51)?,
+            exit_code: i(52).unwrap_or(0) as i32,
         })
     }
 }
@@ -100,6 +104,7 @@ mod tests {
         assert_eq!(s.session, 42);
         assert_eq!(s.num_threads, 20);
         assert_eq!(s.env_end, 51);
+        assert_eq!(s.exit_code, 52);
     }
 
     #[test]

@@ -14,7 +14,13 @@ use crm_proto::image::PageRun;
 use std::io::Write;
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 
-/// Runs in the child. Never returns.
+/// How a child reports the error that ends it: `(descriptor, message)`.
+/// The descriptor is the error channel handed to [`run_now`], possibly
+/// moved to another number.
+pub type Report = fn(RawFd, &str);
+
+/// Runs in the child: waits for the go byte, then [`run_now`] with the
+/// error written as plain text to `err`. Never returns.
 pub fn run(plan: &Plan, pages: &PagesReader, runs: &[PageRun], go: OwnedFd, err: OwnedFd) -> ! {
     let mut byte = [0u8; 1];
     loop {
@@ -25,14 +31,31 @@ pub fn run(plan: &Plan, pages: &PagesReader, runs: &[PageRun], go: OwnedFd, err:
         }
     }
     drop(go);
+    run_now(plan, pages, runs, err, write_text)
+}
+
+fn write_text(fd: RawFd, text: &str) {
+    // SAFETY: `fd` is the (possibly moved) error pipe, still open and ours;
+    // the process exits right after.
+    let mut f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let _ = f.write_all(text.as_bytes());
+}
+
+/// Executes the plan, then jumps into the blob. On failure, `report`s the
+/// error on `err` and exits. Never returns.
+pub fn run_now(
+    plan: &Plan,
+    pages: &PagesReader,
+    runs: &[PageRun],
+    err: OwnedFd,
+    report: Report,
+) -> ! {
     let err_fd = err.into_raw_fd();
     let e = match prepare(plan, pages, runs, err_fd) {
         Ok(never) => match never {},
         Err(e) => e,
     };
-    // SAFETY: err_fd is the (possibly moved) error pipe, still open.
-    let mut f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(e.1) };
-    let _ = f.write_all(e.0.as_bytes());
+    report(e.1, &e.0);
     sys::exit_now(1)
 }
 
@@ -60,10 +83,23 @@ fn prepare(
         }
         SessionAction::Inherit => {}
     }
+    if plan.child_subreaper {
+        // SAFETY: PR_SET_CHILD_SUBREAPER takes an integer, no pointers.
+        if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) } != 0 {
+            return Err(fail(
+                format!(
+                    "prctl(PR_SET_CHILD_SUBREAPER): {}",
+                    std::io::Error::last_os_error()
+                ),
+                err_fd,
+            ));
+        }
+    }
 
     for p in &plan.premaps {
-        let fd = match &p.file {
-            Some((path, mode, _)) => {
+        let fd = match (&p.file, p.shm_fd) {
+            (_, Some(fd)) => fd,
+            (Some((path, mode, _)), None) => {
                 // SAFETY: `path` is a NUL-terminated string.
                 let fd = unsafe { libc::open(path.as_ptr(), mode | libc::O_CLOEXEC) };
                 if fd < 0 {
@@ -79,11 +115,14 @@ fn prepare(
                 }
                 fd
             }
-            None => -1,
+            (None, None) => -1,
         };
-        let off = p.file.as_ref().map_or(0, |f| f.2);
-        let mapped = sys::mmap_fixed(p.at, p.len, p.fill_prot, p.flags, fd, off);
-        if fd >= 0 {
+        let (off, flags) = match (p.shm_fd, p.shmem) {
+            (Some(_), Some((_, off))) => (off, p.flags & !libc::MAP_ANONYMOUS),
+            _ => (p.file.as_ref().map_or(0, |f| f.2), p.flags),
+        };
+        let mapped = sys::mmap_fixed(p.at, p.len, p.fill_prot, flags, fd, off);
+        if fd >= 0 && p.shm_fd.is_none() {
             // SAFETY: closing the descriptor opened above; the mapping keeps the file.
             unsafe { libc::close(fd) };
         }
@@ -93,7 +132,11 @@ fn prepare(
                 err_fd,
             )
         })?;
-        let fill = if p.lazy { 0..0 } else { p.runs.clone() };
+        let fill = if p.lazy || p.shm_fd.is_some() {
+            0..0
+        } else {
+            p.runs.clone()
+        };
         for r in &runs[fill] {
             let off = r.vaddr - p.target;
             // SAFETY: the run lies inside this premapped VMA (checked by the

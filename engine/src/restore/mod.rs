@@ -1,5 +1,6 @@
 //! `restore`: recreate a checkpointed process from an image directory, with
-//! its original PID and TIDs.
+//! its original PID and TIDs. An image of several tasks goes to [`tree`],
+//! which runs the same steps in every task of the tree.
 //!
 //! 1. Read and check the image (`plan`): PIDs free, same vDSO layout, CPU
 //!    features, files unchanged; compute the restore zone and the blob's
@@ -15,10 +16,14 @@
 pub mod abi;
 mod blob;
 mod child;
+mod control;
 pub mod lazy;
 mod plan;
 pub use plan::lazy_eligible;
+mod shmem;
 mod tracer;
+mod tree;
+mod tree_task;
 mod uffd_missing;
 
 use crate::image::{ImageDir, ImageError};
@@ -83,8 +88,8 @@ pub enum RestoreError {
     Remote(#[from] RemoteError),
     #[error(transparent)]
     Lazy(#[from] lazy::LazyError),
-    #[error("this image holds {n} processes; restoring process trees is not supported yet")]
-    Tree { n: usize },
+    #[error("process tree: {what}")]
+    Tree { what: String },
 }
 
 #[derive(Debug, Default)]
@@ -105,7 +110,10 @@ pub struct RestoreOptions {
 
 #[derive(Debug)]
 pub struct RestoreReport {
+    /// The root of the restored tree.
     pub pid: i32,
+    /// Tasks restored (zombies included).
+    pub tasks: usize,
     pub threads: usize,
     pub pages: u64,
     /// Start → process running.
@@ -279,7 +287,12 @@ fn prepare(dir: &Path, opts: &RestoreOptions) -> Result<Prepared, RestoreError> 
     let image = ImageDir::open(dir)?;
     let inv = image.read_inventory()?;
     if inv.pids.len() != 1 || inv.pids[0] != inv.root_pid {
-        return Err(RestoreError::Tree { n: inv.pids.len() });
+        return Err(RestoreError::InvalidImage {
+            what: format!(
+                "the inventory lists {} tasks but the image has no usable tree.img",
+                inv.pids.len()
+            ),
+        });
     }
     if inv.shell_job && !opts.shell_job {
         return Err(RestoreError::ShellJob);
@@ -314,6 +327,7 @@ fn prepare(dir: &Path, opts: &RestoreOptions) -> Result<Prepared, RestoreError> 
                 (true, None) => plan::LazyPlan::WherePages,
                 (true, Some(_)) => plan::LazyPlan::AllEligible,
             },
+            tree_member: false,
         },
         &host,
     )?;
@@ -324,12 +338,37 @@ fn prepare(dir: &Path, opts: &RestoreOptions) -> Result<Prepared, RestoreError> 
 /// vDSO, CPU, address space), without creating anything. A migration
 /// destination runs it before the source gives up its process.
 pub fn preflight(dir: &Path, opts: &RestoreOptions) -> Result<(), RestoreError> {
+    if let Some((image, inv, tree)) = open_tree(dir)? {
+        return tree::prepare(&image, &inv, &tree, opts).map(drop);
+    }
     prepare(dir, opts).map(drop)
 }
 
-/// Restores the process in `dir`.
+/// The image in `dir` if it holds a tree of more than one task.
+fn open_tree(
+    dir: &Path,
+) -> Result<
+    Option<(
+        ImageDir,
+        crm_proto::image::Inventory,
+        crm_proto::image::ProcessTree,
+    )>,
+    RestoreError,
+> {
+    let image = ImageDir::open(dir)?;
+    let inv = image.read_inventory()?;
+    match image.read_tree()? {
+        Some(t) if t.tasks.len() > 1 || inv.pids.len() > 1 => Ok(Some((image, inv, t))),
+        _ => Ok(None),
+    }
+}
+
+/// Restores the process (or process tree) in `dir`.
 pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
+    if let Some((image, inv, t)) = open_tree(dir)? {
+        return tree::restore(&image, &inv, &t, opts, started);
+    }
     let Prepared { core, pages, plan } = prepare(dir, opts)?;
     let pid = plan.pid;
     for t in &core.threads {
@@ -414,6 +453,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
     };
     let report = RestoreReport {
         pid,
+        tasks: 1,
         threads: core.threads.len(),
         pages: total_pages,
         elapsed: started.elapsed(),

@@ -30,6 +30,13 @@ pub struct Premap {
     /// Private anonymous memory filled after the task runs (lazy restore):
     /// the child maps it but leaves its pages to [`super::lazy`].
     pub lazy: bool,
+    /// Shared anonymous memory: its shmem object's inode and this VMA's
+    /// byte offset in it.
+    pub shmem: Option<(u64, u64)>,
+    /// In a tree restore: a descriptor of the already filled shmem object
+    /// to map (at the `shmem` offset) instead of fresh memory; the child
+    /// then fills nothing.
+    pub shm_fd: Option<i32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +76,8 @@ pub struct Plan {
     pub cwd: CString,
     pub root: Option<CString>,
     pub session: SessionAction,
+    /// `prctl(PR_SET_CHILD_SUBREAPER, 1)` before the blob runs.
+    pub child_subreaper: bool,
 }
 
 impl Plan {
@@ -126,6 +135,9 @@ pub struct Inputs<'a> {
     pub shell_job: bool,
     /// Which private anonymous memory is left to lazy restore.
     pub lazy: LazyPlan,
+    /// The task is part of a tree: its session and group are set up by
+    /// `restore::tree` before this plan runs (`session` is `Inherit`).
+    pub tree_member: bool,
 }
 
 /// Which VMAs a restore leaves to lazy pages.
@@ -296,6 +308,9 @@ pub fn build(input: &Inputs<'_>, host: &Host) -> Result<Plan, RestoreError> {
             runs,
             advice,
             lazy,
+            shmem: (v.kind() == VmaKind::Anon && v.shared && v.shmem_ino != 0)
+                .then_some((v.shmem_ino, v.pgoff)),
+            shm_fd: None,
         });
     }
     if run_idx != input.runs.len() {
@@ -475,6 +490,38 @@ pub fn build(input: &Inputs<'_>, host: &Host) -> Result<Plan, RestoreError> {
             value_usec: (t.value_us % 1_000_000) as i64,
         };
     }
+    let mut posix_timers = [PosixTimerArgs::default(); MAX_POSIX_TIMERS];
+    if core.posix_timers.len() > MAX_POSIX_TIMERS {
+        return Err(invalid(format!(
+            "{} POSIX timers (at most {MAX_POSIX_TIMERS})",
+            core.posix_timers.len()
+        )));
+    }
+    for (slot, t) in posix_timers.iter_mut().zip(&core.posix_timers) {
+        let ts = |ns: u64| Timespec {
+            sec: (ns / 1_000_000_000) as i64,
+            nsec: (ns % 1_000_000_000) as i64,
+        };
+        if t.id < 0 || !(0..=64).contains(&t.signo) || ![0, 1, 4].contains(&t.notify) {
+            return Err(invalid(format!(
+                "POSIX timer {} (signal {}, notify {})",
+                t.id, t.signo, t.notify
+            )));
+        }
+        *slot = PosixTimerArgs {
+            id: t.id,
+            clock: t.clock,
+            sigev: KernelSigevent {
+                value: t.sigev_value,
+                signo: t.signo,
+                notify: t.notify,
+                tid: t.notify_tid,
+                pad: [0; 11],
+            },
+            interval: ts(t.interval_ns),
+            value: ts(t.value_ns),
+        };
+    }
     let mut rlimit_res = [0u64; NRLIMITS];
     let mut rlimits = [RLimit64::default(); NRLIMITS];
     let mut nr_rlimits = 0;
@@ -564,6 +611,8 @@ pub fn build(input: &Inputs<'_>, host: &Host) -> Result<Plan, RestoreError> {
         sigaction_mask,
         sigactions,
         itimers,
+        posix_timers,
+        nr_posix_timers: core.posix_timers.len() as u64,
         nr_rlimits: nr_rlimits as u64,
         rlimit_res,
         rlimits,
@@ -579,7 +628,9 @@ pub fn build(input: &Inputs<'_>, host: &Host) -> Result<Plan, RestoreError> {
         .exe
         .as_ref()
         .ok_or_else(|| invalid("no executable recorded".into()))?;
-    let session = if core.sid == pid {
+    let session = if input.tree_member {
+        SessionAction::Inherit
+    } else if core.sid == pid {
         SessionAction::NewSession
     } else if !input.shell_job {
         return Err(invalid(
@@ -619,6 +670,7 @@ pub fn build(input: &Inputs<'_>, host: &Host) -> Result<Plan, RestoreError> {
             Some(cstring(&core.root, "root")?)
         },
         session,
+        child_subreaper: core.child_subreaper,
     })
 }
 

@@ -26,13 +26,34 @@ fn perr(tid: i32, what: &str) -> impl FnOnce(std::io::Error) -> RestoreError + '
 pub fn supervise(plan: &Plan, err_pipe: &mut std::fs::File) -> Result<(), RestoreError> {
     let pid = plan.pid;
     let expected: BTreeSet<i32> = plan.tids.iter().copied().collect();
-    let mut done = BTreeSet::new();
-    while done != expected {
-        let (tid, status) =
-            ptrace::wait(-1, 0).map_err(perr(pid, "wait for the restoring task"))?;
-        if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+    supervise_threads(
+        &expected,
+        |_| pid,
+        |_| {
             let mut msg = String::new();
             let _ = err_pipe.read_to_string(&mut msg);
+            msg
+        },
+    )
+}
+
+/// Waits until every thread in `expected` (of one or several tasks being
+/// restored, all traced by us) reached the blob's final trap. `pid_of`
+/// names the task of a thread; `message_of(pid)` is what a task that exited
+/// reported before (empty if nothing).
+pub fn supervise_threads(
+    expected: &BTreeSet<i32>,
+    pid_of: impl Fn(i32) -> i32,
+    mut message_of: impl FnMut(i32) -> String,
+) -> Result<(), RestoreError> {
+    let mut done = BTreeSet::new();
+    while done != *expected {
+        let first = expected.first().copied().unwrap_or(0);
+        let (tid, status) =
+            ptrace::wait(-1, 0).map_err(perr(pid_of(first), "wait for the restoring task"))?;
+        let pid = pid_of(tid);
+        if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+            let msg = message_of(pid);
             let how = if libc::WIFEXITED(status) {
                 format!("exited with status {}", libc::WEXITSTATUS(status))
             } else {

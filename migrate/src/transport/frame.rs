@@ -159,7 +159,7 @@ pub fn split_frame(
 }
 
 /// Reads until `buf` is full or the stream ends; returns the bytes read.
-async fn read_full<R: AsyncRead + Unpin>(
+pub(super) async fn read_full<R: AsyncRead + Unpin>(
     r: &mut R,
     peer: SocketAddr,
     kind: FrameKind,

@@ -35,9 +35,12 @@
 //!   `C < L` (hysteresis, so noise near the break-even point does not flip
 //!   it). See [`compression_pays`], a pure function tested with given numbers.
 //!
-//! So on a fast link (loopback, 10 GbE: `L` several GB/s, above what level-1
-//! zstd can feed) pages go raw, and on a slow link (1 GbE and below, WAN)
-//! compressible memory is compressed.
+//! So on a fast link (10 GbE: `L` above what level-1 zstd can feed) pages
+//! go raw, and on a slow link (1 GbE and below, WAN) compressible memory is
+//! compressed. To a receiver on the same host (unsealed TCP page channels)
+//! `Auto` never compresses: there is no link to spare, and on a loaded host
+//! the congestion window's RTT, inflated by scheduling, made the rule switch
+//! compression on and spend the CPU the transfer needed.
 //!
 //! Limit: the model counts the link, not the CPU that QUIC itself spends per
 //! byte (encryption, UDP syscalls). Where that is the bottleneck — loopback
@@ -71,7 +74,7 @@ use super::frame::{
     batch_decompressor, decode_batch_data, encode_batch_prefix, read_batch, read_stream_magic,
     FrameKind, MAX_BATCH_BYTES, PAGE_SIZE, PAGE_STREAM_MAGIC,
 };
-use super::sealed::{Opener, Sealer};
+use super::sealed::{write_parts, Opener, Sealer};
 use super::tcp_channel::{self, ChannelSecret, IncomingChannel};
 use super::{code, MAX_PAGE_STREAMS};
 
@@ -343,6 +346,14 @@ impl PageSender {
                 PageOut::Quic(_) => None,
             })
             .collect();
+        // An unsealed channel runs between two loopback addresses: there is
+        // no network to save bytes on, only CPU (shared by sender, receiver
+        // and the process) to spend, so `Auto` sends raw there.
+        let same_host = outs.iter().any(|o| matches!(o, PageOut::Tcp(_, None)));
+        let policy = match policy {
+            Compress::Auto if same_host => Compress::Never,
+            p => p,
+        };
         let shared = Arc::new(Shared {
             conn: conn.clone(),
             tcp_probes,
@@ -731,7 +742,7 @@ impl PageOut {
                     }
                 });
             }
-            PageOut::Tcp(s, None) => write_two(s, &prefix, &payload).await,
+            PageOut::Tcp(s, None) => write_parts(s, &[&prefix, &payload]).await,
             PageOut::Tcp(s, Some(sealer)) => match sealer.write(s, &mut prefix).await {
                 Ok(()) => sealer.write(s, &mut payload).await,
                 Err(e) => Err(e),
@@ -788,26 +799,6 @@ impl PageOut {
             }
         }
     }
-}
-
-/// Writes `a` then `b` with as few syscalls as the kernel allows.
-async fn write_two(s: &mut TcpStream, mut a: &[u8], mut b: &[u8]) -> std::io::Result<()> {
-    use std::io::IoSlice;
-    while !a.is_empty() {
-        let n = s
-            .write_vectored(&[IoSlice::new(a), IoSlice::new(b)])
-            .await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        if n < a.len() {
-            a = &a[n..];
-        } else {
-            b = &b[n - a.len()..];
-            a = &[];
-        }
-    }
-    s.write_all(b).await
 }
 
 /// One decoded page batch: header and raw pages (`header.raw_len` bytes,

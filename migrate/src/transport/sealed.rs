@@ -15,10 +15,10 @@
 use std::net::SocketAddr;
 
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::error::{Result, TransportError};
-use super::frame::{FrameKind, MAX_BATCH_BYTES};
+use super::frame::{read_full, FrameKind, MAX_BATCH_BYTES};
 
 /// Bytes of a GCM tag.
 pub const TAG_LEN: usize = 16;
@@ -91,7 +91,10 @@ impl Sealer {
 }
 
 /// Writes all of `parts` in order, vectored where the writer allows.
-async fn write_parts<W: AsyncWrite + Unpin>(w: &mut W, parts: &[&[u8]]) -> std::io::Result<()> {
+pub(super) async fn write_parts<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    parts: &[&[u8]],
+) -> std::io::Result<()> {
     use std::io::IoSlice;
     let mut parts: Vec<&[u8]> = parts.iter().copied().filter(|p| !p.is_empty()).collect();
     while !parts.is_empty() {
@@ -137,9 +140,8 @@ impl Opener {
         peer: SocketAddr,
     ) -> Result<Option<Vec<u8>>> {
         let kind = FrameKind::SealedRecord;
-        let read_err = |source| TransportError::Read { peer, kind, source };
         let mut prefix = [0u8; 4];
-        let got = read_up_to(r, &mut prefix).await.map_err(read_err)?;
+        let got = read_full(r, peer, kind, &mut prefix).await?;
         if got < prefix.len() {
             return Err(TransportError::Truncated {
                 peer,
@@ -165,7 +167,7 @@ impl Opener {
             });
         }
         let mut buf = vec![0u8; len];
-        let got = read_up_to(r, &mut buf).await.map_err(read_err)?;
+        let got = read_full(r, peer, kind, &mut buf).await?;
         if got < len {
             return Err(TransportError::Truncated {
                 peer,
@@ -193,18 +195,6 @@ impl Opener {
         }
         Ok(Some(buf))
     }
-}
-
-async fn read_up_to<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        let n = r.read(&mut buf[got..]).await?;
-        if n == 0 {
-            break;
-        }
-        got += n;
-    }
-    Ok(got)
 }
 
 #[cfg(test)]

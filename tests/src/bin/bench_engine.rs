@@ -56,6 +56,12 @@
 //! freeze time a minimum, peak RSS the maximum over the runs (the target must hold in
 //! every run).
 //!
+//! With `--tree N` it measures instead a tree of N `wl_tree bench` tasks, each with
+//! 4 MiB of private memory, all sharing 16 MiB of `MAP_SHARED | MAP_ANONYMOUS`
+//! memory (issue 4): dump wall and freeze time, image size (the shared memory must be
+//! stored once) and restore wall time (target under 1 s); the restored tree must
+//! verify.
+//!
 //! GB/s are 10^9 bytes per second. Exit status: 0 when every size was measured (even
 //! if a target is missed), 1 on any failure (including a restored workload that does
 //! not verify), 2 on bad usage.
@@ -119,7 +125,8 @@ fn main() -> ExitCode {
 }
 
 fn usage() -> &'static str {
-    "usage: bench_engine [--sizes 1024,4096] [--reps 3] [--dir DIR]   (sizes in MiB; as root)"
+    "usage: bench_engine [--sizes 1024,4096] [--reps 3] [--dir DIR]   (sizes in MiB; as root)\n       \
+     bench_engine --tree 50 [--dir DIR]   (a 50-task tree, 4 MiB private + 16 MiB shared)"
 }
 
 /// Command line options.
@@ -131,6 +138,8 @@ struct Opts {
     reps: usize,
     /// Where the work directory is created.
     dir: PathBuf,
+    /// Instead of the sizes: dump and restore a tree of this many tasks.
+    tree: Option<usize>,
 }
 
 /// `Ok(None)` for `--help`.
@@ -139,6 +148,7 @@ fn parse_args(args: &[String]) -> Res<Option<Opts>> {
         sizes: DEFAULT_SIZES.to_vec(),
         reps: DEFAULT_REPS,
         dir: PathBuf::from("/var/tmp"),
+        tree: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -172,6 +182,13 @@ fn parse_args(args: &[String]) -> Res<Option<Opts>> {
                 };
             }
             "--dir" => opts.dir = PathBuf::from(value("--dir")?),
+            "--tree" => {
+                let v = value("--tree")?;
+                opts.tree = match v.parse() {
+                    Ok(n) if (2..=1000).contains(&n) => Some(n),
+                    _ => return Err(format!("bad --tree {v:?} (2 to 1000 tasks)")),
+                };
+            }
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -349,6 +366,9 @@ fn run(opts: &Opts) -> Res<()> {
         ));
     }
     let work = WorkDir::create(&opts.dir)?;
+    if let Some(n) = opts.tree {
+        return tree_figures(n, &work.0);
+    }
     println!("bench_engine: cr-migrate = {}", bin.display());
     println!("              wl_memory  = {}", wl_exe.display());
     println!("              work dir   = {}", work.0.display());
@@ -1086,6 +1106,95 @@ fn image_sizes(dir: &Path) -> Res<(u64, u64)> {
         }
     }
     Ok((total, pages))
+}
+
+/// Private and shared memory of the tree benchmark's tasks (MiB).
+const TREE_PRIVATE_MIB: usize = 4;
+const TREE_SHARED_MIB: usize = 16;
+/// Target: restore of the tree under this long.
+const TREE_RESTORE_TARGET: Duration = Duration::from_secs(1);
+
+/// Dump and restore of a `wl_tree bench` tree of `n` tasks, each with
+/// [`TREE_PRIVATE_MIB`] of private memory, all sharing [`TREE_SHARED_MIB`].
+fn tree_figures(n: usize, work: &Path) -> Res<()> {
+    let exe = workload_path("wl_tree");
+    let img = work.join("img-tree");
+    let _remove_img = Remove(img.clone());
+    let img_s = img.to_str().ok_or("work dir is not UTF-8")?;
+    let (tasks, private, shared) = (
+        n.to_string(),
+        TREE_PRIVATE_MIB.to_string(),
+        TREE_SHARED_MIB.to_string(),
+    );
+    let mut tree = crm_tests::tree::Tree::start(
+        &exe,
+        &["bench", &tasks, &private, &shared],
+        work,
+        Spawn::default(),
+    );
+    if tree.members.len() + 1 != n {
+        return Err(format!(
+            "wl_tree has {} tasks, not {n}",
+            tree.members.len() + 1
+        ));
+    }
+    let pid_s = tree.wl.pid().to_string();
+    let dump = run_measured(
+        &["dump", "--pid", &pid_s, "--images-dir", img_s],
+        CRM_TIMEOUT,
+    )?;
+    if !dump.ok() {
+        return Err(format!("cr-migrate dump failed: {}", dump.describe()));
+    }
+    let freeze_ms = parse_frozen_ms(&dump.stderr).unwrap_or(f64::NAN);
+    tree.reap_dumped()
+        .map_err(|e| format!("after cr-migrate dump: {e}"))?;
+    let (image_bytes, page_bytes) = image_sizes(&img)?;
+    let restore = run_measured(&["restore", "--images-dir", img_s, "--detach"], CRM_TIMEOUT)?;
+    let adopted = tree.wl.adopt_restored();
+    if !restore.ok() {
+        return Err(format!("cr-migrate restore failed: {}", restore.describe()));
+    }
+    adopted.map_err(|e| format!("after cr-migrate restore: {e}"))?;
+    let pass = tree
+        .wl
+        .verify()
+        .map_err(|e| format!("the restored tree did not verify: {e}"))?;
+    tree.kill_all()?;
+    let mib = |b: u64| b as f64 / MIB as f64;
+    let per_task = (n * (TREE_PRIVATE_MIB + TREE_SHARED_MIB)) as f64;
+    let once = (n * TREE_PRIVATE_MIB + TREE_SHARED_MIB) as f64;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!("tree of {n} tasks, {TREE_PRIVATE_MIB} MiB private each, {TREE_SHARED_MIB} MiB shared by all:");
+    println!(
+        "  dump: wall {:.0} ms, frozen {freeze_ms:.0} ms, peak RSS {:.1} MiB",
+        ms(dump.wall),
+        dump.maxrss_kib as f64 / 1024.0
+    );
+    println!(
+        "  image: {:.1} MiB ({:.1} MiB of pages; the memory is {once:.0} MiB with the shared \
+         part once, {per_task:.0} MiB with it per task) [{}]",
+        mib(image_bytes),
+        mib(page_bytes),
+        mark(mib(page_bytes) < once + per_task * 0.1),
+    );
+    println!(
+        "  restore: wall {:.0} ms, peak RSS {:.1} MiB [target < {} ms: {}]",
+        ms(restore.wall),
+        restore.maxrss_kib as f64 / 1024.0,
+        TREE_RESTORE_TARGET.as_millis(),
+        mark(restore.wall < TREE_RESTORE_TARGET)
+    );
+    println!("  restored tree: {pass}");
+    println!(
+        "BENCH tree_tasks={n} dump_ms={:.0} frozen_ms={freeze_ms:.0} image_mib={:.1} \
+         pages_mib={:.1} restore_ms={:.0}",
+        ms(dump.wall),
+        mib(image_bytes),
+        mib(page_bytes),
+        ms(restore.wall)
+    );
+    Ok(())
 }
 
 /// One repetition of dump and restore of `wl_memory` with `size_mib` MiB.

@@ -1,6 +1,6 @@
 //! `bench_migrate`: end-to-end benchmark of live migration over loopback (not a test).
 //!
-//! Usage: `bench_migrate [--size-mib 1024] [--rate-mbps 100] [--runs 1] [--dir DIR] [--recv-memory-mib N]`
+//! Usage: `bench_migrate [--size-mib 1024] [--rate-mbps 100] [--runs 1] [--dir DIR] [--recv-memory-mib N] [--page-transport auto|quic|sealed]`
 //! (as root). Build and run:
 //!
 //! ```text
@@ -61,7 +61,7 @@
 //! failure, 2 on bad usage.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -102,6 +102,9 @@ const RUST_LOG: &str = "debug,quinn=info,quinn_proto=info,quinn_udp=info,rustls=
 type Res<T> = Result<T, String>;
 
 fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("--first-touch-probe") {
+        return first_touch_probe();
+    }
     if std::env::args().nth(1).as_deref() == Some("--memcpy-probe") {
         return memcpy_probe();
     }
@@ -133,7 +136,7 @@ fn main() -> ExitCode {
 }
 
 fn usage() -> &'static str {
-    "usage: bench_migrate [--size-mib 1024] [--rate-mbps 100] [--runs 1] [--dir /var/tmp] [--recv-memory-mib N]   (as root)"
+    "usage: bench_migrate [--size-mib 1024] [--rate-mbps 100] [--runs 1] [--dir /var/tmp] [--recv-memory-mib N] [--page-transport auto|quic|sealed]   (as root)"
 }
 
 /// Command line options.
@@ -146,6 +149,8 @@ struct Opts {
     dir: PathBuf,
     /// `receive --memory-limit-mib` (default: receive's own default).
     recv_memory_mib: Option<u64>,
+    /// `send --page-transport` (default: send's own, auto).
+    page_transport: Option<String>,
 }
 
 /// `Ok(None)` for `--help`.
@@ -156,6 +161,7 @@ fn parse_args(args: &[String]) -> Res<Option<Opts>> {
         runs: 1,
         dir: PathBuf::from("/var/tmp"),
         recv_memory_mib: None,
+        page_transport: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -185,6 +191,10 @@ fn parse_args(args: &[String]) -> Res<Option<Opts>> {
                 opts.recv_memory_mib =
                     Some(positive("--recv-memory-mib", &value("--recv-memory-mib")?)?)
             }
+            "--page-transport" => match value("--page-transport")?.as_str() {
+                t @ ("auto" | "quic" | "sealed") => opts.page_transport = Some(t.to_string()),
+                t => return Err(format!("bad --page-transport {t:?} (auto, quic or sealed)")),
+            },
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -371,6 +381,43 @@ fn memcpy_probe() -> ExitCode {
     }
     println!("{:.3}", gbps(copied, started.elapsed()));
     ExitCode::SUCCESS
+}
+
+/// `--first-touch-probe MIB`: in a child process, maps MIB MiB of fresh
+/// anonymous memory and writes one byte per page; prints the milliseconds.
+/// Every page a migration carries lands in fresh memory at the destination
+/// (its page store), so this is a floor for the transfer on this machine.
+fn first_touch_probe() -> ExitCode {
+    let mib: usize = std::env::args()
+        .nth(2)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1024);
+    let len = mib * MIB;
+    let p = crm_tests::wl::map_anon(len);
+    let started = Instant::now();
+    for off in (0..len).step_by(4096) {
+        // SAFETY: `p` maps `len` bytes, readable and writable.
+        unsafe { p.add(off).write_volatile(1) };
+    }
+    println!("{:.3}", started.elapsed().as_secs_f64() * 1e3);
+    ExitCode::SUCCESS
+}
+
+/// Runs [`first_touch_probe`] for `mib` MiB; the milliseconds it took.
+fn first_touch_ms(mib: usize) -> Res<f64> {
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    let out = Command::new(exe)
+        .args(["--first-touch-probe", &mib.to_string()])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("running the first-touch probe: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("the first-touch probe failed: {}", out.status));
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .map_err(|e| format!("first-touch probe output: {e}"))
 }
 
 fn memcpy_gbps() -> Res<f64> {
@@ -722,9 +769,9 @@ fn mib(b: u64) -> f64 {
 }
 
 /// A free UDP port on 127.0.0.1 (bound and released; `receive` binds it right after).
-fn free_udp_port() -> Res<u16> {
-    let s = UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("UDP bind: {e}"))?;
-    Ok(s.local_addr().map_err(|e| format!("UDP addr: {e}"))?.port())
+/// A port free for UDP (QUIC) and TCP (page channels).
+fn free_port() -> Res<u16> {
+    crm_tests::port::free_port().map_err(|e| format!("finding a free port: {e}"))
 }
 
 /// Migrates one workload over 127.0.0.1 and verifies it afterwards.
@@ -791,7 +838,7 @@ fn migrate_once(case: Case, opts: &Opts, work: &Dir, run: usize) -> Res<Outcome>
 
     let tl: Timeline = Arc::new(Mutex::new(Vec::new()));
     let t0 = Instant::now();
-    let port = free_udp_port()?;
+    let port = free_port()?;
     let listen = format!("127.0.0.1:{port}");
     // receive's own default (half the RAM) unless the bench was told otherwise.
     let recv_memory = opts.recv_memory_mib.map(|m| m.to_string());
@@ -842,22 +889,21 @@ fn migrate_once(case: Case, opts: &Opts, work: &Dir, run: usize) -> Res<Outcome>
 
     let pid_s = pid.to_string();
     let budget = format!("{}", case.budget_ms());
-    let mut send = Crm::spawn(
+    let mut send_args = vec![
+        "-v",
         "send",
-        &[
-            "-v",
-            "send",
-            &pid_s,
-            &listen,
-            "--token-file",
-            token_s,
-            "--json",
-            "--max-downtime-ms",
-            &budget,
-        ],
-        &tl,
-        t0,
-    )?;
+        &pid_s,
+        &listen,
+        "--token-file",
+        token_s,
+        "--json",
+        "--max-downtime-ms",
+        &budget,
+    ];
+    if let Some(t) = &opts.page_transport {
+        send_args.extend(["--page-transport", t]);
+    }
+    let mut send = Crm::spawn("send", &send_args, &tl, t0)?;
 
     // Until send and receive have ended: reap the original as soon as the source
     // kills it (a zombie keeps the PID the restore needs), and collect both.
@@ -1213,6 +1259,16 @@ fn run(opts: &Opts) -> Res<()> {
             MEMCPY_BUF / MIB
         ),
         Err(e) => println!("  memcpy baseline: {e}"),
+    }
+    match first_touch_ms(opts.size_mib) {
+        Ok(ms) => println!(
+            "  first write to {} MiB of fresh anonymous memory (child process): {ms:.0} ms \
+             ({:.2} GB/s): every page lands in fresh memory at the destination, so a \
+             migration cannot move pages faster on this machine",
+            opts.size_mib,
+            (opts.size_mib * MIB) as f64 / (ms * 1e-3) / 1e9
+        ),
+        Err(e) => println!("  first-touch baseline: {e}"),
     }
     let size_bytes = opts.size_mib * MIB;
     let total_limit_ms = TOTAL_FACTOR * size_bytes as f64 / (loopback * 1e9) * 1e3;
