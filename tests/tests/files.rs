@@ -21,7 +21,8 @@ use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
-use crm_tests::{self as h, procs, run_crm, workload_bin, TempDir, Workload};
+use crm_tests::tree::Tree;
+use crm_tests::{self as h, procs, run_crm, workload_bin, Spawn, TempDir, Workload};
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -348,4 +349,51 @@ fn fifo_read_by_another_process_is_refused() {
     // SAFETY: closing our reader.
     unsafe { libc::close(reader) };
     println!("checked: refused with {}; then {pass}", err.trim());
+}
+
+/// A child forked after the locks were taken shares the open file
+/// descriptions of the locked files: their flock and OFD locks are saved
+/// once (with the parent, the lowest PID sharing them), the tree comes
+/// back with both tasks and the locks held by the parent.
+#[test]
+fn locks_shared_with_a_child_are_taken_once() {
+    h::init();
+    let _serial = h::serial();
+    let tmp = TempDir::new("locks-fork");
+    let images = tmp.subdir("images");
+    let mut tree = Tree::start(
+        workload_bin!(wl_locks),
+        &["--fork"],
+        tmp.path(),
+        Spawn::default(),
+    );
+    assert_eq!(tree.members.len(), 1, "wl_locks --fork has one child");
+    tree.wl.expect_pass("before the dump");
+    let root = tree.wl.pid().to_string();
+    let out = run_crm(&["dump", "--pid", &root, "--images-dir", path_str(&images)]);
+    assert_success(&out, "dump");
+    tree.reap_dumped()
+        .unwrap_or_else(|e| panic!("after `cr-migrate dump`: {e}"));
+    let text = show(&images, &[]);
+    for lock in [
+        "locks: flock 0-EOF write",
+        "locks: flock 0-EOF read",
+        "locks: ofd 10+10 write",
+    ] {
+        assert_eq!(
+            text.matches(lock).count(),
+            1,
+            "{lock:?} should be saved once, with the parent:\n{text}"
+        );
+    }
+    let out = run_crm(&["restore", "--images-dir", path_str(&images), "--detach"]);
+    let adopted = tree.wl.adopt_restored();
+    assert_success(&out, "restore --detach");
+    adopted.unwrap_or_else(|e| panic!("after `cr-migrate restore --detach`: {e}"));
+    let child = tree.members[0];
+    assert!(procs::alive(child), "the child {child} was not restored");
+    let problems = locks_seen_from_test(tmp.path(), tree.wl.pid());
+    assert!(problems.is_empty(), "after the restore: {problems:?}");
+    let pass = tree.wl.expect_pass("after restore");
+    println!("checked: parent and child restored, locks held once: {pass}");
 }

@@ -49,10 +49,11 @@ fn parse(line: &str) -> Result<Parsed, String> {
         "LEASE" | "DELEG" => return Err("holding a lease (F_SETLEASE)".into()),
         _ => return Err(format!("holding a {class} lock ({line:?})")),
     };
-    let (ty, file, start, end) = match rest {
-        ["ADVISORY", ty, _pid, file, start, end] => (*ty, *file, *start, *end),
+    let (ty, owner, file, start, end) = match rest {
+        ["ADVISORY", ty, owner, file, start, end] => (*ty, *owner, *file, *start, *end),
         _ => return Err(bad()),
     };
+    let _owner: i32 = owner.parse().map_err(|_| bad())?;
     let write = match ty {
         "WRITE" => true,
         "READ" => false,
@@ -85,11 +86,15 @@ pub struct Seen {
     saved: Vec<(RawFd, Parsed)>,
 }
 
-/// The locks fdinfo shows for fd `fd` of `pid` (`lines`), minus those an
-/// earlier descriptor already carries.
+/// The locks fdinfo shows for fd `fd` of `pid` (`lines`; `file`: the
+/// file's device and inode), minus those an earlier descriptor already
+/// carries, and minus flock and OFD locks of an open file description a
+/// process with a lower PID shares (inherited over fork: that process
+/// carries them, see [`kept_by_lower_pid`]).
 pub fn dump(
     pid: i32,
     fd: RawFd,
+    file: (u64, u64),
     lines: &[String],
     seen: &mut Seen,
 ) -> Result<Vec<FileLock>, FilesError> {
@@ -109,7 +114,8 @@ pub fn dump(
         let dup = seen.saved.iter().any(|(other, q)| {
             *q == p && (p.lock.kind == LockKind::Posix as i32 || same_description(pid, *other, fd))
         });
-        if !dup {
+        let per_description = p.lock.kind != LockKind::Posix as i32;
+        if !dup && !(per_description && kept_by_lower_pid((pid, fd), file)) {
             out.push(p.lock);
             seen.saved.push((fd, p));
         }
@@ -122,6 +128,36 @@ pub fn dump(
 /// then saved once).
 fn same_description(pid: i32, a: RawFd, b: RawFd) -> bool {
     super::regular::same_description(pid, a, b).unwrap_or(true)
+}
+
+/// Whether a process with a lower PID than `of.0` holds a descriptor of the
+/// open file description of fd `of.1` of `of.0` (a file with device and
+/// inode `file`). Of the processes sharing one open file description
+/// (after fork), the lowest PID carries its flock and OFD locks: in a tree
+/// dump exactly one task saves them, and a sharer outside the dump keeps
+/// them held while the dumped process is gone.
+fn kept_by_lower_pid(of: (i32, RawFd), file: (u64, u64)) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    let lower = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&p| p > 0 && p < of.0);
+    for p in lower {
+        let Ok(fds) = crate::procfs::list_fds(p) else {
+            continue;
+        };
+        let shares = fds.into_iter().any(|n| {
+            std::fs::metadata(format!("/proc/{p}/fd/{n}")).is_ok_and(|m| (m.dev(), m.ino()) == file)
+                && super::regular::shared_description((p, n), of) == Some(true)
+        });
+        if shares {
+            return true;
+        }
+    }
+    false
 }
 
 /// Refuses locks on descriptors that are not regular files.
@@ -291,10 +327,10 @@ mod tests {
     fn posix_lock_seen_twice_is_saved_once() {
         let mut seen = Seen::default();
         let line = vec!["1: POSIX  ADVISORY  WRITE 1 08:01:5 0 9".to_string()];
-        assert_eq!(dump(1, 3, &line, &mut seen).unwrap().len(), 1);
-        assert!(dump(1, 4, &line, &mut seen).unwrap().is_empty());
+        assert_eq!(dump(1, 3, (0, 0), &line, &mut seen).unwrap().len(), 1);
+        assert!(dump(1, 4, (0, 0), &line, &mut seen).unwrap().is_empty());
         let many = vec![line[0].clone(); MAX_LOCKS + 1];
-        assert!(dump(1, 5, &many, &mut seen).is_err());
+        assert!(dump(1, 5, (0, 0), &many, &mut seen).is_err());
     }
 
     #[test]

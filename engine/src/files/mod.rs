@@ -196,7 +196,7 @@ pub fn dump(pid: i32) -> Result<FilesCore, FilesError> {
                 let dup_of = regular::dup_of(pid, fd, id, &regular_fds);
                 regular_fds.push((fd, id));
                 let mut r = regular::dump(pid, fd, &link, &meta, &info, dup_of, &mut ghost_budget)?;
-                r.locks = locks::dump(pid, fd, &info.locks, &mut locks_seen)?;
+                r.locks = locks::dump(pid, fd, id, &info.locks, &mut locks_seen)?;
                 fd_entry::Kind::Regular(r)
             }
             Kind::Fifo => fd_entry::Kind::Fifo(fifo::dump(

@@ -271,9 +271,16 @@ fn open_and_seek(
 /// Whether fds `a` and `b` of `pid` share one open file description
 /// (`kcmp(KCMP_FILE)`); `None` if the kernel cannot tell (no kcmp).
 pub fn same_description(pid: i32, a: i32, b: i32) -> Option<bool> {
+    shared_description((pid, a), (pid, b))
+}
+
+/// Whether fd `a.1` of process `a.0` and fd `b.1` of process `b.0` are one
+/// open file description (`kcmp(KCMP_FILE)`); `None` if the kernel cannot
+/// tell.
+pub fn shared_description(a: (i32, i32), b: (i32, i32)) -> Option<bool> {
     const KCMP_FILE: i32 = 0;
     // SAFETY: kcmp takes integers only and reads nothing of ours.
-    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid, pid, KCMP_FILE, a, b) };
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, a.0, b.0, KCMP_FILE, a.1, b.1) };
     (r >= 0).then_some(r == 0)
 }
 

@@ -12,7 +12,10 @@
 //!   `direct=0` in READY, where the filesystem refuses O_DIRECT).
 //!
 //! With `--lease`, it also holds a read lease on `lease.dat` (fd 86), which
-//! a dump must refuse.
+//! a dump must refuse. With `--fork`, it forks a child once its locks are
+//! taken (`members=PID` in READY): the child shares the open file
+//! descriptions of fds 80-85, and so their flock and OFD locks, and only
+//! sleeps.
 //!
 //! Protocol: `READY pid=N direct=0|1`; on SIGUSR2 a forked child (a second
 //! process, with its own open file descriptions) checks that every lock is
@@ -330,7 +333,19 @@ fn main() {
             wl::fail_setup("F_SETLEASE");
         }
     }
-    wl::ready(&format!("direct={}", direct as u8));
+    let mut members = String::new();
+    if std::env::args().any(|a| a == "--fork") {
+        // SAFETY: single-threaded; the child only sleeps until killed.
+        match unsafe { libc::fork() } {
+            0 => loop {
+                // SAFETY: pause(2) has no arguments.
+                unsafe { libc::pause() };
+            },
+            p if p < 0 => wl::fail_setup("fork"),
+            p => members = format!(" members={p}"),
+        }
+    }
+    wl::ready(&format!("direct={}{members}", direct as u8));
     loop {
         if wl::take(libc::SIGUSR2) {
             let mut problems = from_child(true);
