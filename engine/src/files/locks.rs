@@ -115,7 +115,8 @@ pub fn dump(
             *q == p && (p.lock.kind == LockKind::Posix as i32 || same_description(pid, *other, fd))
         });
         let per_description = p.lock.kind != LockKind::Posix as i32;
-        if !dup && !(per_description && kept_by_lower_pid((pid, fd), file)) {
+        let elsewhere = per_description && !dup && kept_by_lower_pid((pid, fd), file);
+        if !dup && !elsewhere {
             out.push(p.lock);
             seen.saved.push((fd, p));
         }
