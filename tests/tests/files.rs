@@ -397,3 +397,36 @@ fn locks_shared_with_a_child_are_taken_once() {
     let pass = tree.wl.expect_pass("after restore");
     println!("checked: parent and child restored, locks held once: {pass}");
 }
+
+/// Two tasks of a tree (parent and forked child) hold the same FIFOs: each
+/// saves the bytes, the tasks are restored together, and the bytes come
+/// back once (the parent reads exactly what was there).
+#[test]
+fn fifo_shared_with_a_child_refilled_once() {
+    h::init();
+    let _serial = h::serial();
+    let tmp = TempDir::new("fifo-fork");
+    let images = tmp.subdir("images");
+    let mut tree = Tree::start(
+        workload_bin!(wl_fifo),
+        &["--fork"],
+        tmp.path(),
+        Spawn::default(),
+    );
+    assert_eq!(tree.members.len(), 1, "wl_fifo --fork has one child");
+    tree.wl.expect_pass("before the dump");
+    let root = tree.wl.pid().to_string();
+    let out = run_crm(&["dump", "--pid", &root, "--images-dir", path_str(&images)]);
+    assert_success(&out, "dump");
+    tree.reap_dumped()
+        .unwrap_or_else(|e| panic!("after `cr-migrate dump`: {e}"));
+    show(&images, &["80000 bytes buffered"]);
+    let out = run_crm(&["restore", "--images-dir", path_str(&images), "--detach"]);
+    let adopted = tree.wl.adopt_restored();
+    assert_success(&out, "restore --detach");
+    adopted.unwrap_or_else(|e| panic!("after `cr-migrate restore --detach`: {e}"));
+    let child = tree.members[0];
+    assert!(procs::alive(child), "the child {child} was not restored");
+    let pass = tree.wl.expect_pass("after restore");
+    println!("checked: parent and child restored, FIFO bytes once: {pass}");
+}

@@ -15,8 +15,9 @@
 //! ends are opened non-blocking (so no open waits for a peer), then gets the
 //! pipe size and the saved bytes, and is closed when every descriptor is
 //! back. If the FIFO already holds bytes when reopened (another process kept
-//! it open, so the kernel kept its buffer), those are kept and the saved
-//! copy is not written again.
+//! it open, so the kernel kept its buffer, or another task of a restored
+//! tree refilled it first: the check and the refill are done under a flock
+//! of the node), those are kept and the saved copy is not written again.
 use super::pipe_buf::{fcntl, peek, refill};
 use super::FilesError;
 use crate::dirty::uffd_sys;
@@ -144,6 +145,22 @@ fn buffered(fd: &OwnedFd) -> io::Result<usize> {
     Ok(n.max(0) as usize)
 }
 
+/// Takes an exclusive flock on the FIFO through `fd`, waiting at most 2 s
+/// (someone outside could hold one); whether it was taken.
+fn flock_briefly(fd: &OwnedFd) -> bool {
+    for _ in 0..200 {
+        // SAFETY: flock takes integers only.
+        if unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return true;
+        }
+        if io::Error::last_os_error().raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    false
+}
+
 /// Makes sure a FIFO is at `path`: creates it (mode and owner of `f`) if
 /// the path is free; refuses anything else there.
 fn ensure_node(fd: i32, path: &str, f: &Fifo) -> Result<(), FilesError> {
@@ -259,8 +276,22 @@ pub fn restore(fd: i32, f: &Fifo, fifos: &mut Fifos) -> Result<OwnedFd, FilesErr
         fifos.made.insert(id(f), helper);
     }
     let helper = &fifos.made[&id(f)];
-    if f.has_data && buffered(helper).map_err(err("FIONREAD"))? == 0 {
-        refill(helper, f.size, &f.data).map_err(err("refill the saved bytes"))?;
+    if f.has_data {
+        // Tasks of a tree that all read one FIFO each saved its bytes and
+        // are restored at the same time: the first to hold the node's flock
+        // refills it, the others then find the bytes there.
+        let locked = flock_briefly(helper);
+        let empty = buffered(helper).map_err(err("FIONREAD"));
+        let filled = match empty {
+            Ok(0) => refill(helper, f.size, &f.data).map_err(err("refill the saved bytes")),
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        };
+        if locked {
+            // SAFETY: flock takes integers only; unlocking our helper.
+            unsafe { libc::flock(helper.as_raw_fd(), libc::LOCK_UN) };
+        }
+        filled?;
     }
     let accmode = (f.flags as i32) & libc::O_ACCMODE;
     let end = open(path, accmode | libc::O_NONBLOCK).map_err(err("open"))?;

@@ -7,6 +7,10 @@
 //! fd 72 (O_RDWR | O_NONBLOCK), sized 1 MiB (fs.pipe-max-size by default)
 //! and holding the 7 bytes "rw fifo".
 //!
+//! With `--fork`, it forks a child once the FIFOs are full (`members=PID`
+//! in READY): the child holds fds 70-72 too and only sleeps; the bytes must
+//! come back once, not once per task.
+//!
 //! With `--write-only PATH`, it also opens the FIFO at PATH (whose reader
 //! is another process) write-only as fd 73, which a dump must refuse.
 //!
@@ -200,7 +204,19 @@ fn main() {
             open_at(path, libc::O_WRONLY | libc::O_NONBLOCK, 73);
         }
     }
-    wl::ready("fifo_a=70/71 fifo_b=72");
+    let mut members = String::new();
+    if args.iter().any(|a| a == "--fork") {
+        // SAFETY: single-threaded; the child only sleeps until killed.
+        match unsafe { libc::fork() } {
+            0 => loop {
+                // SAFETY: pause(2) has no arguments.
+                unsafe { libc::pause() };
+            },
+            p if p < 0 => wl::fail_setup("fork"),
+            p => members = format!(" members={p}"),
+        }
+    }
+    wl::ready(&format!("fifo_a=70/71 fifo_b=72{members}"));
     loop {
         if wl::take(libc::SIGUSR2) {
             let problems = check();
