@@ -231,8 +231,9 @@ pub fn dump(pid: i32) -> Result<FilesCore, FilesError> {
 }
 
 /// The objects a restore has made so far that have several descriptors
-/// (pipes, sockets), kept at numbers at or above `high` (out of the way of
-/// the image's descriptors).
+/// (pipes, FIFOs, sockets), kept at numbers at or above `high` (out of the
+/// way of the image's descriptors), and the image's regular-file numbers
+/// (which a duplicate may name). Dropped before the locks are taken.
 #[derive(Debug)]
 pub struct Restoring {
     pipes: pipe::Pipes,
