@@ -2,11 +2,15 @@
 //! (`F_OFD_SETLK`), which belong to an open file description, and POSIX
 //! record locks (`F_SETLK`), which belong to the process.
 //!
-//! Dump: parsed from the `lock:` lines of `/proc/PID/fdinfo/N` (the kernel
-//! lists there the locks taken through that open file description). A lock
-//! shown by several descriptors (dup'd ones, or a POSIX lock seen through
-//! any descriptor of its file) is saved once, with the first. Leases,
-//! delegations and anything else are refused, naming the fd.
+//! Dump: parsed from the `lock:` lines of the target's own
+//! `/proc/PID/fdinfo/N` (the kernel lists there the locks taken through
+//! that open file description and owned by that process or by the
+//! description: a `pidfd_getfd` duplicate's fdinfo would not show the
+//! target's POSIX locks). A lock shown by several descriptors (dup'd ones)
+//! is saved once, with the first; the flock and OFD locks of a description
+//! shared with a process of lower PID (after fork) are left to that process
+//! (see [`kept_by_lower_pid`]). Leases, delegations and anything else are
+//! refused, naming the fd.
 //!
 //! Restore: taken again without waiting ([`restore_all`]) once every
 //! descriptor is at its number, in the restoring child, which is the
