@@ -204,8 +204,9 @@ fn locks_seen_from_test(dir: &Path, owner: i32) -> Vec<String> {
 /// flock locks (exclusive through a dup'd fd, shared), POSIX record locks
 /// (write and read ranges) and an OFD lock are held again after a restore,
 /// by the restored PID, as another process sees them; they are released
-/// when the process unlocks (the workload checks that from a child). An
-/// O_DIRECT descriptor keeps O_DIRECT.
+/// when the process unlocks (the workload checks that from a child). A
+/// `dump --leave-running` leaves them held. An O_DIRECT descriptor keeps
+/// O_DIRECT.
 #[test]
 fn locks_held_after_restore_and_o_direct() {
     h::init();
@@ -223,6 +224,24 @@ fn locks_held_after_restore_and_o_direct() {
     wl.expect_pass("before the dump");
     let problems = locks_seen_from_test(tmp.path(), wl.pid());
     assert!(problems.is_empty(), "before the dump: {problems:?}");
+    // A dump that leaves the process running leaves its locks alone.
+    let pid = wl.pid().to_string();
+    let running = tmp.subdir("images-running");
+    let out = run_crm(&[
+        "dump",
+        "--pid",
+        &pid,
+        "--images-dir",
+        path_str(&running),
+        "--leave-running",
+    ]);
+    assert_success(&out, "dump --leave-running");
+    let problems = locks_seen_from_test(tmp.path(), wl.pid());
+    assert!(
+        problems.is_empty(),
+        "after dump --leave-running: {problems:?}"
+    );
+    wl.expect_pass("after dump --leave-running");
     let before = procs::fds(wl.pid());
     dump(&mut wl, &images);
     let text = show(
