@@ -108,6 +108,7 @@ fn fifo_data_sizes_and_ends() {
             "fifo_a read end, size 131072, 80000 bytes buffered nonblock",
             "fifo_a write end, size 131072, data with another fd",
             "fifo_b read-write, size 1048576, 7 bytes buffered nonblock",
+            "fifo_a read end, size 131072, data with another fd nonblock (dup of fd 70)",
         ],
     );
     let fifo_b = tmp.path().join("fifo_b");

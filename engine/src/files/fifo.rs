@@ -70,6 +70,7 @@ pub fn dump(
         size,
         has_data,
         data,
+        dup_of: None,
     })
 }
 
@@ -299,6 +300,18 @@ pub fn restore(fd: i32, f: &Fifo, fifos: &mut Fifos) -> Result<OwnedFd, FilesErr
     Ok(end)
 }
 
+/// Fd `fd` of the image as a duplicate of its lower FIFO fd `of` (one of
+/// `fifo_fds`): one open file description, as before the dump.
+pub fn restore_dup(
+    fd: i32,
+    of: i32,
+    f: &Fifo,
+    fifo_fds: &std::collections::HashSet<i32>,
+) -> Result<OwnedFd, FilesError> {
+    let path = f.file.as_ref().map_or("", |i| i.path.as_str());
+    super::regular::dup_lower(fd, of, path, fifo_fds)
+}
+
 /// `FIFO /path read end, size N, M bytes buffered nonblock` (for `show`).
 pub fn describe(f: &Fifo) -> String {
     let end = match (f.flags as i32) & libc::O_ACCMODE {
@@ -307,7 +320,7 @@ pub fn describe(f: &Fifo) -> String {
         _ => "read-write",
     };
     format!(
-        "FIFO {} {end}, size {}, {}{}",
+        "FIFO {} {end}, size {}, {}{}{}",
         f.file.as_ref().map_or("?", |i| i.path.as_str()),
         f.size,
         if f.has_data {
@@ -319,7 +332,9 @@ pub fn describe(f: &Fifo) -> String {
             " nonblock"
         } else {
             ""
-        }
+        },
+        f.dup_of
+            .map_or(String::new(), |n| format!(" (dup of fd {n})"))
     )
 }
 
@@ -343,6 +358,7 @@ mod tests {
             size: 65536,
             has_data,
             data: data.to_vec(),
+            dup_of: None,
         }
     }
 

@@ -166,6 +166,7 @@ pub fn dump(pid: i32) -> Result<FilesCore, FilesError> {
     let mut fifos_with_data = std::collections::HashSet::new();
     let mut locks_seen = locks::Seen::default();
     let mut regular_fds = Vec::new();
+    let mut fifo_fds = Vec::new();
     let mut ghost_budget = regular::GHOST_LIMIT;
     let mut sockets = unix::Seen::default();
     for fd in procfs::list_fds(pid)? {
@@ -199,14 +200,13 @@ pub fn dump(pid: i32) -> Result<FilesCore, FilesError> {
                 r.locks = locks::dump(pid, fd, id, &info.locks, &mut locks_seen)?;
                 fd_entry::Kind::Regular(r)
             }
-            Kind::Fifo => fd_entry::Kind::Fifo(fifo::dump(
-                pid,
-                fd,
-                &link,
-                &meta,
-                &info,
-                &mut fifos_with_data,
-            )?),
+            Kind::Fifo => {
+                let id = (meta.dev(), meta.ino());
+                let mut f = fifo::dump(pid, fd, &link, &meta, &info, &mut fifos_with_data)?;
+                f.dup_of = regular::dup_of(pid, fd, id, &fifo_fds);
+                fifo_fds.push((fd, id));
+                fd_entry::Kind::Fifo(f)
+            }
             Kind::EventFd => fd_entry::Kind::Eventfd(eventfd::dump(pid, fd, &info)?),
             Kind::SignalFd => fd_entry::Kind::Signalfd(signalfd::dump(pid, fd, &info)?),
             Kind::TimerFd => fd_entry::Kind::Timerfd(timerfd::dump(pid, fd, &info)?),
@@ -242,6 +242,8 @@ pub struct Restoring {
     inet: inet::Made,
     /// The image's regular-file descriptors (what `dup_of` may name).
     regular: std::collections::HashSet<i32>,
+    /// The image's FIFO descriptors (what a FIFO's `dup_of` may name).
+    fifo_fds: std::collections::HashSet<i32>,
 }
 
 impl Restoring {
@@ -258,6 +260,11 @@ impl Restoring {
                 .filter(|(_, _, k)| matches!(k, fd_entry::Kind::Regular(_)))
                 .map(|(fd, _, _)| *fd)
                 .collect(),
+            fifo_fds: fds
+                .iter()
+                .filter(|(_, _, k)| matches!(k, fd_entry::Kind::Fifo(_)))
+                .map(|(fd, _, _)| *fd)
+                .collect(),
         }
     }
 }
@@ -270,7 +277,10 @@ pub fn restore(
 ) -> Result<std::os::fd::OwnedFd, FilesError> {
     match kind {
         fd_entry::Kind::Pipe(p) => pipe::restore(fd, p, &mut made.pipes),
-        fd_entry::Kind::Fifo(f) => fifo::restore(fd, f, &mut made.fifos),
+        fd_entry::Kind::Fifo(f) => match f.dup_of {
+            Some(n) => fifo::restore_dup(fd, n, f, &made.fifo_fds),
+            None => fifo::restore(fd, f, &mut made.fifos),
+        },
         fd_entry::Kind::UnixSocket(s) => unix::restore(fd, s, &mut made.unix),
         fd_entry::Kind::InetSocket(s) => inet::restore(fd, s, &mut made.inet),
         fd_entry::Kind::Inotify(i) => inotify::restore(fd, i),

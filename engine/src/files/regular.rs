@@ -191,12 +191,23 @@ pub fn restore_dup(
     regular: &std::collections::HashSet<i32>,
 ) -> Result<OwnedFd, FilesError> {
     let path = reg.file.as_ref().map_or("", |f| f.path.as_str());
+    dup_lower(fd, of, path, regular)
+}
+
+/// A new descriptor for the image's fd `of` (one of `allowed`, lower than
+/// `fd`, already at its number), to become fd `fd`; errors name `path`.
+pub fn dup_lower(
+    fd: i32,
+    of: i32,
+    path: &str,
+    allowed: &std::collections::HashSet<i32>,
+) -> Result<OwnedFd, FilesError> {
     let err = |source| FilesError::Reopen {
         fd,
         path: format!("{path} (as a duplicate of fd {of})"),
         source,
     };
-    if of >= fd || !regular.contains(&of) {
+    if of >= fd || !allowed.contains(&of) {
         return Err(err(std::io::Error::from_raw_os_error(libc::EBADF)));
     }
     // SAFETY: F_DUPFD_CLOEXEC on a descriptor number; a closed one fails
@@ -284,9 +295,9 @@ pub fn shared_description(a: (i32, i32), b: (i32, i32)) -> Option<bool> {
     (r >= 0).then_some(r == 0)
 }
 
-/// The lowest of `earlier` (regular-file descriptors of `pid` with their
-/// device and inode, lowest first) that shares its open file description
-/// with fd `fd` on the file `dev_ino`.
+/// The lowest of `earlier` (descriptors of `pid` with their device and
+/// inode, lowest first) that shares its open file description with fd `fd`
+/// on the file `dev_ino`.
 pub fn dup_of(
     pid: i32,
     fd: i32,

@@ -14,6 +14,9 @@
 //! With `--write-only PATH`, it also opens the FIFO at PATH (whose reader
 //! is another process) write-only as fd 73, which a dump must refuse.
 //!
+//! Fd 74 is a dup of fd 70 (one open file description: clearing O_NONBLOCK
+//! on one clears it on the other).
+//!
 //! Protocol: `READY pid=N`; on SIGUSR2 checks that fds 70-72 are the FIFOs
 //! now at those paths (same inode, still FIFOs, fifo_b mode 0600), their
 //! access modes and O_NONBLOCK, fifo_a's size; reads exactly the saved bytes
@@ -28,6 +31,7 @@ use std::ffi::CString;
 const A_R: i32 = 70;
 const A_W: i32 = 71;
 const B_RW: i32 = 72;
+const A_DUP: i32 = 74;
 const A_SIZE: i32 = 128 << 10;
 const B_SIZE: i32 = 1 << 20;
 const A_LEN: usize = 80_000;
@@ -153,6 +157,14 @@ fn check() -> Vec<String> {
     if size != B_SIZE {
         p.push(format!("fifo_b holds {size} bytes, want {B_SIZE}"));
     }
+    // SAFETY: F_SETFL on our own descriptors.
+    unsafe { libc::fcntl(A_R, libc::F_SETFL, 0) };
+    let shared = getfl(A_DUP) & libc::O_NONBLOCK == 0;
+    // SAFETY: as above.
+    unsafe { libc::fcntl(A_R, libc::F_SETFL, libc::O_NONBLOCK) };
+    if !shared {
+        p.push("fd 74 does not share fd 70's open file description".into());
+    }
     if corrupt {
         let _ = drain(A_R);
     }
@@ -187,6 +199,10 @@ fn main() {
     open_at("fifo_a", libc::O_RDONLY | libc::O_NONBLOCK, A_R);
     open_at("fifo_a", libc::O_WRONLY, A_W);
     open_at("fifo_b", libc::O_RDWR | libc::O_NONBLOCK, B_RW);
+    // SAFETY: duplicating our own descriptor.
+    if unsafe { libc::dup2(A_R, A_DUP) } < 0 {
+        wl::fail_setup("dup2");
+    }
     // SAFETY: resizing our own FIFO.
     if unsafe { libc::fcntl(A_W, libc::F_SETPIPE_SZ, A_SIZE) } < 0 {
         wl::fail_setup("F_SETPIPE_SZ");
@@ -221,7 +237,7 @@ fn main() {
         if wl::take(libc::SIGUSR2) {
             let problems = check();
             wl::verdict(
-                "fifo_a (fds 70 ro nonblock, 71 wo) kept 128 KiB size and 80000 bytes; fifo_b (fd 72 rw nonblock) kept 1 MiB size and its 7 bytes",
+                "fifo_a (fds 70 ro nonblock, 71 wo) kept 128 KiB size and 80000 bytes; fifo_b (fd 72 rw nonblock) kept 1 MiB size and its 7 bytes; fd 74 a dup of 70",
                 &problems,
             );
         }
