@@ -18,6 +18,8 @@
 //! it open, so the kernel kept its buffer, or another task of a restored
 //! tree refilled it first: the check and the refill are done under a flock
 //! of the node), those are kept and the saved copy is not written again.
+//! A descriptor dup'd from a lower one (found with `kcmp` at dump) comes
+//! back as a duplicate of it.
 use super::pipe_buf::{fcntl, peek, refill};
 use super::FilesError;
 use crate::dirty::uffd_sys;
