@@ -12,7 +12,9 @@
 //!
 //! The holder never runs code of its own: it is created traced
 //! (`PTRACE_O_TRACEFORK`), made to call `setsid()` (so that it does not
-//! keep the process's PID in use as its group and session ID), and stays
+//! keep the process's PID in use as its group and session ID) and
+//! `close_range()` (so that it keeps none of its files open: locks, FIFOs,
+//! sockets go with the process), and stays
 //! stopped until it is killed. Like every ptrace object it must be dropped on the thread
 //! that froze the process (it is not `Send`). Its exit is reported to its
 //! parent (the process's parent's nearest subreaper once the process is
@@ -84,11 +86,19 @@ impl MemoryHolder {
         // are the process's PID: it would keep that PID in use. It leaves
         // both (its first and only syscall). On error `holder` is dropped:
         // killed and waited for.
-        remote::RemoteThread {
+        let remote = remote::RemoteThread {
             tid: holder.pid,
             gadget,
-        }
-        .syscall(libc::SYS_setsid as u64, [0; 6])?;
+        };
+        remote.syscall(libc::SYS_setsid as u64, [0; 6])?;
+        // Its copy of the descriptor table would keep the process's open
+        // files alive after the process is gone: flock and OFD locks held,
+        // FIFOs and sockets open. It closes them all (its own POSIX locks
+        // are none; the process's are not its to drop).
+        remote.syscall(
+            libc::SYS_close_range as u64,
+            [0, u32::MAX as u64, 0, 0, 0, 0],
+        )?;
         tracing::debug!(
             pid,
             holder = holder.pid,

@@ -133,16 +133,36 @@ pub fn run(dir: &Path, show_pages: bool) -> anyhow::Result<i32> {
         for f in &files.fds {
             match &f.kind {
                 Some(crm_proto::image::fd_entry::Kind::Regular(r)) => println!(
-                    "    fd {} {} flags {:#o} pos {}{}{}",
+                    "    fd {} {} flags {:#o} pos {}{}{}{}{}",
                     f.fd,
                     r.file.as_ref().map_or("?", |f| f.path.as_str()),
                     r.flags,
                     r.pos,
+                    r.dup_of
+                        .map_or(String::new(), |n| format!(" (dup of fd {n})")),
                     r.ghost.as_ref().map_or(String::new(), |g| format!(
                         " (unlinked: {} bytes saved, mode {:o})",
                         g.contents.len(),
                         g.mode
                     )),
+                    if r.locks.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            " locks: {}",
+                            r.locks
+                                .iter()
+                                .map(crm_engine::files::locks::describe)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    },
+                    if f.cloexec { " cloexec" } else { "" }
+                ),
+                Some(crm_proto::image::fd_entry::Kind::Fifo(p)) => println!(
+                    "    fd {} {}{}",
+                    f.fd,
+                    crm_engine::files::fifo::describe(p),
                     if f.cloexec { " cloexec" } else { "" }
                 ),
                 Some(crm_proto::image::fd_entry::Kind::Eventfd(e)) => println!(

@@ -947,7 +947,8 @@ fn pipes_with_data() {
 }
 
 /// Files unlinked while open come back unnamed with their contents, mode
-/// and offsets; O_APPEND stays on (workload `wl_unlinked`).
+/// and offsets; O_APPEND stays on; a dup'd descriptor shares its offset
+/// again (workload `wl_unlinked`).
 #[test]
 fn unlinked_files_and_append_mode() {
     event_fd_cycle(
@@ -958,6 +959,8 @@ fn unlinked_files_and_append_mode() {
             "ghost.dat (deleted) flags 0o100002 pos 1000 (unlinked: 262144 bytes saved, mode 640)",
             "ghost.dat (deleted) flags 0o102001 pos 0 (unlinked: 262144 bytes saved, mode 640)",
             "kept.log flags 0o102001",
+            // fd 53, a dup of fd 50: restored as a duplicate of it.
+            "ghost.dat (deleted) flags 0o100002 pos 1000 (dup of fd 50)",
         ],
     );
 }

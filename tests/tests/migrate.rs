@@ -661,7 +661,8 @@ fn migrate_unprivileged_process_without_lazy_pages() {
 
 /// Event objects travel in the final state: eventfd counters, a signalfd
 /// with a pending signal, timerfds, an epoll instance, pipes, unix and inet
-/// sockets and inotify watches work on the destination.
+/// sockets, inotify watches, FIFOs with their data and file locks work on
+/// the destination.
 #[test]
 fn migrate_event_fds() {
     h::init();
@@ -677,6 +678,8 @@ fn migrate_event_fds() {
         ("unix", workload_bin!(wl_unix)),
         ("inet", workload_bin!(wl_inet)),
         ("inotify", workload_bin!(wl_inotify)),
+        ("fifo", workload_bin!(wl_fifo)),
+        ("locks", workload_bin!(wl_locks)),
     ] {
         let s = Setup::new(&format!("mig-{name}"));
         let mut wl = Workload::start(bin, &[], s.dir());

@@ -4,10 +4,13 @@
 //! fail before anything is touched, naming the fd and its kind.
 pub mod epoll;
 pub mod eventfd;
+pub mod fifo;
 pub mod inet;
 pub mod inotify;
 mod inotify_sys;
+pub mod locks;
 pub mod pipe;
+mod pipe_buf;
 pub mod regular;
 pub mod signalfd;
 mod sock_sys;
@@ -65,6 +68,16 @@ pub enum FilesError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot restore fd {fd} on the FIFO {path}: {what}")]
+    Fifo { fd: i32, path: String, what: String },
+    #[error("fd {fd}: cannot take the {lock} lock on {path} again")]
+    Lock {
+        fd: i32,
+        path: String,
+        lock: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot reopen {path} as fd {fd}")]
     Reopen {
         fd: i32,
@@ -82,6 +95,7 @@ enum Kind {
     TimerFd,
     Epoll,
     Pipe,
+    Fifo,
     Socket,
     Inotify,
 }
@@ -94,7 +108,7 @@ fn kind_of(link: &str, meta: &std::fs::Metadata) -> Result<Kind, &'static str> {
         return Ok(Kind::Pipe);
     }
     if ft.is_fifo() {
-        return Err("a FIFO");
+        return Ok(Kind::Fifo);
     }
     if link.starts_with("socket:") || ft.is_socket() {
         return Ok(Kind::Socket);
@@ -149,6 +163,10 @@ fn kind_of(link: &str, meta: &std::fs::Metadata) -> Result<Kind, &'static str> {
 pub fn dump(pid: i32) -> Result<FilesCore, FilesError> {
     let mut fds = Vec::new();
     let mut pipes_with_data = std::collections::HashSet::new();
+    let mut fifos_with_data = std::collections::HashSet::new();
+    let mut locks_seen = locks::Seen::default();
+    let mut regular_fds = Vec::new();
+    let mut fifo_fds = Vec::new();
     let mut ghost_budget = regular::GHOST_LIMIT;
     let mut sockets = unix::Seen::default();
     for fd in procfs::list_fds(pid)? {
@@ -170,15 +188,25 @@ pub fn dump(pid: i32) -> Result<FilesCore, FilesError> {
         })?;
         let info = procfs::read_fdinfo(pid, fd)?;
         let cloexec = info.flags & libc::O_CLOEXEC as u32 != 0;
+        if !matches!(kind, Kind::Regular) {
+            locks::refuse_on(pid, fd, &info.locks)?;
+        }
         let kind = match kind {
-            Kind::Regular => fd_entry::Kind::Regular(regular::dump(
-                pid,
-                fd,
-                &link,
-                &meta,
-                &info,
-                &mut ghost_budget,
-            )?),
+            Kind::Regular => {
+                let id = (meta.dev(), meta.ino());
+                let dup_of = regular::dup_of(pid, fd, id, &regular_fds);
+                regular_fds.push((fd, id));
+                let mut r = regular::dump(pid, fd, &link, &meta, &info, dup_of, &mut ghost_budget)?;
+                r.locks = locks::dump(pid, fd, id, &info.locks, &mut locks_seen)?;
+                fd_entry::Kind::Regular(r)
+            }
+            Kind::Fifo => {
+                let id = (meta.dev(), meta.ino());
+                let mut f = fifo::dump(pid, fd, &link, &meta, &info, &mut fifos_with_data)?;
+                f.dup_of = regular::dup_of(pid, fd, id, &fifo_fds);
+                fifo_fds.push((fd, id));
+                fd_entry::Kind::Fifo(f)
+            }
             Kind::EventFd => fd_entry::Kind::Eventfd(eventfd::dump(pid, fd, &info)?),
             Kind::SignalFd => fd_entry::Kind::Signalfd(signalfd::dump(pid, fd, &info)?),
             Kind::TimerFd => fd_entry::Kind::Timerfd(timerfd::dump(pid, fd, &info)?),
@@ -197,18 +225,25 @@ pub fn dump(pid: i32) -> Result<FilesCore, FilesError> {
     }
     epoll::check_targets(pid, &fds)?;
     pipe::check_ends(pid, &fds)?;
+    fifo::check_readers(pid, &fds)?;
     unix::check(pid, &mut fds, &sockets)?;
     Ok(FilesCore { fds })
 }
 
 /// The objects a restore has made so far that have several descriptors
-/// (pipes, sockets), kept at numbers at or above `high` (out of the way of
-/// the image's descriptors).
+/// (pipes, FIFOs, sockets), kept at numbers at or above `high` (out of the
+/// way of the image's descriptors), and the image's regular-file numbers
+/// (which a duplicate may name). Dropped before the locks are taken.
 #[derive(Debug)]
 pub struct Restoring {
     pipes: pipe::Pipes,
+    fifos: fifo::Fifos,
     unix: unix::Made,
     inet: inet::Made,
+    /// The image's regular-file descriptors (what `dup_of` may name).
+    regular: std::collections::HashSet<i32>,
+    /// The image's FIFO descriptors (what a FIFO's `dup_of` may name).
+    fifo_fds: std::collections::HashSet<i32>,
 }
 
 impl Restoring {
@@ -217,8 +252,19 @@ impl Restoring {
     pub fn new(high: i32, fds: &[(i32, bool, fd_entry::Kind)]) -> Restoring {
         Restoring {
             pipes: pipe::Pipes::new(high),
+            fifos: fifo::Fifos::new(high),
             unix: unix::Made::new(high, fds),
             inet: inet::Made::new(high),
+            regular: fds
+                .iter()
+                .filter(|(_, _, k)| matches!(k, fd_entry::Kind::Regular(_)))
+                .map(|(fd, _, _)| *fd)
+                .collect(),
+            fifo_fds: fds
+                .iter()
+                .filter(|(_, _, k)| matches!(k, fd_entry::Kind::Fifo(_)))
+                .map(|(fd, _, _)| *fd)
+                .collect(),
         }
     }
 }
@@ -231,10 +277,17 @@ pub fn restore(
 ) -> Result<std::os::fd::OwnedFd, FilesError> {
     match kind {
         fd_entry::Kind::Pipe(p) => pipe::restore(fd, p, &mut made.pipes),
+        fd_entry::Kind::Fifo(f) => match f.dup_of {
+            Some(n) => fifo::restore_dup(fd, n, f, &made.fifo_fds),
+            None => fifo::restore(fd, f, &mut made.fifos),
+        },
         fd_entry::Kind::UnixSocket(s) => unix::restore(fd, s, &mut made.unix),
         fd_entry::Kind::InetSocket(s) => inet::restore(fd, s, &mut made.inet),
         fd_entry::Kind::Inotify(i) => inotify::restore(fd, i),
-        fd_entry::Kind::Regular(r) => regular::restore(fd, r),
+        fd_entry::Kind::Regular(r) => match r.dup_of {
+            Some(n) => regular::restore_dup(fd, n, r, &made.regular),
+            None => regular::restore(fd, r),
+        },
         fd_entry::Kind::Eventfd(e) => eventfd::restore(fd, e),
         fd_entry::Kind::Signalfd(s) => signalfd::restore(fd, s),
         fd_entry::Kind::Timerfd(t) => timerfd::restore(fd, t),
@@ -252,8 +305,18 @@ pub fn too_large(kind: &fd_entry::Kind) -> Option<String> {
         fd_entry::Kind::Inotify(i) if i.watches.len() > inotify::MAX_WATCHES => {
             Some(format!("{} inotify watches", i.watches.len()))
         }
+        fd_entry::Kind::Regular(r) if r.locks.len() > locks::MAX_LOCKS => {
+            Some(format!("{} locks on one descriptor", r.locks.len()))
+        }
         _ => None,
     }
+}
+
+/// Takes the file locks of the image again, once every descriptor is at
+/// its number (`made` dropped: the helpers are closed) and nothing will
+/// close a descriptor any more (see [`locks`]).
+pub fn restore_locks(fds: &[(i32, bool, fd_entry::Kind)]) -> Result<(), FilesError> {
+    locks::restore_all(fds)
 }
 
 /// `e` and its sources, `: `-separated (the restoring child reports its

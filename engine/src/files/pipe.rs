@@ -6,13 +6,14 @@
 //! stored once, with the lowest-numbered read end. Restored by creating the
 //! pipe when its first descriptor comes up, setting its size and writing the
 //! data back; the other ends come from the same pipe.
+use super::pipe_buf::{fcntl, peek, pipe2, refill};
 use super::FilesError;
 use crate::dirty::uffd_sys;
 use crate::procfs::FdInfo;
 use crm_proto::image::{fd_entry, FdEntry, Pipe};
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 
 /// The inode of a `pipe:[N]` link.
 pub fn inode(link: &str) -> Option<u64> {
@@ -21,68 +22,6 @@ pub fn inode(link: &str) -> Option<u64> {
 
 fn err(pid: i32, fd: i32) -> impl Fn(io::Error) -> FilesError {
     move |source| FilesError::Inspect { pid, fd, source }
-}
-
-fn pipe2() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 writes two descriptors into the local array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both descriptors are fresh and ours.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
-fn fcntl(fd: &impl AsFd, cmd: i32, arg: i32) -> io::Result<i32> {
-    // SAFETY: fcntl with an integer argument on a descriptor we hold.
-    let r = unsafe { libc::fcntl(fd.as_fd().as_raw_fd(), cmd, arg) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
-
-/// The bytes buffered in the pipe read through `read_end` (a descriptor of
-/// ours for the target's read end), without consuming them.
-fn peek(read_end: &OwnedFd, size: usize) -> io::Result<Vec<u8>> {
-    let (r, w) = pipe2()?;
-    fcntl(&w, libc::F_SETPIPE_SZ, size as i32)?;
-    // SAFETY: tee between two pipe descriptors we hold; it copies at most
-    // `size` bytes without consuming them from the source.
-    let n = unsafe {
-        libc::tee(
-            read_end.as_raw_fd(),
-            w.as_raw_fd(),
-            size,
-            libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    if n < 0 {
-        let e = io::Error::last_os_error();
-        return if e.raw_os_error() == Some(libc::EAGAIN) {
-            Ok(Vec::new()) // empty
-        } else {
-            Err(e)
-        };
-    }
-    let mut data = vec![0u8; n as usize];
-    let mut got = 0;
-    while got < data.len() {
-        // SAFETY: reading into the rest of a local buffer.
-        let k = unsafe {
-            libc::read(
-                r.as_raw_fd(),
-                data[got..].as_mut_ptr() as *mut libc::c_void,
-                data.len() - got,
-            )
-        };
-        if k <= 0 {
-            return Err(io::Error::last_os_error());
-        }
-        got += k as usize;
-    }
-    Ok(data)
 }
 
 /// Saves fd `fd` (a pipe end, `link` `pipe:[N]`); the data goes with the
@@ -180,26 +119,7 @@ pub fn restore(fd: i32, p: &Pipe, pipes: &mut Pipes) -> Result<OwnedFd, FilesErr
     };
     if !pipes.made.contains_key(&p.id) {
         let (r, w) = pipe2().map_err(err)?;
-        if p.size as usize > p.data.len() && p.size != 0 {
-            fcntl(&w, libc::F_SETPIPE_SZ, p.size as i32).map_err(err)?;
-        }
-        if !p.data.is_empty() {
-            // Non-blocking while refilled: data that does not fit is an error,
-            // not a hang.
-            fcntl(&w, libc::F_SETFL, libc::O_NONBLOCK).map_err(err)?;
-            // SAFETY: writing the saved bytes from the image's buffer.
-            let n = unsafe {
-                libc::write(
-                    w.as_raw_fd(),
-                    p.data.as_ptr() as *const libc::c_void,
-                    p.data.len(),
-                )
-            };
-            if n != p.data.len() as isize {
-                return Err(err(io::Error::last_os_error()));
-            }
-            fcntl(&w, libc::F_SETFL, 0).map_err(err)?;
-        }
+        refill(&w, p.size, &p.data).map_err(err)?;
         let r = pipes.lift(r).map_err(err)?;
         let w = pipes.lift(w).map_err(err)?;
         pipes.made.insert(p.id, (r, w));

@@ -37,17 +37,20 @@ pub fn is_ghost(link: &str, meta: &std::fs::Metadata) -> bool {
     link.starts_with('/') && link.ends_with(DELETED) && meta.file_type().is_file()
 }
 
-/// Saves fd `fd` of `pid`. An unlinked file's contents are read through
-/// `/proc/PID/fd/FD` and counted against `ghost_budget`.
+/// Saves fd `fd` of `pid` (`dup_of`: the lower fd it was dup'd from, if
+/// any). An unlinked file's contents are read through `/proc/PID/fd/FD`
+/// and counted against `ghost_budget`.
 pub fn dump(
     pid: i32,
     fd: i32,
     path: &str,
     meta: &std::fs::Metadata,
     info: &FdInfo,
+    dup_of: Option<i32>,
     ghost_budget: &mut u64,
 ) -> Result<RegularFile, FilesError> {
-    let ghost = if is_ghost(path, meta) {
+    // A dup of an unlinked file: its original carries the contents.
+    let ghost = if is_ghost(path, meta) && dup_of.is_none() {
         let size = meta.len();
         if size > *ghost_budget {
             return Err(FilesError::GhostTooLarge {
@@ -92,6 +95,8 @@ pub fn dump(
         flags: info.flags & !(libc::O_CLOEXEC as u32),
         pos: info.pos,
         ghost,
+        locks: Vec::new(),
+        dup_of,
     })
 }
 
@@ -176,6 +181,45 @@ pub fn restore(fd: i32, reg: &RegularFile) -> Result<OwnedFd, FilesError> {
     opened
 }
 
+/// Fd `fd` of the image as a duplicate of the image's regular-file fd
+/// `of` (lower, so already at its number: descriptors are restored in
+/// order), which must be in `regular`.
+pub fn restore_dup(
+    fd: i32,
+    of: i32,
+    reg: &RegularFile,
+    regular: &std::collections::HashSet<i32>,
+) -> Result<OwnedFd, FilesError> {
+    let path = reg.file.as_ref().map_or("", |f| f.path.as_str());
+    dup_lower(fd, of, path, regular)
+}
+
+/// A new descriptor for the image's fd `of` (one of `allowed`, lower than
+/// `fd`, already at its number), to become fd `fd`; errors name `path`.
+pub fn dup_lower(
+    fd: i32,
+    of: i32,
+    path: &str,
+    allowed: &std::collections::HashSet<i32>,
+) -> Result<OwnedFd, FilesError> {
+    let err = |source| FilesError::Reopen {
+        fd,
+        path: format!("{path} (as a duplicate of fd {of})"),
+        source,
+    };
+    if of >= fd || !allowed.contains(&of) {
+        return Err(err(std::io::Error::from_raw_os_error(libc::EBADF)));
+    }
+    // SAFETY: F_DUPFD_CLOEXEC on a descriptor number; a closed one fails
+    // with EBADF, and the result is a new descriptor nothing owns.
+    let n = unsafe { libc::fcntl(of, libc::F_DUPFD_CLOEXEC, 0) };
+    if n < 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `n` is the fresh descriptor just made.
+    Ok(unsafe { OwnedFd::from_raw_fd(n) })
+}
+
 /// `linkat(AT_FDCWD, from, AT_FDCWD, to, AT_SYMLINK_FOLLOW)`: gives the
 /// file behind the magic link `from` the name `to` (fails if it exists).
 fn link_follow(from: &str, to: &str) -> std::io::Result<()> {
@@ -233,6 +277,38 @@ fn open_and_seek(
         }
     }
     Ok(owned)
+}
+
+/// Whether fds `a` and `b` of `pid` share one open file description
+/// (`kcmp(KCMP_FILE)`); `None` if the kernel cannot tell (no kcmp).
+pub fn same_description(pid: i32, a: i32, b: i32) -> Option<bool> {
+    shared_description((pid, a), (pid, b))
+}
+
+/// Whether fd `a.1` of process `a.0` and fd `b.1` of process `b.0` are one
+/// open file description (`kcmp(KCMP_FILE)`); `None` if the kernel cannot
+/// tell.
+pub fn shared_description(a: (i32, i32), b: (i32, i32)) -> Option<bool> {
+    const KCMP_FILE: i32 = 0;
+    // SAFETY: kcmp takes integers only and reads nothing of ours.
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, a.0, b.0, KCMP_FILE, a.1, b.1) };
+    (r >= 0).then_some(r == 0)
+}
+
+/// The lowest of `earlier` (descriptors of `pid` with their device and
+/// inode, lowest first) that shares its open file description with fd `fd`
+/// on the file `dev_ino`.
+pub fn dup_of(
+    pid: i32,
+    fd: i32,
+    dev_ino: (u64, u64),
+    earlier: &[(i32, (u64, u64))],
+) -> Option<i32> {
+    earlier
+        .iter()
+        .filter(|(_, id)| *id == dev_ino)
+        .map(|(n, _)| *n)
+        .find(|&n| same_description(pid, n, fd) == Some(true))
 }
 
 /// The directory an unlinked file was in: its path without " (deleted)".

@@ -165,6 +165,13 @@ fn sample_files() -> FilesCore {
                     flags: 2,
                     pos: fd as u64,
                     ghost: None,
+                    locks: vec![crm_proto::image::FileLock {
+                        kind: crm_proto::image::LockKind::Posix as i32,
+                        write: true,
+                        start: 10,
+                        len: fd as u64,
+                    }],
+                    dup_of: (fd == 2).then_some(1),
                 })),
             })
             .collect(),

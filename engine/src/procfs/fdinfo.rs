@@ -21,6 +21,9 @@ pub struct FdInfo {
     pub epoll_targets: Vec<(i32, u32, u64)>,
     /// inotify: one entry per watch (`inotify wd:` lines).
     pub inotify_marks: Vec<InotifyMark>,
+    /// File locks held through this descriptor: each `lock:` line's text
+    /// after `lock:` (parsed by `files::locks`).
+    pub locks: Vec<String>,
 }
 
 /// One watch of an inotify instance as fdinfo shows it (all hex there).
@@ -147,6 +150,7 @@ impl FdInfo {
                     let rest = line.strip_prefix("inotify ").ok_or_else(bad)?;
                     info.inotify_marks.push(inotify_mark(rest).ok_or_else(bad)?);
                 }
+                "lock" => info.locks.push(value.to_string()),
                 "sigmask" => {
                     info.signalfd_mask = Some(u64::from_str_radix(value, 16).map_err(|_| bad())?)
                 }

@@ -277,6 +277,11 @@ fn prepare(
         }
     }
 
+    // The helpers (pipe ends, FIFO holders, sockets) are closed before the
+    // locks are taken: closing a descriptor drops POSIX locks on its file.
+    drop(made);
+    files::restore_locks(&plan.fds).map_err(|e| fail(files::chain(&e), err_fd))?;
+
     let stack = plan.threads[0].stack_top;
     let entry = plan.blob_at + blob::entry();
     // SAFETY: the blob is loaded and relocated at blob_at, its argument block

@@ -231,7 +231,16 @@ fn check_files(
     files: &crm_proto::image::FilesCore,
 ) -> Result<(), RestoreError> {
     for f in &files.fds {
+        if let Some(crm_proto::image::fd_entry::Kind::Fifo(p)) = &f.kind {
+            crate::files::fifo::preflight(f.fd, p).map_err(|what| RestoreError::FileChanged {
+                path: p.file.as_ref().map_or(String::new(), |i| i.path.clone()),
+                what,
+            })?;
+        }
         if let Some(crm_proto::image::fd_entry::Kind::Regular(r)) = &f.kind {
+            if r.dup_of.is_some() {
+                continue; // a duplicate of a lower fd, checked with it
+            }
             let path = r.file.as_ref().map_or("", |f| f.path.as_str());
             // An unlinked file is recreated in its directory.
             let path = match r.ghost {

@@ -2,7 +2,8 @@
 //!
 //! In its working directory it creates `ghost.dat` (256 KiB of a pattern,
 //! mode 0640), opens it as fd 50 (O_RDWR, offset 1000) and fd 51
-//! (O_WRONLY | O_APPEND), then unlinks it. It also opens `kept.log` as fd 52
+//! (O_WRONLY | O_APPEND), then unlinks it; fd 53 is a dup of fd 50 (one
+//! open file description). It also opens `kept.log` as fd 52
 //! (O_WRONLY | O_APPEND, the file stays).
 //!
 //! Protocol: `READY pid=N`; on SIGUSR2 checks:
@@ -10,6 +11,8 @@
 //!   holding the pattern (read through fd 50 with pread, which keeps the
 //!   offset), fd 50's offset is still 1000, fd 51 is still O_APPEND;
 //! - writing at fd 50's offset and reading it back works;
+//! - fd 53 shares fd 50's open file description (same offset, moved
+//!   together);
 //! - fd 52 is O_APPEND: a write lands at the end of `kept.log` although its
 //!   offset was moved to 0;
 //!
@@ -21,6 +24,7 @@ use std::ffi::CString;
 const GHOST_FD: i32 = 50;
 const GHOST_APPEND_FD: i32 = 51;
 const LOG_FD: i32 = 52;
+const GHOST_DUP_FD: i32 = 53;
 const SIZE: usize = 256 << 10;
 const OFFSET: i64 = 1000;
 
@@ -59,6 +63,10 @@ fn setup() {
     // SAFETY: lseek on our own descriptor.
     if unsafe { libc::lseek(GHOST_FD, OFFSET, libc::SEEK_SET) } != OFFSET {
         wl::fail_setup("lseek");
+    }
+    // SAFETY: duplicating our own descriptor.
+    if unsafe { libc::dup2(GHOST_FD, GHOST_DUP_FD) } < 0 {
+        wl::fail_setup("dup2");
     }
     std::fs::remove_file("ghost.dat").unwrap_or_else(|_| wl::fail_setup("unlink ghost.dat"));
     std::fs::write("kept.log", b"first line\n").unwrap_or_else(|_| wl::fail_setup("kept.log"));
@@ -135,6 +143,20 @@ fn check() -> Vec<String> {
             .collect();
         libc::pwrite(GHOST_FD, orig.as_ptr().cast(), 5, OFFSET);
     }
+    // fd 53 is fd 50's open file description: moving one moves the other.
+    // SAFETY: lseek on our own descriptors.
+    let (dup_pos, moved) = unsafe {
+        let p = libc::lseek(GHOST_DUP_FD, 0, libc::SEEK_CUR);
+        libc::lseek(GHOST_DUP_FD, OFFSET + 24, libc::SEEK_SET);
+        let m = libc::lseek(GHOST_FD, 0, libc::SEEK_CUR);
+        libc::lseek(GHOST_FD, OFFSET, libc::SEEK_SET);
+        (p, m)
+    };
+    if dup_pos != OFFSET || moved != OFFSET + 24 {
+        problems.push(format!(
+            "fd {GHOST_DUP_FD} does not share fd {GHOST_FD}'s offset: {dup_pos}, then {moved}"
+        ));
+    }
     // O_APPEND on a named file: the write goes to the end whatever the offset.
     let before = std::fs::metadata("kept.log").map(|m| m.len()).unwrap_or(0);
     let line = b"appended\n";
@@ -163,12 +185,12 @@ fn check() -> Vec<String> {
 fn main() {
     wl::catch(libc::SIGUSR2);
     setup();
-    wl::ready("ghost_fd=50 ghost_append_fd=51 log_fd=52");
+    wl::ready("ghost_fd=50 ghost_append_fd=51 log_fd=52 ghost_dup_fd=53");
     loop {
         if wl::take(libc::SIGUSR2) {
             let problems = check();
             wl::verdict(
-                "unlinked file (fds 50, 51: contents, mode, offset, O_APPEND) and O_APPEND log (fd 52)",
+                "unlinked file (fds 50, 51: contents, mode, offset, O_APPEND; fd 53 a dup of 50) and O_APPEND log (fd 52)",
                 &problems,
             );
         }
