@@ -498,7 +498,9 @@ impl Driver<'_> {
 pub async fn send(session: Session, opts: &SendOptions, progress: Progress) -> Result<Report> {
     let started = Instant::now();
     let (cmd_tx, cmd_rx) = std_mpsc::channel();
-    let (ev_tx, ev_rx) = mpsc::channel(64);
+    // 16 batches of 1 MiB between the engine thread and the page streams:
+    // enough to keep both busy; more only adds memory to fault in.
+    let (ev_tx, ev_rx) = mpsc::channel(16);
     let pid = opts.pid;
     let dump_opts = DumpOptions {
         leave_running: true,

@@ -201,15 +201,24 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         });
     }
     let len = check_len(peer, kind, u32::from_le_bytes(prefix), max)?;
-    let mut payload = vec![0u8; len];
-    let got = read_full(r, peer, kind, &mut payload).await?;
-    if got < len {
-        return Err(TransportError::Truncated {
-            peer,
-            kind,
-            got: got as u64,
-            want: len as u64,
-        });
+    // Read into the spare capacity: zero-filling a MiB per batch first
+    // would be one more pass over every page received.
+    let mut payload = Vec::with_capacity(len);
+    while payload.len() < len {
+        let want = (len - payload.len()) as u64;
+        let n = (&mut *r)
+            .take(want)
+            .read_buf(&mut payload)
+            .await
+            .map_err(|source| TransportError::Read { peer, kind, source })?;
+        if n == 0 {
+            return Err(TransportError::Truncated {
+                peer,
+                kind,
+                got: payload.len() as u64,
+                want: len as u64,
+            });
+        }
     }
     Ok(Some(payload))
 }
