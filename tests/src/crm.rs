@@ -260,3 +260,24 @@ fn indent_stderr(stderr: &[u8]) -> String {
     }
     s
 }
+
+/// The stderr of a finished `cr-migrate` run, as text.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Panics unless the `cr-migrate` run (`what`, e.g. "dump") succeeded
+/// without a panic, showing its stderr.
+pub fn assert_success(out: &Output, what: &str) {
+    assert!(
+        out.status.success() && !stderr(out).contains("panicked"),
+        "`cr-migrate {what}` failed ({}):\n{}",
+        out.status,
+        stderr(out)
+    );
+}
+
+/// A temporary path as `&str` (they are UTF-8).
+pub fn path_str(p: &std::path::Path) -> &str {
+    p.to_str().expect("temp paths are UTF-8")
+}

@@ -33,7 +33,7 @@ pub mod tree;
 pub mod wl;
 pub mod workload;
 
-pub use crm::{crm_bin, run_crm, run_crm_timeout, workload_path};
+pub use crm::{assert_success, crm_bin, path_str, run_crm, run_crm_timeout, stderr, workload_path};
 pub use tmp::TempDir;
 pub use workload::{Spawn, Workload};
 

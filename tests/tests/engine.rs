@@ -17,26 +17,9 @@ use std::time::Duration;
 use crm_tests::{
     self as h, procs, run_crm, run_crm_timeout, workload_bin, Spawn, TempDir, Workload,
 };
+use crm_tests::{assert_success, path_str, stderr};
 
 const REAP_TIMEOUT: Duration = Duration::from_secs(15);
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn assert_success(out: &Output, what: &str) {
-    assert!(
-        out.status.success(),
-        "`cr-migrate {what}` failed ({}):\n{}",
-        out.status,
-        stderr(out)
-    );
-    assert!(
-        !stderr(out).contains("panicked"),
-        "`cr-migrate {what}` panicked:\n{}",
-        stderr(out)
-    );
-}
 
 /// A refused command: non-zero exit, a message on stderr, no panic.
 fn assert_refused(out: &Output, what: &str) {
@@ -185,10 +168,6 @@ fn restore_detached(wl: &mut Workload, images: &Path, timeout: Duration, before:
         wl.pid()
     );
     before.assert_same_now();
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("temp paths are UTF-8")
 }
 
 fn count_of(line: &str) -> Option<u64> {

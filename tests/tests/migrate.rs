@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use crm_tests::bg::BgProc;
 use crm_tests::netns::{self, NetnsPair};
+use crm_tests::path_str;
 use crm_tests::{self as h, procs, workload_bin, Spawn, TempDir, Workload};
 
 /// Longest a `send` may take in these tests (a 512 MiB workload on a 2-core VM).
@@ -149,10 +150,6 @@ fn free_port() -> u16 {
 
 fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("temp paths are UTF-8")
 }
 
 // ---------------------------------------------------------------------------

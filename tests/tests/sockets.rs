@@ -12,27 +12,10 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::Path;
-use std::process::Output;
 use std::time::Duration;
 
 use crm_tests::{self as h, procs, run_crm, workload_bin, TempDir, Workload};
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("temp paths are UTF-8")
-}
-
-fn assert_success(out: &Output, what: &str) {
-    assert!(
-        out.status.success() && !stderr(out).contains("panicked"),
-        "`cr-migrate {what}` failed ({}):\n{}",
-        out.status,
-        stderr(out)
-    );
-}
+use crm_tests::{assert_success, path_str, stderr};
 
 /// The fds of `pid`, with `socket:[N]`/`pipe:[N]` renamed by order of first
 /// appearance (restored objects have new inodes; sharing still counts).

@@ -17,25 +17,9 @@ use std::time::{Duration, Instant};
 
 use crm_tests::tree::{Links, Tree};
 use crm_tests::{self as h, procs, run_crm, workload_bin, Spawn, TempDir};
+use crm_tests::{assert_success, path_str, stderr};
 
 const GONE_TIMEOUT: Duration = crm_tests::tree::GONE_TIMEOUT;
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("temp paths are UTF-8")
-}
-
-fn assert_success(out: &Output, what: &str) {
-    assert!(
-        out.status.success() && !stderr(out).contains("panicked"),
-        "`cr-migrate {what}` failed ({}):\n{}",
-        out.status,
-        stderr(out)
-    );
-}
 
 fn assert_refused(out: &Output, what: &str) -> String {
     let err = stderr(out);
