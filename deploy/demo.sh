@@ -152,7 +152,17 @@ cargo build --release -p crm-tests --bins
 step "start wl_counter in its own session, output to $log"
 # `setsid --fork` returns at once; the counter is orphaned to our subreaper, which
 # reaps it whenever it dies (after the dump, or at the end). Its PID comes from READY.
-(cd "$work" && setsid --fork "$wl" >"$log" 2>&1 </dev/null)
+# Descriptors this shell inherited (a terminal multiplexer's, an IDE's
+# pipe...) would be inherited by the counter too, and `dump` refuses a pipe
+# to another process: the subshell closes everything above stderr first.
+(
+    cd "$work" || exit 1
+    for fd in /proc/self/fd/*; do
+        fd=${fd##*/}
+        ((fd > 2)) && eval "exec $fd>&-" 2>/dev/null
+    done
+    exec setsid --fork "$wl" >"$log" 2>&1 </dev/null
+)
 ready=$(wait_line "$log" '^READY pid=') || die "wl_counter did not report READY; log: $(cat "$log")"
 echo "$ready"
 [[ $ready =~ pid=([0-9]+) ]] || die "no PID in: $ready"
