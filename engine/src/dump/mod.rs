@@ -234,6 +234,23 @@ fn check_shape(
         .map_err(|source| DumpError::TreeShape { root, source })
 }
 
+/// The address of a `syscall` instruction in the `[vdso]` of `pid` (from
+/// a reading of its `maps`), for remote syscalls.
+pub(crate) fn syscall_gadget(pid: i32, maps: &[procfs::MapEntry]) -> Result<u64, DumpError> {
+    let vdso = maps
+        .iter()
+        .find(|m| m.name == "[vdso]")
+        .ok_or_else(|| DumpError::Unsupported {
+            pid,
+            what: "it has no [vdso] mapping (needed for remote syscalls)".into(),
+        })?;
+    remote::find_vdso_gadget(pid, vdso.start, vdso.len()).map_err(|source| DumpError::Io {
+        pid,
+        what: "find a syscall instruction in [vdso]".into(),
+        source,
+    })
+}
+
 /// Collects the state of a frozen task (registers, signals, creds, VMAs,
 /// files ...). Uses a scratch page mapped into the target and removed again
 /// before the VMAs are read.
@@ -255,19 +272,7 @@ pub fn collect_task(
     let pid = frozen.pid();
     let stat = procfs::read_stat(pid)?;
     let files = crate::files::dump(pid)?;
-    let vdso = maps
-        .iter()
-        .find(|m| m.name == "[vdso]")
-        .ok_or_else(|| DumpError::Unsupported {
-            pid,
-            what: "it has no [vdso] mapping (needed for remote syscalls)".into(),
-        })?;
-    let gadget =
-        remote::find_vdso_gadget(pid, vdso.start, vdso.len()).map_err(|source| DumpError::Io {
-            pid,
-            what: "find a syscall instruction in [vdso]".into(),
-            source,
-        })?;
+    let gadget = syscall_gadget(pid, maps)?;
     let scratch = task::Scratch::map(pid, gadget)?;
     let collected = task::collect(frozen, gadget, &scratch);
     scratch.unmap()?;

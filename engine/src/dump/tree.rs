@@ -12,7 +12,7 @@
 use super::DumpError;
 use crate::freeze::{FreezeError, FrozenProcess};
 use crate::procfs::{self, ProcError};
-use crate::remote::{self, RemoteError, RemoteThread};
+use crate::remote::{RemoteError, RemoteThread};
 use crm_proto::image::TreeTask;
 use std::collections::{BTreeSet, VecDeque};
 
@@ -198,20 +198,7 @@ fn reap_children(f: &FrozenProcess) -> Result<usize, DumpError> {
     if procfs::list_children(pid)?.is_empty() {
         return Ok(0);
     }
-    let maps = procfs::read_maps(pid)?;
-    let vdso = maps
-        .iter()
-        .find(|m| m.name == "[vdso]")
-        .ok_or_else(|| DumpError::Unsupported {
-            pid,
-            what: "it has no [vdso] mapping (needed for remote syscalls)".into(),
-        })?;
-    let gadget =
-        remote::find_vdso_gadget(pid, vdso.start, vdso.len()).map_err(|source| DumpError::Io {
-            pid,
-            what: "find a syscall instruction in [vdso]".into(),
-            source,
-        })?;
+    let gadget = super::syscall_gadget(pid, &procfs::read_maps(pid)?)?;
     let main = RemoteThread { tid: pid, gadget };
     let flags = (libc::WNOHANG | libc::__WALL) as u64;
     let mut reaped = 0;

@@ -394,19 +394,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
     let (go_r, go_w) = pipe("start")?;
     let (err_r, err_w) = pipe("error")?;
 
-    let child = crate::sys::clone3_with_pid(pid).map_err(|source| {
-        if source.raw_os_error() == Some(libc::EEXIST) {
-            RestoreError::PidBusy {
-                pid,
-                holder: "another process (it appeared during the restore)".into(),
-            }
-        } else {
-            RestoreError::Io {
-                what: format!("clone3 with PID {pid}"),
-                source,
-            }
-        }
-    })?;
+    let child = clone_with_pid(pid)?;
     if child == 0 {
         drop(go_w);
         drop(err_r);
@@ -464,6 +452,24 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
 }
 
 /// Waits for a restored (detached) child to exit; returns its wait status.
+/// `clone3(set_tid = pid)`: 0 in the child, the PID in the parent; a PID
+/// taken since the preflight is [`RestoreError::PidBusy`].
+pub(crate) fn clone_with_pid(pid: i32) -> Result<i32, RestoreError> {
+    crate::sys::clone3_with_pid(pid).map_err(|source| {
+        if source.raw_os_error() == Some(libc::EEXIST) {
+            RestoreError::PidBusy {
+                pid,
+                holder: "another process (it appeared during the restore)".into(),
+            }
+        } else {
+            RestoreError::Io {
+                what: format!("clone3 with PID {pid}"),
+                source,
+            }
+        }
+    })
+}
+
 pub fn wait_exit(pid: i32) -> std::io::Result<i32> {
     loop {
         let (p, st) = ptrace::wait(pid, 0)?;

@@ -188,19 +188,7 @@ pub(super) fn restore(
         preps,
     };
     let root = ctx.shape.tasks[0].pid;
-    let child = crate::sys::clone3_with_pid(root).map_err(|source| {
-        if source.raw_os_error() == Some(libc::EEXIST) {
-            RestoreError::PidBusy {
-                pid: root,
-                holder: "another process (it appeared during the restore)".into(),
-            }
-        } else {
-            RestoreError::Io {
-                what: format!("clone3 with PID {root}"),
-                source,
-            }
-        }
-    })?;
+    let child = super::clone_with_pid(root)?;
     if child == 0 {
         super::tree_task::run(&ctx, 0);
     }
