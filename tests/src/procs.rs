@@ -295,6 +295,22 @@ pub fn unused_pid() -> i32 {
         .expect("no unused PID")
 }
 
+/// Panics unless `pid` is alive, not ptrace-attached and not stopped: what a
+/// refused or failed dump must leave (`what` names the situation).
+pub fn assert_running_untraced(pid: i32, what: &str) {
+    assert!(alive(pid), "{what}: pid {pid} is gone");
+    assert_eq!(
+        tracer_pid(pid),
+        Some(0),
+        "{what}: pid {pid} is still ptrace-attached"
+    );
+    let state = stat(pid).map(|s| s.state);
+    assert!(
+        !matches!(state, Some('T' | 't')),
+        "{what}: pid {pid} left stopped (state {state:?})"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -176,20 +176,12 @@ fn count_of(line: &str) -> Option<u64> {
 
 /// After a refused dump: the target is neither traced nor stopped and still PASSes.
 fn assert_untouched(wl: &Workload, what: &str) {
-    let pid = wl.pid();
-    assert!(procs::alive(pid), "{what}: target pid {pid} is gone");
-    assert_eq!(
-        procs::tracer_pid(pid),
-        Some(0),
-        "{what}: target pid {pid} is still ptrace-attached"
-    );
-    let state = procs::stat(pid).map(|s| s.state);
-    assert!(
-        !matches!(state, Some('T' | 't')),
-        "{what}: target pid {pid} left stopped (state {state:?})"
-    );
+    procs::assert_running_untraced(wl.pid(), what);
     wl.expect_pass(&format!("after {what}"));
-    println!("checked: after {what}, pid {pid} is not traced, not stopped and PASSes");
+    println!(
+        "checked: after {what}, pid {} is not traced, not stopped and PASSes",
+        wl.pid()
+    );
 }
 
 #[test]

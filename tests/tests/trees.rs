@@ -76,17 +76,7 @@ fn assert_untouched(tree: &Tree, before: &BTreeMap<i32, Links>, what: &str) {
         if tree.zombies.contains(&p) {
             continue;
         }
-        assert!(procs::alive(p), "{what}: task {p} is gone");
-        assert_eq!(
-            procs::tracer_pid(p),
-            Some(0),
-            "{what}: task {p} still traced"
-        );
-        let st = procs::stat(p).map(|s| s.state);
-        assert!(
-            !matches!(st, Some('T' | 't')),
-            "{what}: task {p} left stopped"
-        );
+        procs::assert_running_untraced(p, what);
     }
     assert_eq!(&tree.links(), before, "{what}: the tree changed");
     tree.wl.expect_pass(&format!("after {what}"));

@@ -294,15 +294,7 @@ fn prepare(dir: &Path, opts: &RestoreOptions) -> Result<Prepared, RestoreError> 
             ),
         });
     }
-    if inv.shell_job && !opts.shell_job {
-        return Err(RestoreError::ShellJob);
-    }
-    let missing = inv.xfeatures & !cpu_xfeatures();
-    if missing != 0 {
-        return Err(RestoreError::Cpu {
-            what: format!("XSAVE features {missing:#x}"),
-        });
-    }
+    check_inventory(&inv, opts)?;
     let pid = inv.root_pid;
     let core = image.read_core(pid)?;
     let mm = image.read_mm(pid)?;
@@ -452,6 +444,24 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
 }
 
 /// Waits for a restored (detached) child to exit; returns its wait status.
+/// What the inventory asks of this restore: the shell-job option and the
+/// CPU's XSAVE features.
+pub(crate) fn check_inventory(
+    inv: &crm_proto::image::Inventory,
+    opts: &RestoreOptions,
+) -> Result<(), RestoreError> {
+    if inv.shell_job && !opts.shell_job {
+        return Err(RestoreError::ShellJob);
+    }
+    let missing = inv.xfeatures & !cpu_xfeatures();
+    if missing != 0 {
+        return Err(RestoreError::Cpu {
+            what: format!("XSAVE features {missing:#x}"),
+        });
+    }
+    Ok(())
+}
+
 /// `clone3(set_tid = pid)`: 0 in the child, the PID in the parent; a PID
 /// taken since the preflight is [`RestoreError::PidBusy`].
 pub(crate) fn clone_with_pid(pid: i32) -> Result<i32, RestoreError> {

@@ -26,7 +26,7 @@
 //! half-restored keeps running.
 use super::control::{self, Channels, Kind};
 use super::plan::{self, Plan};
-use super::{check_files, check_pid_free, cpu_xfeatures, host_facts, tracer, RestoreError};
+use super::{check_files, check_pid_free, host_facts, tracer, RestoreError};
 use super::{RestoreOptions, RestoreReport};
 use crate::image::{ImageDir, PagesReader};
 use crate::procfs;
@@ -76,15 +76,7 @@ pub(super) fn prepare(
             "lazy pages are not supported for process trees yet",
         ));
     }
-    if inv.shell_job && !opts.shell_job {
-        return Err(RestoreError::ShellJob);
-    }
-    let missing = inv.xfeatures & !cpu_xfeatures();
-    if missing != 0 {
-        return Err(RestoreError::Cpu {
-            what: format!("XSAVE features {missing:#x}"),
-        });
-    }
+    super::check_inventory(inv, opts)?;
     let shape = crate::tree::plan(&tree.tasks, inv.root_pid, inv.shell_job).map_err(|e| {
         RestoreError::InvalidImage {
             what: format!("process tree: {e}"),
