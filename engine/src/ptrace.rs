@@ -276,6 +276,33 @@ pub fn read_mem(pid: i32, addr: u64, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
+/// `process_vm_readv` of up to `len` bytes appended to `buf` (read into
+/// its spare capacity: no zero-filling of memory about to be overwritten).
+pub fn read_mem_append(pid: i32, addr: u64, buf: &mut Vec<u8>, len: usize) -> io::Result<usize> {
+    buf.reserve(len);
+    let spare = &mut buf.spare_capacity_mut()[..len];
+    let local = libc::iovec {
+        iov_base: spare.as_mut_ptr().cast(),
+        iov_len: len,
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: len,
+    };
+    // SAFETY: `local` covers exactly the spare capacity of `buf`, which the
+    // kernel may write; `remote` is only dereferenced by the kernel in the
+    // other process, checked there.
+    let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    // SAFETY: the kernel initialized the first `n` bytes of the spare
+    // capacity (n <= len <= the spare capacity).
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
 /// `process_vm_writev` of one contiguous range.
 pub fn write_mem(pid: i32, addr: u64, buf: &[u8]) -> io::Result<usize> {
     let local = libc::iovec {

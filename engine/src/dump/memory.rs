@@ -10,6 +10,7 @@ use super::DumpError;
 use crate::dirty::uffd_sys::{self, PageRegion, PmScanArg};
 use crate::files::regular::file_id;
 use crate::image::PagesWriter;
+use bytes::Bytes;
 
 /// Where dumped pages go: the image's pages file, or the network during a
 /// live migration.
@@ -23,6 +24,18 @@ pub trait PageSink {
     }
     /// A VMA boundary: the next run must not be merged with this one.
     fn end_run(&mut self) {}
+    /// Whether the sink keeps the pages it is given (to send them on from
+    /// another thread): then the pages are read into a fresh buffer for
+    /// each batch and handed over with [`PageSink::add_run_owned`], a slice
+    /// of that buffer, instead of being copied out of a reused one.
+    fn keeps_pages(&self) -> bool {
+        false
+    }
+    /// [`PageSink::add_run`] with the data owned (a sink that
+    /// [`keeps_pages`](PageSink::keeps_pages) takes it without a copy).
+    fn add_run_owned(&mut self, vaddr: u64, data: Bytes) -> Result<(), DumpError> {
+        self.add_run(vaddr, &data)
+    }
 }
 
 impl PageSink for PagesWriter {
@@ -43,6 +56,9 @@ use std::os::unix::fs::FileExt;
 pub const PAGE: u64 = 4096;
 /// Bytes read from the target per batch.
 const BATCH: usize = 8 << 20;
+/// Bytes read per call for a sink that keeps pages: each buffer stays alive
+/// until the last batch cut from it is sent, so smaller than [`BATCH`].
+const OWNED_BATCH: usize = 2 << 20;
 /// Pagemap entries read per call.
 const PAGEMAP_BATCH: usize = 64 * 1024;
 
@@ -207,7 +223,7 @@ pub fn dump_pages(
                     continue;
                 }
                 stats.pages_scanned += (i - first) as u64;
-                write_nonzero(writer, run_addr, chunk, &mut stats, false)?;
+                write_nonzero(writer, run_addr, chunk, None, &mut stats, false)?;
             }
             addr += n as u64 * PAGE;
         }
@@ -233,20 +249,31 @@ pub fn dump_ranges(
         source,
     })?;
     let mut stats = MemStats::default();
-    let mut data = vec![0u8; BATCH];
+    let owned = sink.keeps_pages();
+    let mut data = if owned { Vec::new() } else { vec![0u8; BATCH] };
     for vma in vmas.iter().filter(|v| saves_anything(v)) {
         let readable = vma.prot & libc::PROT_READ as u32 != 0;
         for &(start, end) in ranges {
             let (mut from, to) = (start.max(vma.start), end.min(vma.end));
             while from < to {
-                let len = ((to - from) as usize).min(BATCH);
+                let len = ((to - from) as usize).min(if owned { OWNED_BATCH } else { BATCH });
+                if owned {
+                    let mut fresh = Vec::with_capacity(len);
+                    if read_pages_into(pid, target, &mem, readable, from, len, &mut fresh)? {
+                        stats.pages_scanned += (len as u64) / PAGE;
+                        let fresh = Bytes::from(fresh);
+                        write_nonzero(sink, from, &fresh, Some(&fresh), &mut stats, true)?;
+                    }
+                    from += len as u64;
+                    continue;
+                }
                 let chunk = &mut data[..len];
                 if !read_pages(pid, target, &mem, readable, from, chunk)? {
                     from += len as u64;
                     continue;
                 }
                 stats.pages_scanned += (len as u64) / PAGE;
-                write_nonzero(sink, from, chunk, &mut stats, true)?;
+                write_nonzero(sink, from, chunk, None, &mut stats, true)?;
                 from += len as u64;
             }
         }
@@ -400,6 +427,17 @@ fn read_pages(
                 source,
             })
     };
+    vanished_is_skipped(pid, target, addr, r)
+}
+
+/// `Ok(false)` for a read that failed because a running process unmapped
+/// or shrank the range meanwhile.
+fn vanished_is_skipped(
+    pid: i32,
+    target: Target,
+    addr: u64,
+    r: Result<(), DumpError>,
+) -> Result<bool, DumpError> {
     match r {
         Ok(()) => Ok(true),
         Err(DumpError::Io { source, .. })
@@ -417,6 +455,45 @@ fn read_pages(
         }
         Err(e) => Err(e),
     }
+}
+
+/// [`read_pages`] of `len` bytes into the empty `buf` (capacity `len`),
+/// without zero-filling it first when the VMA is readable.
+fn read_pages_into(
+    pid: i32,
+    target: Target,
+    mem: &File,
+    readable: bool,
+    addr: u64,
+    len: usize,
+    buf: &mut Vec<u8>,
+) -> Result<bool, DumpError> {
+    if !readable {
+        buf.resize(len, 0);
+        return read_pages(pid, target, mem, readable, addr, buf);
+    }
+    let r = (|| {
+        while buf.len() < len {
+            let at = addr + buf.len() as u64;
+            let what = || format!("process_vm_readv at {at:#x}");
+            let n = ptrace::read_mem_append(pid, at, buf, len - buf.len()).map_err(|source| {
+                DumpError::Io {
+                    pid,
+                    what: what(),
+                    source,
+                }
+            })?;
+            if n == 0 {
+                return Err(DumpError::Io {
+                    pid,
+                    what: what(),
+                    source: std::io::Error::from_raw_os_error(libc::EFAULT),
+                });
+            }
+        }
+        Ok(())
+    })();
+    vanished_is_skipped(pid, target, addr, r)
 }
 
 fn read_fully(pid: i32, addr: u64, buf: &mut [u8]) -> Result<(), DumpError> {
@@ -442,10 +519,13 @@ fn read_fully(pid: i32, addr: u64, buf: &mut [u8]) -> Result<(), DumpError> {
 }
 
 /// Splits `chunk` into runs of non-zero pages and appends them.
+/// `owned`: `chunk` itself as an owned buffer, whose slices are handed to
+/// a sink that keeps pages.
 fn write_nonzero(
     writer: &mut dyn PageSink,
     addr: u64,
     chunk: &[u8],
+    owned: Option<&Bytes>,
     stats: &mut MemStats,
     report_zero: bool,
 ) -> Result<(), DumpError> {
@@ -468,10 +548,14 @@ fn write_nonzero(
         while p < pages && !is_zero(page(p)) {
             p += 1;
         }
-        writer.add_run(
+        let (run_addr, range) = (
             addr + first as u64 * PAGE,
-            &chunk[first * PAGE as usize..p * PAGE as usize],
-        )?;
+            first * PAGE as usize..p * PAGE as usize,
+        );
+        match owned {
+            Some(b) => writer.add_run_owned(run_addr, b.slice(range))?,
+            None => writer.add_run(run_addr, &chunk[range])?,
+        }
         stats.pages_written += (p - first) as u64;
     }
     Ok(())

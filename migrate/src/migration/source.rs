@@ -16,6 +16,7 @@ use super::report::{Report, RoundReport};
 use super::{now_unix_us, Progress};
 use crate::transport::{Compress, PageSender, PageTransport, Session};
 use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
 use crm_engine::dump::{DumpError, DumpOptions, PageSink, TaskState};
 use crm_engine::mm_holder::MemoryHolder;
 use crm_engine::precopy::{PreCopy, RoundStats};
@@ -50,7 +51,7 @@ enum Event {
     },
     Pages {
         vaddr: u64,
-        data: Vec<u8>,
+        data: Bytes,
     },
     Zero {
         vaddr: u64,
@@ -97,11 +98,23 @@ impl ChannelSink {
 
 impl PageSink for ChannelSink {
     fn add_run(&mut self, vaddr: u64, data: &[u8]) -> Result<(), DumpError> {
-        for (i, chunk) in data.chunks(BATCH_BYTES).enumerate() {
+        self.add_run_owned(vaddr, Bytes::copy_from_slice(data))
+    }
+
+    fn keeps_pages(&self) -> bool {
+        true
+    }
+
+    /// Sends `data` on in batches of [`BATCH_BYTES`], slices of one buffer.
+    fn add_run_owned(&mut self, vaddr: u64, data: Bytes) -> Result<(), DumpError> {
+        let mut at = 0;
+        while at < data.len() {
+            let end = (at + BATCH_BYTES).min(data.len());
             self.send(Event::Pages {
-                vaddr: vaddr + (i * BATCH_BYTES) as u64,
-                data: chunk.to_vec(),
+                vaddr: vaddr + at as u64,
+                data: data.slice(at..end),
             })?;
+            at = end;
         }
         Ok(())
     }

@@ -516,6 +516,9 @@ pub fn decode_batch_data(
             ))
         }
     };
+    if !h.has_crc {
+        return Ok(raw);
+    }
     let crc = crc32fast::hash(&raw);
     if crc != h.crc32 {
         return Err(bad_batch(
@@ -626,6 +629,7 @@ mod tests {
             compression: compression as i32,
             raw_len: raw.len() as u32,
             crc32: crc32fast::hash(raw),
+            has_crc: true,
         }
     }
 

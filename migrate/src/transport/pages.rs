@@ -178,7 +178,7 @@ enum Job {
         pid: i32,
         round: u32,
         vaddr: u64,
-        data: Vec<u8>,
+        data: Bytes,
     },
     Flush(oneshot::Sender<()>),
 }
@@ -421,8 +421,9 @@ impl PageSender {
         pid: i32,
         round: u32,
         vaddr: u64,
-        data: Vec<u8>,
+        data: impl Into<Bytes>,
     ) -> Result<()> {
+        let data: Bytes = data.into();
         let peer = self.shared.peer;
         let invalid = |what: String| TransportError::InvalidSend { peer, what };
         if data.is_empty() || !data.len().is_multiple_of(PAGE_SIZE) || data.len() > MAX_BATCH_BYTES
@@ -596,7 +597,7 @@ async fn worker(mut out: PageOut, mut rx: mpsc::Receiver<Job>, shared: Arc<Share
         };
         let plan = shared.plan();
         let raw_len = data.len();
-        let crc = crc32fast::hash(&data);
+        let mut crc = None;
         let (compression, payload) = if plan == Plan::Raw {
             (Compression::None, data)
         } else {
@@ -624,7 +625,10 @@ async fn worker(mut out: PageOut, mut rx: mpsc::Receiver<Job>, shared: Arc<Share
             shared.measured(raw_len, z.len(), took, plan == Plan::Sample);
             if z.len() < raw_len {
                 shared.compressed_batches.fetch_add(1, Ordering::Relaxed);
-                (Compression::Zstd, z)
+                // Checks the receiver's decompression too; raw batches rely
+                // on the transport's own integrity (see PageBatchHeader).
+                crc = Some(crc32fast::hash(&data));
+                (Compression::Zstd, Bytes::from(z))
             } else {
                 (Compression::None, data)
             }
@@ -636,7 +640,8 @@ async fn worker(mut out: PageOut, mut rx: mpsc::Receiver<Job>, shared: Arc<Share
             nr_pages: (raw_len / PAGE_SIZE) as u64,
             compression: compression as i32,
             raw_len: raw_len as u32,
-            crc32: crc,
+            crc32: crc.unwrap_or(0),
+            has_crc: crc.is_some(),
         };
         let prefix = encode_batch_prefix(&header, payload.len());
         let wire = prefix.len() + payload.len();
@@ -729,11 +734,11 @@ impl PageOut {
         &mut self,
         peer: SocketAddr,
         mut prefix: Vec<u8>,
-        mut payload: Vec<u8>,
+        payload: Bytes,
     ) -> Result<()> {
         let r = match self {
             PageOut::Quic(s) => {
-                let mut chunks = [Bytes::from(prefix), Bytes::from(payload)];
+                let mut chunks = [Bytes::from(prefix), payload];
                 return s.write_all_chunks(&mut chunks).await.map_err(|source| {
                     TransportError::Write {
                         peer,
@@ -744,7 +749,8 @@ impl PageOut {
             }
             PageOut::Tcp(s, None) => write_parts(s, &[&prefix, &payload]).await,
             PageOut::Tcp(s, Some(sealer)) => match sealer.write(s, &mut prefix).await {
-                Ok(()) => sealer.write(s, &mut payload).await,
+                // Sealed in place: a copy unless the batch owns its buffer.
+                Ok(()) => sealer.write(s, &mut Vec::from(payload)).await,
                 Err(e) => Err(e),
             },
         };

@@ -442,6 +442,7 @@ async fn malformed_page_streams_and_control_frames() {
         compression: Compression::None as i32,
         raw_len: PAGE_SIZE as u32,
         crc32: crc32fast::hash(&data) ^ 1,
+        has_crc: true,
     };
     let mut b = PAGE_STREAM_MAGIC.to_vec();
     b.extend_from_slice(&encode_batch_prefix(&h, data.len()));
