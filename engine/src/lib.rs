@@ -22,9 +22,22 @@ pub mod freeze;
 pub mod image;
 pub mod mm_holder;
 pub mod precopy;
+pub mod precopy_tree;
 pub mod procfs;
 pub mod ptrace;
 pub mod remote;
 pub mod restore;
 pub mod sys;
 pub mod tree;
+
+/// `e` and its sources, joined with ": " (for one-line messages and logs).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

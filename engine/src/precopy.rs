@@ -24,7 +24,7 @@
 //! process is killed (removing it then costs nothing) or thawed. Each step
 //! is logged at debug level with its duration.
 use crate::dirty::{self, DirtyTracker, VmaRange};
-use crate::dump::{self, DumpError, DumpOptions, MemStats, PageSink, Target, TaskState};
+use crate::dump::{self, DumpError, MemStats, PageSink, Target, TaskState};
 use crate::freeze::FrozenProcess;
 use crate::procfs::{self, MapEntry};
 use crm_proto::image::Vma;
@@ -125,6 +125,17 @@ pub struct PreCopy {
     vmas: Vec<Vma>,
     tracking: Tracking,
     round: u32,
+    /// Leave shared anonymous memory out of the rounds (a tree copies it
+    /// once, frozen: a task's tracker sees only its own writes to it).
+    skip_shared: bool,
+}
+
+/// `vmas` without shared anonymous memory when `skip` is set.
+fn copied(vmas: &[Vma], skip: bool) -> Vec<Vma> {
+    vmas.iter()
+        .filter(|v| !(skip && dump::is_shared_anon(v)))
+        .cloned()
+        .collect()
 }
 
 /// Page ranges `[start, end)`, as [`Final::resident`] lists them.
@@ -194,10 +205,11 @@ fn changed<'a>(before: &[Vma], now: &'a [Vma]) -> Vec<&'a Vma> {
 }
 
 impl PreCopy {
-    /// Checks that `pid` can be migrated, freezes it to create the tracker,
-    /// arms it and resumes the process.
-    pub fn start(pid: i32, opts: &DumpOptions) -> Result<PreCopy, PreCopyError> {
-        dump::precheck(pid, opts)?;
+    /// Freezes `pid` to create the tracker, arms it and resumes the
+    /// process. The caller checked it ([`dump::precheck_tree`]). `skip_shared`:
+    /// leave shared anonymous memory to the caller (see
+    /// [`crate::precopy_tree`]).
+    pub fn start(pid: i32, skip_shared: bool) -> Result<PreCopy, PreCopyError> {
         let frozen = FrozenProcess::freeze(pid).map_err(DumpError::from)?;
         let tracker = dirty::choose(pid, Some(&frozen));
         frozen
@@ -212,6 +224,7 @@ impl PreCopy {
             vmas,
             tracking,
             round: 0,
+            skip_shared,
         })
     }
 
@@ -246,7 +259,7 @@ impl PreCopy {
         };
         let mut layout = None;
         if self.round == 0 {
-            stats.mem = dump::dump_pages(pid, target, &self.vmas, sink)?;
+            stats.mem = dump::dump_pages(pid, target, &copied(&self.vmas, self.skip_shared), sink)?;
             stats.new_vmas = self.vmas.len();
             steps.done("all pages copied");
         } else {
@@ -271,8 +284,9 @@ impl PreCopy {
                 self.tracking.tracker.arm(&trackable(&now))?;
                 steps.done("new VMAs armed");
             }
-            let mut mem = dump::dump_ranges(pid, target, &now, &dirty, sink)?;
-            let whole = dump::dump_pages(pid, target, &fresh, sink)?;
+            let skip = self.skip_shared;
+            let mut mem = dump::dump_ranges(pid, target, &copied(&now, skip), &dirty, sink)?;
+            let whole = dump::dump_pages(pid, target, &copied(&fresh, skip), sink)?;
             mem.pages_scanned += whole.pages_scanned;
             mem.pages_written += whole.pages_written;
             mem.zero_pages += whole.zero_pages;
@@ -290,9 +304,19 @@ impl PreCopy {
     /// collects everything else. On error the process is resumed and
     /// tracking removed. On success tracking is still armed: see
     /// [`Final::tracking`].
-    pub fn finish(mut self, sink: &mut dyn PageSink) -> Result<Final, PreCopyError> {
+    pub fn finish(self, sink: &mut dyn PageSink) -> Result<Final, PreCopyError> {
+        let frozen = FrozenProcess::freeze(self.pid).map_err(DumpError::from)?;
+        self.finish_frozen(frozen, sink)
+    }
+
+    /// [`PreCopy::finish`] of a process the caller froze (a task of a
+    /// frozen tree). On error `frozen` is dropped: resumed.
+    pub(crate) fn finish_frozen(
+        mut self,
+        frozen: FrozenProcess,
+        sink: &mut dyn PageSink,
+    ) -> Result<Final, PreCopyError> {
         let pid = self.pid;
-        let frozen = FrozenProcess::freeze(pid).map_err(DumpError::from)?;
         let frozen_at = Instant::now();
         let mut steps = Steps::new(pid, true);
         let (last_round, maps) = self.copy_round(sink, Target::Frozen, &mut steps)?;

@@ -36,8 +36,12 @@ pub fn auth(token_file: Option<&PathBuf>, pin: Option<&str>) -> Result<Auth> {
 }
 
 pub fn run(a: Args) -> Result<i32> {
-    // Before any connection: a tree would lose its children.
-    crm_engine::dump::refuse_tree(a.pid)
+    // Before any connection: what a dump of the tree would refuse.
+    let check = crm_engine::dump::DumpOptions {
+        leave_running: true,
+        shell_job: a.shell_job,
+    };
+    crm_engine::dump::precheck_tree(a.pid, &check)
         .with_context(|| format!("cannot migrate process {}", a.pid))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -102,8 +102,10 @@ enum Command {
     /// dirty pages and its state, restored on the destination, and killed
     /// here only once the destination reports it running. Any failure before
     /// that (including Ctrl-C) resumes the process here, untouched. A
-    /// process with children is refused before connecting: process trees
-    /// are not migrated live yet (dump and restore them instead).
+    /// process with children moves with its whole tree (children forked
+    /// during the copy included); a tree is restored with all its memory
+    /// in place (no lazy pages), so its downtime grows with its memory.
+    /// What a dump would refuse is refused before connecting.
     Send {
         /// The process to migrate.
         pid: i32,

@@ -387,32 +387,6 @@ fn failed_restore_kills_and_reaps_every_task() {
 }
 
 #[test]
-fn send_refuses_a_process_with_children() {
-    h::init();
-    let _serial = h::serial();
-    let tmp = TempDir::new("tree-send");
-    let tree = start("multitask", tmp.path());
-    let before = tree.links();
-    let token = tmp.path().join("token");
-    std::fs::write(&token, "tree-token-0123456789abcdef0123456789\n").expect("token");
-    let pid = tree.wl.pid().to_string();
-    // Nothing listens on port 9: the refusal must come before any connection.
-    let out = run_crm(&[
-        "send",
-        &pid,
-        "127.0.0.1:9",
-        "--token-file",
-        path_str(&token),
-    ]);
-    let err = assert_refused(&out, "send");
-    assert!(
-        err.contains("live migration of process trees is not supported yet") && err.contains(&pid),
-        "{err}"
-    );
-    assert_untouched(&tree, &before, "the refused send");
-}
-
-#[test]
 fn self_check_passes_twice_and_detects_damage() {
     h::init();
     let tmp = TempDir::new("tree-selftest");

@@ -259,17 +259,7 @@ pub fn choose(
     Ok(Box::new(Checksum::new(pid)?))
 }
 
-/// `e` and its sources, joined with ": ".
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub(crate) use crate::error_chain;
 
 /// Sorts, checks and merges `vmas` into disjoint, non-adjacent spans.
 fn normalize(pid: i32, vmas: &[VmaRange]) -> Result<Vec<VmaRange>, DirtyError> {

@@ -76,12 +76,6 @@ pub enum DumpError {
         #[source]
         source: crate::tree::ShapeError,
     },
-    #[error(
-        "process {pid} has child processes ({}); live migration of process trees is \
-         not supported yet (checkpoint the tree with `cr-migrate dump` and restore it instead)",
-        children.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ")
-    )]
-    HasChildren { pid: i32, children: Vec<i32> },
 }
 
 #[derive(Debug, Clone, Default)]
@@ -141,36 +135,6 @@ fn precheck_root(pid: i32, opts: &DumpOptions) -> Result<procfs::Stat, DumpError
     Ok(stat)
 }
 
-/// Refusals that need no freeze, for a single process (live migration):
-/// [`precheck_root`]'s, a process with children (trees are not migrated
-/// live yet), fds and mappings that cannot be restored yet.
-pub fn precheck(pid: i32, opts: &DumpOptions) -> Result<(), DumpError> {
-    precheck_root(pid, opts)?;
-    refuse_tree(pid)?;
-    crate::files::dump(pid)?;
-    // `maps` suffices to refuse what cannot be dumped (`smaps` would walk
-    // every page table, tens of ms per GiB).
-    classify(pid, &procfs::read_maps(pid)?)?;
-    Ok(())
-}
-
-/// Refuses a process that has children (zombies included): live migration
-/// moves single processes only.
-pub fn refuse_tree(pid: i32) -> Result<(), DumpError> {
-    let children = procfs::list_children(pid).map_err(|e| {
-        if e.is_not_found() {
-            DumpError::Freeze(FreezeError::NoSuchProcess { pid })
-        } else {
-            DumpError::Proc(e)
-        }
-    })?;
-    if children.is_empty() {
-        Ok(())
-    } else {
-        Err(DumpError::HasChildren { pid, children })
-    }
-}
-
 /// Refusals that need no freeze, for the tree below `root`: the root's,
 /// then in every live task fds and mappings that cannot be restored yet,
 /// and sessions or groups the restore could not rebuild.
@@ -195,7 +159,8 @@ pub fn precheck_tree(root: i32, opts: &DumpOptions) -> Result<(), DumpError> {
         if !zombie {
             let checked = crate::files::dump(st.pid)
                 .map_err(DumpError::from)
-                .and_then(|_| classify(st.pid, &procfs::read_smaps(st.pid)?));
+                // `maps` suffices to refuse (see `precheck`).
+                .and_then(|_| classify(st.pid, &procfs::read_maps(st.pid)?));
             if let Err(e) = checked {
                 // A task that exited meanwhile is no reason to refuse (the
                 // freeze sees the tree as it is then).
@@ -222,6 +187,24 @@ pub fn precheck_tree(root: i32, opts: &DumpOptions) -> Result<(), DumpError> {
         });
     }
     check_shape(root, &entries, opts)
+}
+
+/// Completes the tree record of a frozen tree with each task's
+/// child-subreaper flag (`(pid, flag)`, from its collected state) and checks
+/// that a restore can rebuild it as frozen (it may have changed since the
+/// precheck).
+pub fn complete_tree(
+    root: i32,
+    entries: &mut [crm_proto::image::TreeTask],
+    subreapers: &[(i32, bool)],
+    opts: &DumpOptions,
+) -> Result<(), DumpError> {
+    for &(tpid, on) in subreapers {
+        if let Some(e) = entries.iter_mut().find(|e| e.pid == tpid) {
+            e.child_subreaper = on;
+        }
+    }
+    check_shape(root, entries, opts)
 }
 
 fn check_shape(
@@ -321,11 +304,16 @@ pub fn write_task_records(image: &ImageDir, state: &TaskState) -> Result<(), Dum
     Ok(())
 }
 
+/// Shared anonymous memory (a shmem object, maybe mapped by several tasks).
+pub fn is_shared_anon(v: &crm_proto::image::Vma) -> bool {
+    v.kind() == VmaKind::Anon && v.shared
+}
+
 /// The parts of shared anonymous objects (by shmem inode) whose pages a
 /// tree dump already stored: the pages of an object shared by several tasks
 /// are stored once, with the first task whose VMA covers them.
-#[derive(Default)]
-struct SharedObjects {
+#[derive(Debug, Default)]
+pub struct SharedObjects {
     /// Inode → byte ranges of the object already stored.
     stored: std::collections::BTreeMap<u64, Vec<(u64, u64)>>,
 }
@@ -335,11 +323,11 @@ impl SharedObjects {
     /// anonymous VMAs whose range of their object an earlier task stored
     /// (within one task every VMA is stored, as for a single process).
     /// Marks the shared ones returned as stored.
-    fn not_yet_stored(&mut self, vmas: &[crm_proto::image::Vma]) -> Vec<crm_proto::image::Vma> {
+    pub fn not_yet_stored(&mut self, vmas: &[crm_proto::image::Vma]) -> Vec<crm_proto::image::Vma> {
         let mut out = Vec::with_capacity(vmas.len());
         let mut mine: Vec<(u64, (u64, u64))> = Vec::new();
         for v in vmas {
-            if v.kind() != VmaKind::Anon || !v.shared || v.shmem_ino == 0 {
+            if !is_shared_anon(v) || v.shmem_ino == 0 {
                 out.push(v.clone());
                 continue;
             }
@@ -401,13 +389,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpStats, DumpE
         tracing::debug!(pid = tpid, pages = mem.pages_written, "task dumped");
     }
     let mut inventory = inventory.ok_or(FreezeError::NoSuchProcess { pid })?;
-    for (tpid, on) in subreapers {
-        if let Some(e) = frozen.entries.iter_mut().find(|e| e.pid == tpid) {
-            e.child_subreaper = on;
-        }
-    }
-    // The tree as frozen (it may have changed since the precheck).
-    check_shape(pid, &frozen.entries, opts)?;
+    complete_tree(pid, &mut frozen.entries, &subreapers, opts)?;
     image.write_tree(&ProcessTree {
         tasks: frozen.entries.clone(),
     })?;

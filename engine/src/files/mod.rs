@@ -322,13 +322,7 @@ pub fn restore_locks(fds: &[(i32, bool, fd_entry::Kind)]) -> Result<(), FilesErr
 /// `e` and its sources, `: `-separated (the restoring child reports its
 /// error as one line).
 pub fn chain(e: &FilesError) -> String {
-    let mut out = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        out += &format!(": {s}");
-        src = s.source();
-    }
-    out
+    crate::error_chain(e)
 }
 
 /// Highest fd number in an image (or -1).

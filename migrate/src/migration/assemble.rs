@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use crm_engine::dump::TaskState;
 use crm_engine::image::ImageDir;
 use crm_page_server::PageStore;
-use crm_proto::image::VmaKind;
+use crm_proto::image::{ProcessTree, Vma, VmaKind};
 
 /// The VMAs an image describes, by address, without the kernel's special
 /// mappings.
@@ -59,25 +59,77 @@ pub fn write_image(
     store: &PageStore,
     resident: &[(u64, u64)],
 ) -> Result<u64> {
-    let pid = state.core.pid;
+    let placed: Vec<Vma> = vmas(state)
+        .into_iter()
+        .filter(|v| !crm_engine::restore::lazy_eligible(v))
+        .cloned()
+        .collect();
+    let pages = write_pages(dir, state.core.pid, &placed, store, resident)?;
+    crm_engine::dump::write_state(dir, state)
+        .with_context(|| format!("writing the records of process {}", state.core.pid))?;
+    Ok(pages)
+}
+
+/// One task of a tree to assemble: its state and resident ranges.
+pub struct TreeTaskIn {
+    pub state: TaskState,
+    pub resident: Vec<(u64, u64)>,
+}
+
+/// Writes the image of a tree into `dir`, every page included (trees are
+/// restored without lazy pages): each task's records and pages (the parts
+/// of shared anonymous memory once, with the first task mapping them, as
+/// the source sent them), the tree record, then the inventory (the root's).
+/// Returns the pages written.
+pub fn write_tree_image(
+    dir: &ImageDir,
+    tasks: &[TreeTaskIn],
+    tree: &ProcessTree,
+    store: &PageStore,
+) -> Result<u64> {
+    let root = tasks.first().context("a tree with no live task")?;
+    let mut shared = crm_engine::dump::SharedObjects::default();
+    let mut pages = 0;
+    for t in tasks {
+        let pid = t.state.core.pid;
+        let all: Vec<Vma> = vmas(&t.state).into_iter().cloned().collect();
+        let own = shared.not_yet_stored(&all);
+        pages += write_pages(dir, pid, &own, store, &t.resident)?;
+        crm_engine::dump::write_task_records(dir, &t.state)
+            .with_context(|| format!("writing the records of process {pid}"))?;
+    }
+    dir.write_tree(tree).context("writing the process tree")?;
+    dir.write_inventory(&root.state.inventory)
+        .context("writing the inventory")?;
+    Ok(pages)
+}
+
+/// Writes the pages file of `pid`: the resident pages the store holds in
+/// `vmas` (sorted by address).
+fn write_pages(
+    dir: &ImageDir,
+    pid: i32,
+    vmas: &[Vma],
+    store: &PageStore,
+    resident: &[(u64, u64)],
+) -> Result<u64> {
     let mut pages = 0;
     let mut writer = dir
         .pages_writer(pid)
         .with_context(|| format!("creating the pages file of process {pid}"))?;
-    for v in vmas(state) {
-        if crm_engine::restore::lazy_eligible(v) {
-            continue;
-        }
+    for v in vmas {
         for (a, b) in intersect(&store.data_ranges(pid, v.start, v.end), resident) {
             let mut addr = a;
             while addr < b {
                 let page = store
                     .get(pid, addr)
-                    .with_context(|| format!("reading the page at {addr:#x}"))?
-                    .with_context(|| format!("the page at {addr:#x} vanished from the store"))?;
+                    .with_context(|| format!("reading the page at {addr:#x} of process {pid}"))?
+                    .with_context(|| {
+                        format!("the page at {addr:#x} of process {pid} vanished from the store")
+                    })?;
                 writer
                     .add_run(addr, &page)
-                    .with_context(|| format!("writing the page at {addr:#x}"))?;
+                    .with_context(|| format!("writing the page at {addr:#x} of process {pid}"))?;
                 pages += 1;
                 addr += 4096;
             }
@@ -88,8 +140,6 @@ pub fn write_image(
     writer
         .finish()
         .with_context(|| format!("finishing the pages file of process {pid}"))?;
-    crm_engine::dump::write_state(dir, state)
-        .with_context(|| format!("writing the records of process {pid}"))?;
     Ok(pages)
 }
 

@@ -13,6 +13,7 @@
 //! its anonymous memory is filled from the store. If the source never
 //! confirms (`Commit`), the restored process is killed: the source resumes
 //! its own copy.
+use super::assemble::TreeTaskIn;
 use super::now_unix_us;
 use super::source::boot_id;
 use crate::transport::Session;
@@ -20,7 +21,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use crm_engine::dump::TaskState;
 use crm_engine::image::ImageDir;
 use crm_page_server::PageStore;
-use crm_proto::image::{FilesCore, Inventory, MmCore, TaskCore};
+use crm_proto::image::{FilesCore, Inventory, MmCore, ProcessTree, TaskCore};
 use crm_proto::migrate::{control, Control};
 use prost::Message;
 use std::collections::HashMap;
@@ -44,8 +45,8 @@ fn ctl(msg: control::Msg) -> Control {
 struct Incoming {
     dir: ImageDir,
     store: PageStore,
-    /// The process the pages are of (the first batch's).
-    pid: Option<i32>,
+    /// The processes the pages are of (the tasks of the tree).
+    pids: std::collections::HashSet<i32>,
     expected: HashMap<u32, u64>,
     received: HashMap<u32, u64>,
     /// Rounds whose `RoundStored` was sent.
@@ -53,14 +54,16 @@ struct Incoming {
     final_state: Option<crm_proto::migrate::FinalState>,
 }
 
+/// Most tasks whose pages one migration may send.
+const MAX_TASKS: usize = 4096;
+
 impl Incoming {
     fn store(&mut self, pid: i32) -> Result<&mut PageStore> {
-        match self.pid {
-            None => self.pid = Some(pid),
-            Some(p) if p != pid => {
-                bail!("pages for process {pid} arrived, but this migration is of process {p}")
-            }
-            Some(_) => {}
+        if pid <= 0 {
+            bail!("pages for an invalid process {pid}");
+        }
+        if self.pids.insert(pid) && self.pids.len() > MAX_TASKS {
+            bail!("pages of more than {MAX_TASKS} processes arrived");
         }
         Ok(&mut self.store)
     }
@@ -134,7 +137,7 @@ async fn serve(session: &Session, dir_path: &Path, memory_limit: u64) -> Result<
     let mut inc = Incoming {
         dir,
         store: PageStore::new(memory_limit, dir_path.join("spilled-pages")),
-        pid: None,
+        pids: Default::default(),
         expected: HashMap::new(),
         received: HashMap::new(),
         acked: Default::default(),
@@ -183,12 +186,13 @@ async fn serve(session: &Session, dir_path: &Path, memory_limit: u64) -> Result<
             state.inventory.root_pid
         );
     }
+    if !f.tree.is_empty() || !f.others.is_empty() {
+        let store = std::mem::replace(&mut inc.store, PageStore::new(0, dir_path.join("unused")));
+        return serve_tree(session, &inc.dir, dir_path, &f, state, store).await;
+    }
     // The image: records and the pages restore places itself.
     let assembled = Instant::now();
-    if !f.resident.len().is_multiple_of(2) {
-        bail!("malformed resident ranges");
-    }
-    let resident: Vec<(u64, u64)> = f.resident.chunks(2).map(|p| (p[0], p[1])).collect();
+    let resident = ranges(&f.resident)?;
     let store = std::mem::replace(&mut inc.store, PageStore::new(0, dir_path.join("unused")));
     let image_pages = super::assemble::write_image(&inc.dir, &state, &store, &resident)?;
     tracing::info!(
@@ -196,29 +200,8 @@ async fn serve(session: &Session, dir_path: &Path, memory_limit: u64) -> Result<
         assembled.elapsed().as_secs_f64() * 1e3,
     );
 
-    // Everything a restore checks, before the source gives up its process.
-    let opts = crm_engine::restore::RestoreOptions {
-        detach: true,
-        shell_job: state.inventory.shell_job,
-        lazy_pages: true,
-        lazy_socket: None,
-    };
-    let dir_owned = dir_path.to_path_buf();
     let t_preflight = Instant::now();
-    let preflight =
-        tokio::task::spawn_blocking(move || crm_engine::restore::preflight(&dir_owned, &opts))
-            .await
-            .context("running the restore preflight")?;
-    if let Err(e) = preflight {
-        let mut msg = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(c) = src {
-            msg.push_str(": ");
-            msg.push_str(&c.to_string());
-            src = c.source();
-        }
-        return report_failure(session, pid, dir_path, msg, false).await;
-    }
+    preflight(session, pid, dir_path, state.inventory.shell_job, true).await?;
 
     tracing::debug!(
         "preflight passed in {:.1} ms",
@@ -227,50 +210,17 @@ async fn serve(session: &Session, dir_path: &Path, memory_limit: u64) -> Result<
     let t_release = Instant::now();
 
     let mut lazy = None;
-    // Same host: the source must release the PIDs first.
-    let busy: Vec<i32> = state
-        .core
-        .threads
-        .iter()
-        .map(|t| t.tid)
-        .filter(|&t| pid_busy(t))
-        .collect();
-    if !busy.is_empty() {
-        session
-            .send_control(&ctl(control::Msg::PidsBusy(crm_proto::migrate::PidsBusy {
-                pids: busy.clone(),
-                boot_id: boot_id(),
-            })))
-            .await?;
-        // While the source kills its copy.
+    // Same host: the source must release the PIDs first; meanwhile, the
+    // lazy ranges are found.
+    let tids: Vec<i32> = state.core.threads.iter().map(|t| t.tid).collect();
+    let busy = match release_pids(session, &tids, || {
         lazy = Some(find_lazy(&state, &store, &resident));
-        loop {
-            let c = session
-                .recv_control()
-                .await
-                .context("waiting for the source to release the PIDs")?;
-            match c.msg {
-                Some(control::Msg::PidsReleased(_)) => break,
-                Some(control::Msg::Abort(a)) => bail!("the source aborted: {}", a.reason),
-                _ => {}
-            }
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while busy.iter().any(|&t| pid_busy(t)) {
-            if Instant::now() > deadline {
-                let still: Vec<i32> = busy.iter().copied().filter(|&t| pid_busy(t)).collect();
-                return report_failure(
-                    session,
-                    pid,
-                    dir_path,
-                    format!("PIDs {still:?} are still in use (a zombie nobody reaps?)"),
-                    true,
-                )
-                .await;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    }
+    })
+    .await?
+    {
+        Ok(busy) => busy,
+        Err(why) => return Err(report_failure(session, pid, dir_path, why, true).await),
+    };
 
     tracing::debug!(
         "PIDs free after {:.1} ms",
@@ -278,58 +228,20 @@ async fn serve(session: &Session, dir_path: &Path, memory_limit: u64) -> Result<
     );
     let t_restore = Instant::now();
     let (lazy_ranges, _) = lazy.unwrap_or_else(|| find_lazy(&state, &store, &resident));
-    let restorer =
-        match super::restorer::start(dir_path, pid, state.inventory.shell_job, store, lazy_ranges)
-            .await
-        {
-            Ok(r) => r,
-            Err(err) => return report_failure(session, pid, dir_path, err, !busy.is_empty()).await,
-        };
-    let restored_at = now_unix_us();
-    tracing::info!(
-        "process {pid} restored and running ({:.1} ms)",
-        t_restore.elapsed().as_secs_f64() * 1e3
-    );
-    session
-        .send_control(&ctl(control::Msg::RestoreResult(
-            crm_proto::migrate::RestoreResult {
-                ok: true,
-                error: String::new(),
-                pid,
-                restored_at_unix_us: restored_at,
-                images_dir: dir_path.display().to_string(),
-            },
-        )))
-        .await?;
-    // Until the source confirms it killed its copy, ours is provisional.
-    let confirmed = loop {
-        match tokio::time::timeout(Duration::from_secs(30), session.recv_control()).await {
-            Ok(Ok(Control {
-                msg: Some(control::Msg::Commit(_)),
-            })) => break true,
-            Ok(Ok(Control {
-                msg: Some(control::Msg::Abort(_)),
-            }))
-            | Ok(Err(_))
-            | Err(_) => break false,
-            Ok(Ok(_)) => {}
-        }
-    };
-    if !confirmed {
-        // SAFETY-free: plain kill of the process we restored.
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        restorer.kill(pid).await;
-        return Err(anyhow!(
-            "the source did not confirm the migration of process {pid}; the restored copy was killed"
-        ));
-    }
-    tracing::info!("migration of process {pid} committed");
-    // The source waits for our close before it exits: close now, not after
-    // the memory is filled in.
-    session.close_done();
+    let started =
+        super::restorer::start(dir_path, pid, state.inventory.shell_job, store, lazy_ranges).await;
+    let what = format!("process {pid}");
+    let restorer = conclude(
+        session,
+        pid,
+        dir_path,
+        &busy,
+        started,
+        t_restore,
+        &[pid],
+        &what,
+    )
+    .await?;
     // The restorer stays until the last lazy page is in place.
     let t_fill = Instant::now();
     let stats = restorer.finish().await?;
@@ -343,6 +255,235 @@ async fn serve(session: &Session, dir_path: &Path, memory_limit: u64) -> Result<
         stats.contexts
     );
     Ok(())
+}
+
+/// Everything a restore of the image checks, before the source gives up
+/// its tree; a failure is reported to the source (which resumes its own).
+async fn preflight(
+    session: &Session,
+    pid: i32,
+    dir_path: &Path,
+    shell_job: bool,
+    lazy_pages: bool,
+) -> Result<()> {
+    let opts = crm_engine::restore::RestoreOptions {
+        detach: true,
+        shell_job,
+        lazy_pages,
+        lazy_socket: None,
+    };
+    let dir_owned = dir_path.to_path_buf();
+    let checked =
+        tokio::task::spawn_blocking(move || crm_engine::restore::preflight(&dir_owned, &opts))
+            .await
+            .context("running the restore preflight")?;
+    match checked {
+        Ok(()) => Ok(()),
+        Err(e) => Err(report_failure(session, pid, dir_path, super::chain(&e), false).await),
+    }
+}
+
+/// Same host: asks the source to release the PIDs of `tids` that are in
+/// use here, runs `meanwhile` while it does, and waits until they are free.
+/// Returns the PIDs that were busy, or (inner `Err`) why they stay busy.
+async fn release_pids(
+    session: &Session,
+    tids: &[i32],
+    meanwhile: impl FnOnce(),
+) -> Result<std::result::Result<Vec<i32>, String>> {
+    let busy: Vec<i32> = tids.iter().copied().filter(|&t| pid_busy(t)).collect();
+    if busy.is_empty() {
+        return Ok(Ok(busy));
+    }
+    session
+        .send_control(&ctl(control::Msg::PidsBusy(crm_proto::migrate::PidsBusy {
+            pids: busy.clone(),
+            boot_id: boot_id(),
+        })))
+        .await?;
+    meanwhile();
+    loop {
+        let c = session
+            .recv_control()
+            .await
+            .context("waiting for the source to release the PIDs")?;
+        match c.msg {
+            Some(control::Msg::PidsReleased(_)) => break,
+            Some(control::Msg::Abort(a)) => bail!("the source aborted: {}", a.reason),
+            _ => {}
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while busy.iter().any(|&t| pid_busy(t)) {
+        if Instant::now() > deadline {
+            let still: Vec<i32> = busy.iter().copied().filter(|&t| pid_busy(t)).collect();
+            return Ok(Err(format!(
+                "PIDs {still:?} are still in use (a zombie nobody reaps?)"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(Ok(busy))
+}
+
+/// Tells the source the tree of `pid` runs here, then waits for its
+/// `Commit` (30 s at most). `false`: no commit came; the restored copy
+/// must go, the source keeps its own.
+async fn report_running(
+    session: &Session,
+    pid: i32,
+    dir_path: &Path,
+    restored_at: u64,
+) -> Result<bool> {
+    session
+        .send_control(&ctl(control::Msg::RestoreResult(
+            crm_proto::migrate::RestoreResult {
+                ok: true,
+                error: String::new(),
+                pid,
+                restored_at_unix_us: restored_at,
+                images_dir: dir_path.display().to_string(),
+            },
+        )))
+        .await?;
+    // Until the source confirms it killed its copy, ours is provisional.
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), session.recv_control()).await {
+            Ok(Ok(Control {
+                msg: Some(control::Msg::Commit(_)),
+            })) => return Ok(true),
+            Ok(Ok(Control {
+                msg: Some(control::Msg::Abort(_)),
+            }))
+            | Ok(Err(_))
+            | Err(_) => return Ok(false),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// The state of the other tasks of a migrated tree, with the root's
+/// inventory, and their resident ranges.
+fn decode_others(
+    f: &crm_proto::migrate::FinalState,
+    inventory: &Inventory,
+) -> Result<Vec<TreeTaskIn>> {
+    f.others
+        .iter()
+        .map(|o| {
+            let state = TaskState {
+                inventory: inventory.clone(),
+                core: TaskCore::decode(o.core.as_slice()).context("decoding a task core")?,
+                mm: MmCore::decode(o.mm.as_slice()).context("decoding a memory map")?,
+                files: FilesCore::decode(o.files.as_slice()).context("decoding the files")?,
+            };
+            let resident = ranges(&o.resident)
+                .with_context(|| format!("resident ranges of process {}", state.core.pid))?;
+            Ok(TreeTaskIn { state, resident })
+        })
+        .collect()
+}
+
+/// Flattened `(start, end)` pairs.
+fn ranges(flat: &[u64]) -> Result<Vec<(u64, u64)>> {
+    if !flat.len().is_multiple_of(2) {
+        bail!("malformed resident ranges");
+    }
+    Ok(flat.chunks(2).map(|p| (p[0], p[1])).collect())
+}
+
+/// The end of a tree's migration: the whole image is written (no lazy
+/// pages for trees yet), restored, reported, and committed or killed.
+async fn serve_tree(
+    session: &Session,
+    dir: &ImageDir,
+    dir_path: &Path,
+    f: &crm_proto::migrate::FinalState,
+    root: TaskState,
+    store: PageStore,
+) -> Result<()> {
+    let pid = root.core.pid;
+    let tree = ProcessTree::decode(f.tree.as_slice()).context("decoding the process tree")?;
+    let mut tasks = vec![TreeTaskIn {
+        resident: ranges(&f.resident)?,
+        state: root,
+    }];
+    tasks.extend(decode_others(f, &tasks[0].state.inventory)?);
+    for t in &tasks {
+        let tpid = t.state.core.pid;
+        if !tree.tasks.iter().any(|e| e.pid == tpid && !e.zombie) {
+            bail!("inconsistent final state: process {tpid} is not a live task of the tree");
+        }
+    }
+    let assembled = Instant::now();
+    let image_pages = super::assemble::write_tree_image(dir, &tasks, &tree, &store)?;
+    drop(store);
+    tracing::info!(
+        "image of the tree of process {pid} ({} tasks) written in {:.1} ms ({image_pages} pages)",
+        tree.tasks.len(),
+        assembled.elapsed().as_secs_f64() * 1e3,
+    );
+    let shell_job = tasks[0].state.inventory.shell_job;
+    preflight(session, pid, dir_path, shell_job, false).await?;
+    // Every PID of the tree, zombies' included, and every thread.
+    let mut tids: Vec<i32> = tree.tasks.iter().map(|e| e.pid).collect();
+    tids.extend(
+        tasks
+            .iter()
+            .flat_map(|t| t.state.core.threads.iter().map(|th| th.tid)),
+    );
+    tids.sort_unstable();
+    tids.dedup();
+    let busy = match release_pids(session, &tids, || {}).await? {
+        Ok(busy) => busy,
+        Err(why) => return Err(report_failure(session, pid, dir_path, why, true).await),
+    };
+    let t_restore = Instant::now();
+    let started = super::restorer::start_eager(dir_path, shell_job).await;
+    let pids: Vec<i32> = tasks.iter().map(|t| t.state.core.pid).collect();
+    let what = format!("the tree of process {pid}");
+    let restorer = conclude(
+        session, pid, dir_path, &busy, started, t_restore, &pids, &what,
+    )
+    .await?;
+    restorer.finish().await?;
+    Ok(())
+}
+
+/// Reports a restore to the source: its failure, or that `what` runs here;
+/// then waits for the source's commit. Without one the restored tasks
+/// (`pids`) are killed. Returns the restorer once committed (the session is
+/// closed then: the source waits for that before it exits). `busy`: the
+/// PIDs the source released for the restore.
+#[allow(clippy::too_many_arguments)]
+async fn conclude(
+    session: &Session,
+    pid: i32,
+    dir_path: &Path,
+    busy: &[i32],
+    started: std::result::Result<super::restorer::Running, String>,
+    t_restore: Instant,
+    pids: &[i32],
+    what: &str,
+) -> Result<super::restorer::Running> {
+    let restorer = match started {
+        Ok(r) => r,
+        Err(err) => {
+            return Err(report_failure(session, pid, dir_path, err, !busy.is_empty()).await)
+        }
+    };
+    let restored_at = now_unix_us();
+    tracing::info!(
+        "{what} restored and running ({:.1} ms)",
+        t_restore.elapsed().as_secs_f64() * 1e3
+    );
+    if !report_running(session, pid, dir_path, restored_at).await? {
+        restorer.kill(pids).await;
+        bail!("the source did not confirm the migration of {what}; the restored copy was killed");
+    }
+    tracing::info!("migration of {what} committed");
+    session.close_done();
+    Ok(restorer)
 }
 
 /// The ranges to serve lazily, logged with the store's figures.
@@ -374,8 +515,8 @@ async fn report_failure(
     dir: &Path,
     error: String,
     source_released: bool,
-) -> Result<()> {
-    session
+) -> anyhow::Error {
+    let sent = session
         .send_control(&ctl(control::Msg::RestoreResult(
             crm_proto::migrate::RestoreResult {
                 ok: false,
@@ -385,16 +526,17 @@ async fn report_failure(
                 images_dir: dir.display().to_string(),
             },
         )))
-        .await?;
+        .await;
+    if let Err(e) = sent {
+        return anyhow!(e).context(format!("restore of process {pid} failed: {error}"));
+    }
     if source_released {
-        Err(anyhow!(
+        anyhow!(
             "restore of process {pid} failed: {error} (the image is kept in {}; \
              retry with `cr-migrate restore --images-dir` once the cause is fixed)",
             dir.display()
-        ))
+        )
     } else {
-        Err(anyhow!(
-            "restore of process {pid} failed: {error} (the source keeps running it)"
-        ))
+        anyhow!("restore of process {pid} failed: {error} (the source keeps running it)")
     }
 }

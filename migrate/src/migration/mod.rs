@@ -93,3 +93,5 @@ impl Default for Progress {
         Progress::new()
     }
 }
+
+pub(crate) use crm_engine::error_chain as chain;

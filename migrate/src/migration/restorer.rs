@@ -96,12 +96,14 @@ impl Running {
         Ok(stats)
     }
 
-    /// Kills the restored process and waits for the restorer.
-    pub async fn kill(mut self, pid: i32) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+    /// Kills the restored tasks `pids` and waits for the restorer.
+    pub async fn kill(mut self, pids: &[i32]) {
+        for &pid in pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
         let _ = self.server.await;
         let _ = self.child.wait().await;
     }
@@ -125,26 +127,16 @@ pub async fn start(
     // SAFETY: F_DUPFD returned a new descriptor that nothing else owns.
     let inherited = unsafe { OwnedFd::from_raw_fd(inherited) };
     drop(theirs);
-    let exe =
-        std::env::current_exe().map_err(|e| format!("locating the cr-migrate binary: {e}"))?;
-    let mut cmd = tokio::process::Command::new(exe);
-    cmd.args(["restore", "--detach", "--lazy-pages", "--announce"])
-        .arg("--lazy-pages-fd")
-        .arg(inherited.as_raw_fd().to_string())
-        .arg("--images-dir")
-        .arg(dir)
-        .args(if shell_job {
-            &["--shell-job"][..]
-        } else {
-            &[][..]
-        })
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let spawned = cmd.spawn();
+    let fd = inherited.as_raw_fd().to_string();
+    let spawned = restore_command(dir, shell_job, &["--lazy-pages", "--lazy-pages-fd", &fd])
+        .and_then(|mut cmd| {
+            cmd.spawn()
+                .map_err(|e| format!("running cr-migrate restore: {e}"))
+        });
     drop(inherited);
-    let mut child = spawned.map_err(|e| format!("running cr-migrate restore: {e}"))?;
+    let mut child = spawned?;
     let stdout = child.stdout.take().expect("piped above");
-    let mut stderr = child.stderr.take().expect("piped above");
+    let stderr = child.stderr.take().expect("piped above");
 
     // The hand-over, in a blocking thread (it waits on the socket).
     let ours = OwnedFd::from(ours);
@@ -155,28 +147,13 @@ pub async fn start(
         let _ = lazy::ack_handover(&ours, ok);
         r.map(|h| (h, store))
     });
-    let mut lines = tokio::io::BufReader::new(stdout).lines();
-    let running = loop {
-        match lines.next_line().await {
-            Ok(Some(l)) if l.starts_with("RUNNING ") => break true,
-            Ok(Some(_)) => {}
-            Ok(None) | Err(_) => break false,
-        }
-    };
+    let running = until_running(stdout).await;
     let handed = handover
         .await
         .map_err(|e| format!("the hand-over thread: {e}"))?;
     if !running {
-        let mut err = String::new();
-        let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut err).await;
-        let status = child.wait().await;
-        let err = err.trim();
-        let why = match (&handed, err.is_empty()) {
-            (_, false) => err.to_string(),
-            (Err(e), true) => format!("{e:#}"),
-            (Ok(_), true) => format!("cr-migrate restore failed ({status:?}) without a message"),
-        };
-        return Err(why);
+        let why = handed.as_ref().err().map(|e| format!("{e:#}"));
+        return Err(failure(child, stderr, why).await);
     }
     let (handover, store) = match handed {
         Ok(h) => h,
@@ -189,13 +166,7 @@ pub async fn start(
             return Err(format!("{e:#}"));
         }
     };
-    // The restorer's later messages are ours.
-    tokio::spawn(async move {
-        let mut lines = tokio::io::BufReader::new(stderr).lines();
-        while let Ok(Some(l)) = lines.next_line().await {
-            eprintln!("{l}");
-        }
-    });
+    forward_stderr(stderr);
     let server = match handover {
         Some(lazy::Handover {
             uffd: Some(uffd),
@@ -211,6 +182,88 @@ pub async fn start(
         _ => tokio::task::spawn_blocking(|| Ok(LazyStats::default())),
     };
     Ok(Running { child, server })
+}
+
+/// Restores the tree in `dir`, whose image holds every page (no lazy
+/// pages), with `cr-migrate restore --detach`. Returns once the tree runs;
+/// `Err` holds the restorer's error message.
+pub async fn start_eager(dir: &Path, shell_job: bool) -> std::result::Result<Running, String> {
+    let mut child = restore_command(dir, shell_job, &[])?
+        .spawn()
+        .map_err(|e| format!("running cr-migrate restore: {e}"))?;
+    let stdout = child.stdout.take().expect("piped above");
+    let stderr = child.stderr.take().expect("piped above");
+    if !until_running(stdout).await {
+        return Err(failure(child, stderr, None).await);
+    }
+    forward_stderr(stderr);
+    let server = tokio::task::spawn_blocking(|| Ok(LazyStats::default()));
+    Ok(Running { child, server })
+}
+
+/// `cr-migrate restore --detach --announce --images-dir DIR [--shell-job]
+/// EXTRA...`, its stdout and stderr piped.
+fn restore_command(
+    dir: &Path,
+    shell_job: bool,
+    extra: &[&str],
+) -> std::result::Result<tokio::process::Command, String> {
+    let exe =
+        std::env::current_exe().map_err(|e| format!("locating the cr-migrate binary: {e}"))?;
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.args(["restore", "--detach", "--announce"])
+        .args(extra)
+        .arg("--images-dir")
+        .arg(dir)
+        .args(if shell_job {
+            &["--shell-job"][..]
+        } else {
+            &[][..]
+        })
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    Ok(cmd)
+}
+
+/// Reads the restorer's stdout until its `RUNNING` line; `false` if it
+/// ended first.
+async fn until_running(stdout: tokio::process::ChildStdout) -> bool {
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    loop {
+        match lines.next_line().await {
+            Ok(Some(l)) if l.starts_with("RUNNING ") => return true,
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => return false,
+        }
+    }
+}
+
+/// Why a restorer that never announced its process failed: its stderr,
+/// else `why`, else its exit status.
+async fn failure(
+    mut child: tokio::process::Child,
+    mut stderr: tokio::process::ChildStderr,
+    why: Option<String>,
+) -> String {
+    let mut err = String::new();
+    let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut err).await;
+    let status = child.wait().await;
+    match (err.trim(), why) {
+        ("", Some(why)) => why,
+        ("", None) => format!("cr-migrate restore failed ({status:?}) without a message"),
+        (err, _) => err.to_string(),
+    }
+}
+
+/// The restorer's later messages are ours (and it must not find its
+/// stderr closed).
+fn forward_stderr(stderr: tokio::process::ChildStderr) {
+    tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        while let Ok(Some(l)) = lines.next_line().await {
+            eprintln!("{l}");
+        }
+    });
 }
 
 /// Receives the hand-over and writes the already-present pages (their

@@ -13,13 +13,16 @@
 //! dirty tracking and resumes the process exactly as it was.
 use super::policy::{self, Decision, Policy, RoundRecord};
 use super::report::{Report, RoundReport};
-use super::{now_unix_us, Progress};
+use super::{chain, now_unix_us, Progress};
 use crate::transport::{Compress, PageSender, PageTransport, Session};
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
-use crm_engine::dump::{DumpError, DumpOptions, PageSink, TaskState};
+use crm_engine::dump::tree::FrozenTree;
+use crm_engine::dump::{DumpError, DumpOptions, PageSink};
 use crm_engine::mm_holder::MemoryHolder;
-use crm_engine::precopy::{PreCopy, RoundStats};
+use crm_engine::precopy::RoundStats;
+use crm_engine::precopy_tree::{TaskFinal, TreeFinal, TreePreCopy, TreeSink};
+use crm_proto::image::ProcessTree;
 use crm_proto::migrate::{control, Control};
 use prost::Message;
 use std::sync::mpsc as std_mpsc;
@@ -48,19 +51,23 @@ enum Cmd {
 enum Event {
     Started {
         tracker: &'static str,
+        tasks: usize,
     },
     Pages {
+        pid: i32,
         vaddr: u64,
         data: Bytes,
     },
     Zero {
+        pid: i32,
         vaddr: u64,
         nr_pages: u64,
     },
     RoundDone(RoundStats),
     Final {
-        state: Box<TaskState>,
-        resident: Vec<(u64, u64)>,
+        /// Root first.
+        tasks: Vec<TaskFinal>,
+        tree: ProcessTree,
         stats: RoundStats,
         frozen_at_us: u64,
     },
@@ -69,18 +76,7 @@ enum Event {
     Error(String),
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
-/// Pages from the engine thread to the async sender.
+/// Pages from the engine thread to the async sender, of task `pid`.
 struct ChannelSink {
     pid: i32,
     tx: mpsc::Sender<Event>,
@@ -111,6 +107,7 @@ impl PageSink for ChannelSink {
         while at < data.len() {
             let end = (at + BATCH_BYTES).min(data.len());
             self.send(Event::Pages {
+                pid: self.pid,
                 vaddr: vaddr + at as u64,
                 data: data.slice(at..end),
             })?;
@@ -120,11 +117,42 @@ impl PageSink for ChannelSink {
     }
 
     fn zero_run(&mut self, vaddr: u64, nr_pages: u64) -> Result<(), DumpError> {
-        self.send(Event::Zero { vaddr, nr_pages })
+        self.send(Event::Zero {
+            pid: self.pid,
+            vaddr,
+            nr_pages,
+        })
     }
 }
 
-/// Owns every ptrace interaction with the migrated process.
+impl TreeSink for ChannelSink {
+    fn task(&mut self, pid: i32) -> &mut dyn PageSink {
+        self.pid = pid;
+        self
+    }
+}
+
+/// Kills the frozen tree. A single process is killed beside a memory
+/// holder: a second task holding the address space lets the process exit
+/// (and free its PID) without tearing down its memory first; that happens
+/// when the holder is dropped, after `Killed` went out.
+fn kill_tree(frozen: FrozenTree, tx: &mpsc::Sender<Event>) {
+    let root = frozen.tasks.first().map_or(0, |f| f.pid());
+    let holder = match frozen.tasks.as_slice() {
+        [only] => MemoryHolder::spawn(only)
+            .map_err(|e| tracing::debug!(root, "killing without a memory holder: {}", chain(&e)))
+            .ok(),
+        _ => None,
+    };
+    let ev = match frozen.kill() {
+        Ok(()) => Event::Killed,
+        Err(e) => Event::Error(format!("killing the tree of process {root}: {e}")),
+    };
+    let _ = tx.blocking_send(ev);
+    drop(holder);
+}
+
+/// Owns every ptrace interaction with the migrated tree.
 fn engine_thread(
     pid: i32,
     opts: DumpOptions,
@@ -132,7 +160,7 @@ fn engine_thread(
     tx: mpsc::Sender<Event>,
 ) {
     let send = |e: Event| tx.blocking_send(e).is_ok();
-    let mut pre = match PreCopy::start(pid, &opts) {
+    let mut pre = match TreePreCopy::start(pid, &opts) {
         Ok(p) => p,
         Err(e) => {
             send(Event::Error(chain(&e)));
@@ -141,6 +169,7 @@ fn engine_thread(
     };
     if !send(Event::Started {
         tracker: pre.tracker_name(),
+        tasks: pre.tasks(),
     }) {
         return;
     }
@@ -156,7 +185,7 @@ fn engine_thread(
                 }
                 Err(e) => {
                     send(Event::Error(chain(&e)));
-                    return; // `pre` dropped: tracking removed, process untouched
+                    return; // `pre` dropped: tracking removed, tree untouched
                 }
             },
             Ok(Cmd::Finish) => {
@@ -165,44 +194,36 @@ fn engine_thread(
                     Ok(f) => f,
                     Err(e) => {
                         send(Event::Error(chain(&e)));
-                        return; // frozen process dropped inside: resumed
+                        return; // frozen tree dropped inside: resumed
                     }
                 };
-                let frozen = fin.frozen;
+                let TreeFinal {
+                    frozen,
+                    tasks,
+                    tree,
+                    last_round,
+                    tracking,
+                    ..
+                } = fin;
                 send(Event::Final {
-                    state: Box::new(fin.state),
-                    resident: fin.resident,
-                    stats: fin.last_round,
+                    tasks,
+                    tree,
+                    stats: last_round,
                     frozen_at_us,
                 });
-                // Only an explicit Kill ends the process; anything else resumes it.
+                // Only an explicit Kill ends the tree; anything else resumes it.
                 match cmds.recv() {
-                    Ok(Cmd::Kill) => {
-                        // A second task holding the address space lets the
-                        // process exit (and free its PID) without tearing
-                        // down its memory first; that happens when the
-                        // holder is dropped, after `Killed` went out.
-                        let holder = MemoryHolder::spawn(&frozen)
-                            .map_err(|e| {
-                                tracing::debug!(
-                                    pid,
-                                    "killing without a memory holder: {}",
-                                    chain(&e)
-                                )
-                            })
-                            .ok();
-                        match frozen.kill() {
-                            Ok(()) => send(Event::Killed),
-                            Err(e) => send(Event::Error(format!("killing process {pid}: {e}"))),
-                        };
-                        drop(holder);
-                        true
+                    Ok(Cmd::Kill) => kill_tree(frozen, &tx),
+                    _ => {
+                        send(match frozen.thaw() {
+                            Ok(()) => Event::Resumed,
+                            Err(e) => Event::Error(format!("resuming process {pid}: {e}")),
+                        });
                     }
-                    _ => match frozen.thaw() {
-                        Ok(()) => send(Event::Resumed),
-                        Err(e) => send(Event::Error(format!("resuming process {pid}: {e}"))),
-                    },
                 };
+                // After the kill or the thaw: removing tracking from a
+                // dead tree costs nothing.
+                drop(tracking);
                 return;
             }
             Ok(Cmd::Kill) => {}
@@ -254,18 +275,22 @@ impl Driver<'_> {
     async fn pump(&mut self, round: u32) -> Result<Event> {
         loop {
             match self.event().await? {
-                Event::Pages { vaddr, data } => {
+                Event::Pages { pid, vaddr, data } => {
                     self.progress.pages(data.len() as u64);
                     self.pages
-                        .send_batch(self.pid, round, vaddr, data)
+                        .send_batch(pid, round, vaddr, data)
                         .await
                         .with_context(|| format!("sending pages to {}", self.session.peer()))?;
                 }
-                Event::Zero { vaddr, nr_pages } => {
+                Event::Zero {
+                    pid,
+                    vaddr,
+                    nr_pages,
+                } => {
                     self.session
                         .send_control(&ctl(control::Msg::ZeroPages(
                             crm_proto::migrate::ZeroPages {
-                                pid: self.pid,
+                                pid,
                                 round,
                                 vaddr,
                                 nr_pages,
@@ -363,11 +388,14 @@ impl Driver<'_> {
 
     async fn run(&mut self, policy: &Policy) -> Result<()> {
         match self.event().await? {
-            Event::Started { tracker } => {
+            Event::Started { tracker, tasks } => {
                 self.report.tracker = tracker.to_string();
+                let what = match tasks {
+                    1 => format!("process {}", self.pid),
+                    n => format!("the tree of process {} ({n} live tasks)", self.pid),
+                };
                 tracing::info!(
-                    "migrating process {} to {} (dirty tracking: {tracker})",
-                    self.pid,
+                    "migrating {what} to {} (dirty tracking: {tracker})",
                     self.session.peer()
                 );
             }
@@ -415,8 +443,8 @@ impl Driver<'_> {
             .send(Cmd::Finish)
             .map_err(|_| anyhow!("the engine thread stopped"))?;
         let Event::Final {
-            state,
-            resident,
+            tasks,
+            tree,
             stats,
             frozen_at_us,
         } = self.pump(round).await?
@@ -426,15 +454,13 @@ impl Driver<'_> {
         self.end_round(round, &stats, batches_before, started, false)
             .await?;
         self.report.frozen_at_unix_us = frozen_at_us;
-        let final_state = crm_proto::migrate::FinalState {
-            inventory: state.inventory.encode_to_vec(),
-            core: state.core.encode_to_vec(),
-            mm: state.mm.encode_to_vec(),
-            files: state.files.encode_to_vec(),
-            final_round: round,
-            resident: resident.iter().flat_map(|&(a, b)| [a, b]).collect(),
-            frozen_at_unix_us: frozen_at_us,
-        };
+        let final_state = final_state(&tasks, &tree, round, frozen_at_us)?;
+        // Every thread of the tree: what a same-host destination may find busy.
+        let our_tids: Vec<i32> = tasks
+            .iter()
+            .flat_map(|t| t.state.core.threads.iter().map(|th| th.tid))
+            .chain(tree.tasks.iter().map(|e| e.pid))
+            .collect();
         self.session
             .send_control(&ctl(control::Msg::FinalState(final_state)))
             .await?;
@@ -451,10 +477,7 @@ impl Driver<'_> {
             })?;
             match msg.msg {
                 Some(control::Msg::PidsBusy(busy)) => {
-                    let ours = busy
-                        .pids
-                        .iter()
-                        .all(|&p| state.core.threads.iter().any(|t| t.tid == p));
+                    let ours = busy.pids.iter().all(|p| our_tids.contains(p));
                     if busy.boot_id != boot_id() || !ours {
                         bail!(
                             "the destination cannot restore: PIDs {:?} are in use there by other processes",
@@ -505,6 +528,46 @@ impl Driver<'_> {
             }
         }
     }
+}
+
+fn flatten(ranges: &[(u64, u64)]) -> Vec<u64> {
+    ranges.iter().flat_map(|&(a, b)| [a, b]).collect()
+}
+
+/// The `FinalState` message of a frozen tree (`tasks`: root first).
+fn final_state(
+    tasks: &[TaskFinal],
+    tree: &ProcessTree,
+    round: u32,
+    frozen_at_us: u64,
+) -> Result<crm_proto::migrate::FinalState> {
+    let (root, others) = tasks
+        .split_first()
+        .ok_or_else(|| anyhow!("the frozen tree has no live task"))?;
+    let s = &root.state;
+    Ok(crm_proto::migrate::FinalState {
+        inventory: s.inventory.encode_to_vec(),
+        core: s.core.encode_to_vec(),
+        mm: s.mm.encode_to_vec(),
+        files: s.files.encode_to_vec(),
+        final_round: round,
+        resident: flatten(&root.resident),
+        frozen_at_unix_us: frozen_at_us,
+        others: others
+            .iter()
+            .map(|t| crm_proto::migrate::TaskFinalState {
+                core: t.state.core.encode_to_vec(),
+                mm: t.state.mm.encode_to_vec(),
+                files: t.state.files.encode_to_vec(),
+                resident: flatten(&t.resident),
+            })
+            .collect(),
+        tree: if tasks.len() > 1 || tree.tasks.len() > 1 {
+            tree.encode_to_vec()
+        } else {
+            Vec::new()
+        },
+    })
 }
 
 /// Migrates `opts.pid` to the peer of `session`.

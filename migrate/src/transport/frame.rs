@@ -667,6 +667,12 @@ mod tests {
                 final_round: 4,
                 resident: vec![0x1000, 0x3000],
                 frozen_at_unix_us: 5,
+                others: vec![crm_proto::migrate::TaskFinalState {
+                    core: vec![6; 10],
+                    resident: vec![0x2000, 0x4000],
+                    ..Default::default()
+                }],
+                tree: vec![7, 8],
             }),
             control::Msg::Abort(Abort { reason: "x".into() }),
         ] {

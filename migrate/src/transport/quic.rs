@@ -330,16 +330,7 @@ impl Listener {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+use crm_engine::error_chain;
 
 async fn accept_loop(
     endpoint: quinn::Endpoint,

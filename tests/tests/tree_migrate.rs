@@ -1,0 +1,248 @@
+//! Live migration of process trees (issue 4): `cr-migrate send ROOT` moves the
+//! whole tree below ROOT while it runs (pre-copy in every task, one freeze of the
+//! tree), and `receive` restores it with every PID, parent, group, session and
+//! zombie.
+//!
+//! Each test starts `wl_tree MODE` below the test process (a child subreaper),
+//! records every task's links from `/proc`, runs `receive` and `send` as
+//! subprocesses and, while `send` runs, reaps the source root once `send` killed
+//! the tree (its PID must be free for the restored copy; the dump reaps the other
+//! tasks itself). Then it adopts the restored root (reparented to us), compares
+//! `/proc` with the record and asks the tree to verify itself: memory, threads,
+//! shared memory, and that every member answers. The [`Tree`] guard kills and
+//! reaps every task, also when an assertion fails.
+
+use std::time::{Duration, Instant};
+
+use crm_tests::bg::BgProc;
+use crm_tests::netns::{self, NetnsPair};
+use crm_tests::tree::Tree;
+use crm_tests::{self as h, path_str, workload_bin, Spawn, TempDir};
+
+const SEND_TIMEOUT: Duration = Duration::from_secs(120);
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+/// Where `receive` and `send` run: behind a command prefix (`ip netns exec NS`)
+/// and on which address `receive` listens.
+struct Ends {
+    recv_prefix: Vec<String>,
+    send_prefix: Vec<String>,
+    listen: String,
+}
+
+impl Ends {
+    fn local() -> Ends {
+        Ends {
+            recv_prefix: Vec::new(),
+            send_prefix: Vec::new(),
+            listen: format!(
+                "127.0.0.1:{}",
+                crm_tests::port::free_port().expect("a free port")
+            ),
+        }
+    }
+}
+
+/// Migrates the tree `tree` (a child of ours) through `ends`; returns `send`'s
+/// stdout (the JSON summary) and stderr.
+fn migrate(tree: &mut Tree, tmp: &TempDir, ends: &Ends) -> (String, String) {
+    let token = tmp.path().join("token");
+    std::fs::write(&token, "tree-migration-token-0123456789abcdef\n").expect("token");
+    let work = tmp.subdir("work");
+    let state = tmp.subdir("state");
+    let mut recv = BgProc::crm(
+        "receive",
+        &ends.recv_prefix,
+        &strings(&[
+            "receive",
+            "--listen",
+            &ends.listen,
+            "--token-file",
+            path_str(&token),
+            "--state-dir",
+            path_str(&state),
+            "--work-dir",
+            path_str(&work),
+        ]),
+        tmp.path(),
+    );
+    if let Err(e) = recv.wait_stderr("listening on", LISTEN_TIMEOUT) {
+        panic!("`cr-migrate receive` did not start listening: {e}");
+    }
+    let pid = tree.wl.pid().to_string();
+    let mut send = BgProc::crm(
+        "send",
+        &ends.send_prefix,
+        &strings(&[
+            "send",
+            &pid,
+            &ends.listen,
+            "--token-file",
+            path_str(&token),
+            "--json",
+        ]),
+        tmp.path(),
+    );
+    // The root is our child: reap it as soon as `send` kills it, so that its
+    // PID is free for the restored root.
+    let mut root_end = None;
+    let started = Instant::now();
+    let status = loop {
+        if root_end.is_none() {
+            if let Ok(how) = tree.wl.reap_killed(Duration::ZERO) {
+                root_end = Some(how);
+            }
+        }
+        if let Some(s) = send.try_wait() {
+            break s;
+        }
+        if started.elapsed() > SEND_TIMEOUT {
+            break send.kill();
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let (out, err) = (send.stdout(), send.stderr());
+    let recv_status = recv.wait_timeout(Duration::from_secs(30));
+    assert!(
+        status.success(),
+        "send failed ({status}):\n{err}\nreceive says:\n{}",
+        recv.stderr()
+    );
+    assert!(
+        recv_status.is_some_and(|s| s.success()),
+        "receive did not exit cleanly ({recv_status:?}):\n{}",
+        recv.stderr()
+    );
+    if root_end.is_none() {
+        root_end = tree.wl.reap_killed(Duration::from_secs(5)).ok();
+    }
+    let how = root_end.expect("send succeeded, so the source root was killed");
+    println!("checked: send exited 0; the source root {how}");
+    let ppid = tree
+        .wl
+        .adopt_restored()
+        .unwrap_or_else(|e| panic!("after the migration: {e}"));
+    println!("checked: a new root runs with PID {pid} (parent {ppid})");
+    (out, err)
+}
+
+/// A number after `"key":` in the JSON summary.
+fn json_num(json: &str, key: &str) -> Option<f64> {
+    let at = json.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let rest = json[at..].trim_start();
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-'))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// Start, record, migrate, compare, verify.
+/// `verify_before`: the tree's check also reaps its zombies, so a zombie
+/// tree is checked only after.
+fn migrate_mode(mode: &str, ends: &Ends, dir_name: &str, verify_before: bool) -> (TempDir, Tree) {
+    let tmp = TempDir::new(dir_name);
+    let mut tree = Tree::start(
+        workload_bin!(wl_tree),
+        &[mode],
+        tmp.path(),
+        Spawn::default(),
+    );
+    if verify_before {
+        tree.wl.expect_pass("before the migration");
+    }
+    let before = tree.links();
+    let (json, err) = migrate(&mut tree, &tmp, ends);
+    let after = tree.links();
+    assert_eq!(
+        after, before,
+        "(parent, group, session, zombie) per task after the migration differs"
+    );
+    println!(
+        "checked: {} tasks have their PIDs, parents, groups, sessions and zombie states back",
+        after.len()
+    );
+    let pass = tree.wl.expect_pass("after the migration");
+    let downtime = json_num(&json, "downtime_ms")
+        .unwrap_or_else(|| panic!("no downtime_ms in the summary:\n{json}\n{err}"));
+    let rounds = json.matches("\"round\":").count();
+    assert!(
+        rounds >= 2,
+        "expected at least one pre-copy round and the final one:\n{json}"
+    );
+    assert!(
+        err.contains("the tree of process"),
+        "send should say it migrates a tree:\n{err}"
+    );
+    println!("figures: tree {mode}: rounds={rounds} downtime_ms={downtime:.1}; {pass}");
+    (tmp, tree)
+}
+
+#[test]
+fn migrate_tree_multitask_locally() {
+    h::init();
+    let _serial = h::serial();
+    migrate_mode("multitask", &Ends::local(), "tree-mig-multitask", true);
+}
+
+#[test]
+fn migrate_tree_with_zombies_locally() {
+    h::init();
+    let _serial = h::serial();
+    migrate_mode("zombie", &Ends::local(), "tree-mig-zombie", false);
+}
+
+/// Children fork and exit all the time: tasks appear and vanish between rounds.
+#[test]
+fn migrate_forking_tree_locally() {
+    h::init();
+    let _serial = h::serial();
+    let tmp = TempDir::new("tree-mig-forker");
+    let mut tree = Tree::start(
+        workload_bin!(wl_tree),
+        &["forker"],
+        tmp.path(),
+        Spawn::default(),
+    );
+    tree.wl.expect_pass("before the migration");
+    let (_, err) = migrate(&mut tree, &tmp, &Ends::local());
+    let pass = tree.wl.expect_pass("after the migration");
+    println!("checked: the forking tree runs on and PASSes after the migration: {pass}");
+    assert!(err.contains("the tree of process"), "{err}");
+}
+
+/// Shared anonymous memory between the root and three children, across two
+/// network namespaces (sealed page channels over a veth pair).
+#[test]
+fn migrate_tree_with_shared_memory_across_network_namespaces() {
+    const TEST: &str = "migrate_tree_with_shared_memory_across_network_namespaces";
+    h::init();
+    let _serial = h::serial();
+    if netns::ip_bin().is_none() {
+        h::skip_test!(TEST, "`ip` (iproute2) is not installed");
+    }
+    let ns = match NetnsPair::create() {
+        Ok(ns) => ns,
+        Err(e) => h::skip_test!(TEST, "cannot create network namespaces: {e}"),
+    };
+    let port = crm_tests::port::free_port().expect("a free port");
+    let ends = Ends {
+        recv_prefix: ns.exec_prefix(&ns.b),
+        send_prefix: ns.exec_prefix(&ns.a),
+        listen: format!("{}:{port}", ns.addr_b),
+    };
+    let (_tmp, tree) = migrate_mode("shmem", &ends, "tree-mig-shmem-netns", true);
+    let in_b = NetnsPair::pids(&ns.b);
+    for p in std::iter::once(tree.wl.pid()).chain(tree.members.iter().copied()) {
+        assert!(
+            in_b.contains(&p),
+            "restored task {p} should run in the destination's namespace {}",
+            ns.b
+        );
+    }
+    println!("checked: every restored task runs in {}", ns.b);
+    drop(tree);
+}
