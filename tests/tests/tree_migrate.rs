@@ -107,6 +107,9 @@ fn migrate(tree: &mut Tree, tmp: &TempDir, ends: &Ends) -> (String, String) {
     };
     let (out, err) = (send.stdout(), send.stderr());
     let recv_status = recv.wait_timeout(Duration::from_secs(30));
+    if std::env::var_os("CRM_TEST_SHOW_LOGS").is_some() {
+        println!("receive says:\n{}", recv.stderr());
+    }
     assert!(
         status.success(),
         "send failed ({status}):\n{err}\nreceive says:\n{}",
@@ -141,16 +144,23 @@ fn json_num(json: &str, key: &str) -> Option<f64> {
 }
 
 /// Start, record, migrate, compare, verify.
+///
 /// `verify_before`: the tree's check also reaps its zombies, so a zombie
 /// tree is checked only after.
 fn migrate_mode(mode: &str, ends: &Ends, dir_name: &str, verify_before: bool) -> (TempDir, Tree) {
+    migrate_args(&[mode], ends, dir_name, verify_before)
+}
+
+/// [`migrate_mode`] of `wl_tree ARGS`.
+fn migrate_args(
+    args: &[&str],
+    ends: &Ends,
+    dir_name: &str,
+    verify_before: bool,
+) -> (TempDir, Tree) {
+    let mode = args[0];
     let tmp = TempDir::new(dir_name);
-    let mut tree = Tree::start(
-        workload_bin!(wl_tree),
-        &[mode],
-        tmp.path(),
-        Spawn::default(),
-    );
+    let mut tree = Tree::start(workload_bin!(wl_tree), args, tmp.path(), Spawn::default());
     if verify_before {
         tree.wl.expect_pass("before the migration");
     }
@@ -178,6 +188,9 @@ fn migrate_mode(mode: &str, ends: &Ends, dir_name: &str, verify_before: bool) ->
         "send should say it migrates a tree:\n{err}"
     );
     println!("figures: tree {mode}: rounds={rounds} downtime_ms={downtime:.1}; {pass}");
+    if std::env::var_os("CRM_TEST_SHOW_LOGS").is_some() {
+        println!("send says:\n{err}");
+    }
     (tmp, tree)
 }
 
@@ -245,4 +258,18 @@ fn migrate_tree_with_shared_memory_across_network_namespaces() {
     }
     println!("checked: every restored task runs in {}", ns.b);
     drop(tree);
+}
+
+/// A tree of 20 tasks, each with 4 MiB of private memory, sharing 16 MiB:
+/// every task checks both after the migration.
+#[test]
+fn migrate_tree_of_20_tasks_locally() {
+    h::init();
+    let _serial = h::serial();
+    migrate_args(
+        &["bench", "20", "4", "16"],
+        &Ends::local(),
+        "tree-mig-20",
+        true,
+    );
 }
