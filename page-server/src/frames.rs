@@ -2,31 +2,67 @@
 //!
 //! One allocation per page costs a `malloc` and a page fault (with the
 //! kernel zeroing the page) for every 4 KiB received: on a 1 GiB migration
-//! that was a third of the receiver's CPU. Frames come instead from
-//! anonymous mappings of [`CHUNK_BYTES`]. Freed frames are reused before a
-//! new chunk is mapped; chunks are returned to the system only when the
-//! store is dropped. (Transparent huge pages were tried: on a VM the
-//! kernel's compaction and zeroing of 2 MiB pages made the first touch of
-//! 1 GiB take 0.1 to 0.9 s instead of a steady 0.35 s.)
+//! that was a third of the receiver's CPU. Frames come instead from chunks
+//! of [`CHUNK_PAGES`] pages: anonymous mappings made here, or the buffers
+//! batches were received into, adopted whole ([`Frames::adopt`]: the
+//! batch's pages become frames without a copy, and the fresh memory was
+//! faulted in by the thread that read it from the network, not by the
+//! store's). Freed frames are reused before a new chunk is mapped; chunks
+//! are returned to the system only when the store is dropped. (Transparent
+//! huge pages were tried: on a VM the kernel's compaction and zeroing of
+//! 2 MiB pages made the first touch of 1 GiB take 0.1 to 0.9 s instead of a
+//! steady 0.35 s.)
 use std::ptr::NonNull;
 
 use crate::store::PAGE_SIZE;
 
-/// Bytes per chunk.
-pub const CHUNK_BYTES: usize = 8 << 20;
+/// Bytes per chunk: the largest batch a sender makes, so that a batch's
+/// buffer can be adopted as one chunk.
+pub const CHUNK_BYTES: usize = 1 << 20;
 const CHUNK_PAGES: usize = CHUNK_BYTES / PAGE_SIZE;
 
 /// Index of a frame: chunk * CHUNK_PAGES + page within the chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Frame(u32);
 
+impl Frame {
+    /// The frame `i` pages after this one in its chunk (for adopted
+    /// buffers, [`Frames::adopt`]).
+    pub fn nth(self, i: usize) -> Frame {
+        assert!((self.0 as usize % CHUNK_PAGES) + i < CHUNK_PAGES);
+        Frame(self.0 + i as u32)
+    }
+}
+
 /// One anonymous mapping of [`CHUNK_BYTES`] (zero-filled by the kernel).
-struct Chunk {
+struct Mapping {
     ptr: NonNull<u8>,
 }
 
+/// The memory of [`CHUNK_PAGES`] frames (an adopted buffer may hold fewer).
+enum Chunk {
+    Mapped(Mapping),
+    Adopted(Vec<u8>),
+}
+
 impl Chunk {
-    fn new() -> Chunk {
+    fn page(&self, i: usize) -> &[u8] {
+        match self {
+            Chunk::Mapped(m) => m.page(i),
+            Chunk::Adopted(v) => &v[i * PAGE_SIZE..(i + 1) * PAGE_SIZE],
+        }
+    }
+
+    fn page_mut(&mut self, i: usize) -> &mut [u8] {
+        match self {
+            Chunk::Mapped(m) => m.page_mut(i),
+            Chunk::Adopted(v) => &mut v[i * PAGE_SIZE..(i + 1) * PAGE_SIZE],
+        }
+    }
+}
+
+impl Mapping {
+    fn new() -> Mapping {
         // SAFETY: a fresh private anonymous mapping; no existing memory is
         // touched. MAP_POPULATE faults it in in one call (a chunk is filled
         // right away anyway): 25-30% cheaper than 2048 page faults.
@@ -46,7 +82,7 @@ impl Chunk {
                 std::alloc::Layout::from_size_align(CHUNK_BYTES, PAGE_SIZE).expect("valid layout"),
             ),
         };
-        Chunk { ptr }
+        Mapping { ptr }
     }
 
     fn page(&self, i: usize) -> &[u8] {
@@ -64,7 +100,7 @@ impl Chunk {
     }
 }
 
-impl Drop for Chunk {
+impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: mapped in `Chunk::new` with this length and not unmapped
         // before; no borrow of it outlives `self`.
@@ -74,18 +110,18 @@ impl Drop for Chunk {
     }
 }
 
-// SAFETY: a Chunk owns its allocation exclusively (no aliasing pointers
-// escape except through borrows of the Chunk), like a Box<[u8]>.
-unsafe impl Send for Chunk {}
+// SAFETY: a Mapping owns its allocation exclusively (no aliasing pointers
+// escape except through borrows of the Mapping), like a Box<[u8]>.
+unsafe impl Send for Mapping {}
 // SAFETY: shared access only hands out `&[u8]`.
-unsafe impl Sync for Chunk {}
+unsafe impl Sync for Mapping {}
 
 /// The pool of page frames.
 #[derive(Default)]
 pub struct Frames {
     chunks: Vec<Chunk>,
-    /// Frames of allocated chunks never used yet start here.
-    next: usize,
+    /// The mapped chunk being filled, and how many of its frames are used.
+    filling: Option<(usize, usize)>,
     free: Vec<Frame>,
 }
 
@@ -104,16 +140,58 @@ impl Frames {
         let frame = match self.free.pop() {
             Some(f) => f,
             None => {
-                if self.next == self.chunks.len() * CHUNK_PAGES {
-                    self.chunks.push(Chunk::new());
-                }
-                let f = Frame(u32::try_from(self.next).expect("fewer than 2^32 frames (16 TiB)"));
-                self.next += 1;
-                f
+                let (c, used) = match self.filling {
+                    Some((c, used)) if used < CHUNK_PAGES => (c, used),
+                    _ => {
+                        self.chunks.push(Chunk::Mapped(Mapping::new()));
+                        (self.chunks.len() - 1, 0)
+                    }
+                };
+                self.filling = Some((c, used + 1));
+                Self::frame(c, used)
             }
         };
         self.get_mut(frame).copy_from_slice(page);
         frame
+    }
+
+    fn frame(chunk: usize, page: usize) -> Frame {
+        Frame(u32::try_from(chunk * CHUNK_PAGES + page).expect("fewer than 2^32 frames (16 TiB)"))
+    }
+
+    /// Takes `buf` (whole pages, at most [`CHUNK_BYTES`]) as the frames of
+    /// its pages, in order: the first is returned, page `i` is
+    /// [`Frame::nth`]`(i)` of it. Every one of them is in use until
+    /// released.
+    pub fn adopt(&mut self, buf: Vec<u8>) -> Frame {
+        assert!(buf.len() <= CHUNK_BYTES && buf.len().is_multiple_of(PAGE_SIZE));
+        self.chunks.push(Chunk::Adopted(buf));
+        Self::frame(self.chunks.len() - 1, 0)
+    }
+
+    /// Frames released and not reused yet.
+    pub fn free_frames(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Copies the page in `from` over the one in `to`.
+    pub fn copy(&mut self, from: Frame, to: Frame) {
+        let (fc, fp) = Self::split(from);
+        let (tc, tp) = Self::split(to);
+        if fc == tc {
+            let chunk = &mut self.chunks[fc];
+            let page = chunk.page(fp).to_vec();
+            chunk.page_mut(tp).copy_from_slice(&page);
+            return;
+        }
+        let (a, b) = if fc < tc {
+            let (lo, hi) = self.chunks.split_at_mut(tc);
+            (&lo[fc], &mut hi[0])
+        } else {
+            let (lo, hi) = self.chunks.split_at_mut(fc);
+            (&hi[0], &mut lo[tc])
+        };
+        b.page_mut(tp).copy_from_slice(a.page(fp));
     }
 
     /// Returns a frame to the pool.

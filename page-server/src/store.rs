@@ -89,8 +89,20 @@ pub struct StoreStats {
     pub stale_copies_dropped: u64,
 }
 
+/// Most free frames in the pool for a batch's buffer to be adopted: past
+/// that, pages are copied into free frames instead, so frames freed by
+/// newer copies do not pile up unused.
+const MAX_FREE_TO_ADOPT: usize = 1024;
+
+/// A page to insert: bytes to copy, or a frame adopted from the batch's
+/// buffer.
+enum Src<'a> {
+    Bytes(&'a [u8]),
+    Frame(Frame),
+}
+
 /// Where the newest copy of one page is.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 enum Location {
     /// A frame of [`PageStore::frames`].
     Memory(Frame),
@@ -230,9 +242,93 @@ impl PageStore {
             return Err(PageStoreError::AddressOverflow { task, addr, len });
         }
         for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
-            self.insert_page(task, addr + (i * PAGE_SIZE) as u64, round, page)?;
+            self.insert_page(task, addr + (i * PAGE_SIZE) as u64, round, Src::Bytes(page))?;
         }
         Ok(())
+    }
+
+    /// [`PageStore::insert_batch`] of a batch's own buffer. When the batch
+    /// fits in memory (and the pool has few free frames), the buffer itself
+    /// becomes the frames of its pages: no copy, and the memory was faulted
+    /// in by whoever received the batch. A page that replaces a copy held
+    /// in memory is copied over it, and its frame in the buffer returns to
+    /// the pool (reused by later pages).
+    pub fn insert_batch_owned(
+        &mut self,
+        task: TaskId,
+        addr: u64,
+        round: u32,
+        data: Vec<u8>,
+    ) -> Result<(), PageStoreError> {
+        let len = data.len();
+        let fits = self.stats.bytes_in_memory + len as u64 <= self.memory_limit;
+        let aligned = addr.is_multiple_of(PAGE_SIZE as u64) && len.is_multiple_of(PAGE_SIZE);
+        if !fits
+            || !aligned
+            || len == 0
+            || len > crate::frames::CHUNK_BYTES
+            || addr.checked_add(len as u64 - 1).is_none()
+            || self.frames.free_frames() > MAX_FREE_TO_ADOPT
+        {
+            return self.insert_batch(task, addr, round, &data);
+        }
+        let first = self.frames.adopt(data);
+        for i in 0..len / PAGE_SIZE {
+            let frame = first.nth(i);
+            self.insert_page(
+                task,
+                addr + (i * PAGE_SIZE) as u64,
+                round,
+                Src::Frame(frame),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The bytes of `src`.
+    fn bytes<'a>(frames: &'a Frames, src: &Src<'a>) -> &'a [u8] {
+        match *src {
+            Src::Bytes(b) => b,
+            Src::Frame(f) => frames.get(f),
+        }
+    }
+
+    /// A frame holding `src` (its own frame, or a copy).
+    fn frame_of(&mut self, src: Src<'_>) -> Frame {
+        match src {
+            Src::Bytes(b) => self.frames.alloc(b),
+            Src::Frame(f) => f,
+        }
+    }
+
+    /// `src` is not kept: an adopted frame goes back to the pool.
+    fn discard(&mut self, src: Src<'_>) {
+        if let Src::Frame(f) = src {
+            self.frames.release(f);
+        }
+    }
+
+    /// Appends `src` to the spill file (then discards it).
+    fn spill_page(&mut self, task: TaskId, addr: u64, src: Src<'_>) -> Result<u64, PageStoreError> {
+        let offset = self
+            .spill
+            .append(task, addr, Self::bytes(&self.frames, &src))?;
+        self.discard(src);
+        self.stats.bytes_spilled += PAGE_SIZE as u64;
+        self.stats.spill_file_bytes = self.spill.len;
+        Ok(offset)
+    }
+
+    /// Where a new copy of a page goes: memory if it fits, else the spill
+    /// file.
+    fn place(&mut self, task: TaskId, addr: u64, src: Src<'_>) -> Result<Location, PageStoreError> {
+        let page_bytes = PAGE_SIZE as u64;
+        if self.stats.bytes_in_memory + page_bytes <= self.memory_limit {
+            self.stats.bytes_in_memory += page_bytes;
+            Ok(Location::Memory(self.frame_of(src)))
+        } else {
+            Ok(Location::Spilled(self.spill_page(task, addr, src)?))
+        }
     }
 
     fn insert_page(
@@ -240,52 +336,51 @@ impl PageStore {
         task: TaskId,
         addr: u64,
         round: u32,
-        page: &[u8],
+        src: Src<'_>,
     ) -> Result<(), PageStoreError> {
-        let page_bytes = PAGE_SIZE as u64;
-        let held = self.pages.get_mut(&(task, addr));
-        if let Some(slot) = held {
-            if slot.round > round {
+        let held = self
+            .pages
+            .get(&(task, addr))
+            .map(|slot| (slot.round, slot.location));
+        match held {
+            Some((r, _)) if r > round => {
                 self.stats.stale_copies_dropped += 1;
-                return Ok(());
+                self.discard(src);
             }
-            match &mut slot.location {
-                Location::Memory(frame) => {
-                    self.frames.get_mut(*frame).copy_from_slice(page);
-                    slot.round = round;
-                }
-                Location::Spilled(_) | Location::Zero => {
-                    let was_spilled = matches!(slot.location, Location::Spilled(_));
-                    let fits = self.stats.bytes_in_memory + page_bytes <= self.memory_limit;
-                    if was_spilled {
-                        self.stats.bytes_spilled -= page_bytes;
+            Some((_, Location::Memory(frame))) => {
+                match src {
+                    Src::Bytes(b) => self.frames.get_mut(frame).copy_from_slice(b),
+                    Src::Frame(f) => {
+                        self.frames.copy(f, frame);
+                        self.frames.release(f);
                     }
-                    slot.location = if fits {
-                        self.stats.bytes_in_memory += page_bytes;
-                        Location::Memory(self.frames.alloc(page))
-                    } else {
-                        let offset = self.spill.append(task, addr, page)?;
-                        self.stats.bytes_spilled += page_bytes;
-                        self.stats.spill_file_bytes = self.spill.len;
-                        Location::Spilled(offset)
-                    };
-                    slot.round = round;
                 }
+                self.set_round(task, addr, round, None);
             }
-            return Ok(());
+            Some((_, old)) => {
+                if matches!(old, Location::Spilled(_)) {
+                    self.stats.bytes_spilled -= PAGE_SIZE as u64;
+                }
+                let location = self.place(task, addr, src)?;
+                self.set_round(task, addr, round, Some(location));
+            }
+            None => {
+                let location = self.place(task, addr, src)?;
+                self.pages.insert((task, addr), Slot { round, location });
+                self.stats.pages += 1;
+            }
         }
-        let location = if self.stats.bytes_in_memory + page_bytes <= self.memory_limit {
-            self.stats.bytes_in_memory += page_bytes;
-            Location::Memory(self.frames.alloc(page))
-        } else {
-            let offset = self.spill.append(task, addr, page)?;
-            self.stats.bytes_spilled += page_bytes;
-            self.stats.spill_file_bytes = self.spill.len;
-            Location::Spilled(offset)
-        };
-        self.pages.insert((task, addr), Slot { round, location });
-        self.stats.pages += 1;
         Ok(())
+    }
+
+    /// Updates the round (and location) of a page held.
+    fn set_round(&mut self, task: TaskId, addr: u64, round: u32, location: Option<Location>) {
+        if let Some(slot) = self.pages.get_mut(&(task, addr)) {
+            slot.round = round;
+            if let Some(l) = location {
+                slot.location = l;
+            }
+        }
     }
 
     /// The newest copy of the page at `addr` in `task`, if any arrived.
@@ -462,6 +557,57 @@ mod tests {
         assert_eq!(st.bytes_in_memory, 3 * P);
         assert_eq!(st.bytes_spilled, 0);
         assert!(!dir.spill().exists(), "nothing spilled, no file");
+    }
+
+    #[test]
+    fn adopted_batches_keep_their_pages_and_newest_copy_wins() {
+        let dir = TempDir::new();
+        let mut s = PageStore::new(1 << 30, dir.spill());
+        s.insert_batch_owned(7, 0x1000, 0, pages(3, 10)).unwrap();
+        s.insert_batch_owned(7, 0x10_0000, 0, pages(256, 0))
+            .unwrap();
+        // Newer copies of adopted pages, adopted again (their old frames
+        // are overwritten; the new buffer's frames go back to the pool).
+        s.insert_batch_owned(7, 0x2000, 1, pages(2, 50)).unwrap();
+        // A stale copy (round 0 after round 1): dropped, its frame freed.
+        s.insert_batch_owned(7, 0x2000, 0, pages(1, 99)).unwrap();
+        assert_eq!(byte_of(&s, 7, 0x1000), 10);
+        assert_eq!(byte_of(&s, 7, 0x2000), 50);
+        assert_eq!(byte_of(&s, 7, 0x3000), 51);
+        for i in 0..256u64 {
+            assert_eq!(byte_of(&s, 7, 0x10_0000 + i * P), i as u8);
+        }
+        let st = s.stats();
+        assert_eq!(st.pages, 259);
+        assert_eq!(st.stale_copies_dropped, 1);
+        assert_eq!(st.bytes_in_memory, 259 * P);
+        assert_eq!(s.frames.free_frames(), 3, "freed frames return to the pool");
+        // Copied batches take the freed frames first.
+        s.insert_batch(8, 0x1000, 0, &pages(3, 200)).unwrap();
+        assert_eq!(s.frames.free_frames(), 0);
+        assert_eq!(byte_of(&s, 8, 0x3000), 202);
+        assert_eq!(byte_of(&s, 7, 0x3000), 51);
+    }
+
+    #[test]
+    fn adopted_batches_respect_the_memory_bound() {
+        let dir = TempDir::new();
+        let mut s = PageStore::new(4 * P, dir.spill());
+        s.insert_batch_owned(5, 0x10_0000, 0, pages(3, 100))
+            .unwrap();
+        // Does not fit whole: copied, the rest spilled.
+        s.insert_batch_owned(5, 0x20_0000, 0, pages(3, 110))
+            .unwrap();
+        let st = s.stats();
+        assert_eq!(st.bytes_in_memory, 4 * P);
+        assert_eq!(st.bytes_spilled, 2 * P);
+        for i in 0..3 {
+            assert_eq!(byte_of(&s, 5, 0x10_0000 + i * P), 100 + i as u8);
+            assert_eq!(byte_of(&s, 5, 0x20_0000 + i * P), 110 + i as u8);
+        }
+        // Malformed batches are refused as by insert_batch.
+        assert!(s.insert_batch_owned(5, 0x1001, 0, pages(1, 1)).is_err());
+        assert!(s.insert_batch_owned(5, 0x1000, 0, vec![0; 100]).is_err());
     }
 
     #[test]

@@ -150,7 +150,7 @@ async fn serve(session: &Session, dir_path: &Path, memory_limit: u64) -> Result<
             b = receiver.next(), if streams_open => match b.with_context(|| format!("receiving pages from {peer}"))? {
                 Some((h, data)) => {
                     inc.store(h.pid)?
-                        .insert_batch(h.pid, h.vaddr, h.round, &data)
+                        .insert_batch_owned(h.pid, h.vaddr, h.round, data)
                         .with_context(|| format!("storing pages of process {}", h.pid))?;
                     *inc.received.entry(h.round).or_default() += 1;
                     inc.ack_if_stored(session, h.round).await?;
