@@ -107,6 +107,12 @@ fn migrate(tree: &mut Tree, tmp: &TempDir, ends: &Ends) -> (String, String) {
     };
     let (out, err) = (send.stdout(), send.stderr());
     let recv_status = recv.wait_timeout(Duration::from_secs(30));
+    if root_end.is_none() {
+        root_end = tree.wl.reap_killed(Duration::from_secs(5)).ok();
+    }
+    // Before any assertion: a restored root (whatever went wrong) is taken
+    // under the guard, which kills the restored tree on failure.
+    let adopted = root_end.as_ref().map(|_| tree.wl.adopt_restored());
     if std::env::var_os("CRM_TEST_SHOW_LOGS").is_some() {
         println!("receive says:\n{}", recv.stderr());
     }
@@ -120,14 +126,10 @@ fn migrate(tree: &mut Tree, tmp: &TempDir, ends: &Ends) -> (String, String) {
         "receive did not exit cleanly ({recv_status:?}):\n{}",
         recv.stderr()
     );
-    if root_end.is_none() {
-        root_end = tree.wl.reap_killed(Duration::from_secs(5)).ok();
-    }
     let how = root_end.expect("send succeeded, so the source root was killed");
     println!("checked: send exited 0; the source root {how}");
-    let ppid = tree
-        .wl
-        .adopt_restored()
+    let ppid = adopted
+        .expect("the source root was reaped")
         .unwrap_or_else(|e| panic!("after the migration: {e}"));
     println!("checked: a new root runs with PID {pid} (parent {ppid})");
     (out, err)
