@@ -437,6 +437,7 @@ mod tests {
             fd,
             cloexec: false,
             kind: Some(fd_entry::Kind::Fifo(f)),
+            ..Default::default()
         };
         let w = image("/f", libc::O_WRONLY, false, b"");
         let r = image("/f", libc::O_RDONLY, true, b"");

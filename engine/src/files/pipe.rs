@@ -123,6 +123,10 @@ pub fn restore(fd: i32, p: &Pipe, pipes: &mut Pipes) -> Result<OwnedFd, FilesErr
         let r = pipes.lift(r).map_err(err)?;
         let w = pipes.lift(w).map_err(err)?;
         pipes.made.insert(p.id, (r, w));
+    } else if !p.data.is_empty() {
+        // The data goes with a read end, which may come after the pipe's
+        // first descriptor.
+        refill(&pipes.made[&p.id].1, 0, &p.data).map_err(err)?;
     }
     let (r, w) = &pipes.made[&p.id];
     let end = if p.write_end { w } else { r };

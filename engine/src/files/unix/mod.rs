@@ -44,6 +44,22 @@ pub struct Seen {
     peers: HashMap<u64, diag::UnixDiag>,
 }
 
+impl Seen {
+    /// Adds what the dump of another task learned (the sockets a tree's
+    /// tasks share are checked together).
+    pub fn merge(&mut self, other: &Seen) {
+        for (k, v) in &other.peers {
+            self.peers.entry(*k).or_insert_with(|| v.clone());
+        }
+    }
+
+    /// The peer of socket `ino` as sock_diag showed it (for an embryo
+    /// connection waiting on a listener: its client), if it was looked up.
+    pub fn peer_of(&self, ino: u64) -> Option<u64> {
+        self.peers.get(&ino).map(|d| d.peer).filter(|&p| p != 0)
+    }
+}
+
 fn refused(pid: i32, fd: i32, what: String) -> FilesError {
     FilesError::Refused { pid, fd, what }
 }
@@ -695,6 +711,7 @@ mod tests {
                 fd: 10 + i as i32,
                 cloexec: false,
                 kind: Some(fd_entry::Kind::UnixSocket(s)),
+                ..Default::default()
             })
             .collect()
     }
