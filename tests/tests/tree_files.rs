@@ -1,8 +1,9 @@
 //! End-to-end tests of open files shared by the tasks of a process tree
 //! (issue 4): pipes between tasks with their buffered data, sizes and
 //! flags, an open file description shared after fork (one offset), unix
-//! socketpairs between parent and child with queued data both ways; and the
-//! refusal of a pipe to a process outside the tree.
+//! socketpairs between parent and child with queued data both ways, FIFOs
+//! read and written by different tasks; and the refusal of a pipe to a
+//! process outside the tree.
 //!
 //! Each test starts `wl_tree_files MODE` below the test process (a child
 //! subreaper), dumps the tree, waits until every PID is free, restores with
@@ -123,6 +124,13 @@ fn shared_file_offset() {
 fn socketpair_between_tasks() {
     let _serial = h::serial();
     let (_tmp, tree) = dump_and_restore("socketpair");
+    expect_all_pass(&tree, "after restore");
+}
+
+#[test]
+fn fifos_between_tasks() {
+    let _serial = h::serial();
+    let (_tmp, tree) = dump_and_restore("fifo");
     expect_all_pass(&tree, "after restore");
 }
 

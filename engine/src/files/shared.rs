@@ -10,7 +10,8 @@
 //! one, in tree order), which alone keeps the buffered data (pipe bytes,
 //! socket queues, FIFO bytes): the data is stored once. Refused, naming the
 //! task and fd: a pipe whose other end no task of the tree holds, a FIFO no
-//! task of the tree reads, a unix socket connected to one outside the tree.
+//! task of the tree reads, a unix socket connected to one outside the tree,
+//! a shared unix socket bound to a relative path.
 //! Epoll instances are never shared (each task gets its own, as before).
 //!
 //! Restore ([`Table`]): the coordinator creates every shared object once,
@@ -195,6 +196,21 @@ pub fn link(tasks: &mut [Collected]) -> Result<(), FilesError> {
         .flat_map(|(g, _)| g.iter().copied())
         .collect();
     check_sockets(tasks, &shared_at, &seen)?;
+    for &(t, i) in &shared_at {
+        let e = entry(tasks, (t, i));
+        if let Some(Kind::UnixSocket(s)) = &e.kind {
+            // Created by the restoring coordinator, whose working
+            // directory is not the task's.
+            if s.name.first().is_some_and(|&c| c != 0 && c != b'/') {
+                return Err(FilesError::Unsupported {
+                    pid: tasks[t].pid,
+                    fd: e.fd,
+                    kind: "a unix socket bound to a relative path and shared by several tasks",
+                    target: String::from_utf8_lossy(&s.name).into_owned(),
+                });
+            }
+        }
+    }
 
     // Ids, describing entries, data once.
     let mut pipe_data: HashMap<u64, Vec<u8>> = HashMap::new();
@@ -269,7 +285,9 @@ fn check_pipe_ends(tasks: &[Collected]) -> Result<(), FilesError> {
 /// Refuses FIFOs that no task of the tree reads (their reader is another
 /// process).
 fn check_fifo_readers(tasks: &[Collected]) -> Result<(), FilesError> {
-    let mut fifos: BTreeMap<(u64, u64), (bool, (i32, i32), String)> = BTreeMap::new();
+    // (dev, ino) -> (read by the tree, first holder, path)
+    type Readers = BTreeMap<(u64, u64), (bool, (i32, i32), String)>;
+    let mut fifos = Readers::new();
     for task in tasks {
         for e in &task.files.fds {
             if let Some(Kind::Fifo(f)) = &e.kind {
@@ -301,8 +319,7 @@ fn check_sockets(
     seen: &unix::Seen,
 ) -> Result<(), FilesError> {
     let is_unix = |e: &FdEntry| matches!(e.kind, Some(Kind::UnixSocket(_)));
-    for t in 0..tasks.len() {
-        let task = &mut tasks[t];
+    for (t, task) in tasks.iter_mut().enumerate() {
         let own: Vec<usize> = (0..task.files.fds.len())
             .filter(|&i| is_unix(&task.files.fds[i]) && !shared.contains(&(t, i)))
             .collect();

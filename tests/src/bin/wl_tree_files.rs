@@ -31,6 +31,12 @@
 //!   On verify the root receives D's data exactly (message boundaries, then
 //!   EAGAIN) and sends one more message of each type; D receives all of the
 //!   root's.
+//! - `fifo`: FIFO `fifo1` read by the root (fd 70, O_NONBLOCK, inherited
+//!   by child F) and written by F (fd 71, its own open) with 500 unread
+//!   bytes; FIFO `fifo2` opened read-write by the root (fd 72, shared with
+//!   F) with 300. On verify the root reads the 500 bytes; F checks fd 70 is
+//!   non-blocking, writes 200 bytes into `fifo1`, reads the 300 of `fifo2`
+//!   and writes 40 back; the root then reads the 200 and the 40.
 //! - `outside-pipe`: child E holds the read end (fd 60) of a pipe whose other
 //!   ends the tree closed (the test opens a write end through
 //!   `/proc/E/fd/60`: a pipe to a process outside the tree). On verify E
@@ -646,6 +652,62 @@ fn socketpairs(root: i32) -> Root {
     }
 }
 
+fn open_at(path: &std::ffi::CStr, flags: i32, at: i32) {
+    // SAFETY: open of a NUL-terminated path; dup2 takes integers.
+    unsafe {
+        let fd = libc::open(path.as_ptr(), flags);
+        if fd < 0 || libc::dup2(fd, at) < 0 {
+            wl::fail_setup(&format!("open {path:?}"));
+        }
+        libc::close(fd);
+    }
+}
+
+fn fifos(root: i32) -> Root {
+    for p in [c"fifo1", c"fifo2"] {
+        // SAFETY: mkfifo of a NUL-terminated path.
+        if unsafe { libc::mkfifo(p.as_ptr(), 0o600) } != 0 {
+            wl::fail_setup("mkfifo");
+        }
+    }
+    open_at(c"fifo1", libc::O_RDONLY | libc::O_NONBLOCK, 70);
+    open_at(c"fifo2", libc::O_RDWR, 72);
+    setup_write(72, &pattern(52, 300));
+    if fork() == 0 {
+        open_at(c"fifo1", libc::O_WRONLY, 71);
+        setup_write(71, &pattern(50, 500));
+        member(
+            root,
+            "F: FIFO 1 written, FIFO 2 read and written, shared flags",
+            Box::new(|| {
+                let mut p = expect_nonblock(70, true, "shared FIFO 1 read end");
+                if let Err(e) = write_all(71, &pattern(51, 200)) {
+                    p.push(e);
+                }
+                p.extend(expect_stream(72, &pattern(52, 300), "FIFO 2"));
+                if let Err(e) = write_all(72, &pattern(53, 40)) {
+                    p.push(e);
+                }
+                p
+            }),
+        );
+    }
+    Root {
+        members: 1,
+        what: "FIFO 1 read by the root and written by F, FIFO 2 shared read-write",
+        before: Box::new(|| {
+            let mut p = expect_closed(&[71], "root");
+            p.extend(expect_stream(70, &pattern(50, 500), "FIFO 1"));
+            p
+        }),
+        after: Box::new(|| {
+            let mut p = expect_stream(70, &pattern(51, 200), "FIFO 1 after F wrote");
+            p.extend(expect_stream(72, &pattern(53, 40), "FIFO 2 after F wrote"));
+            p
+        }),
+    }
+}
+
 fn outside_pipe(root: i32) -> Root {
     pipe_at(60, 61, 0);
     if fork() == 0 {
@@ -685,6 +747,7 @@ fn main() {
         "pipes2" => pipes2(root),
         "shared-offset" => shared_offset(root),
         "socketpair" => socketpairs(root),
+        "fifo" => fifos(root),
         "outside-pipe" => outside_pipe(root),
         other => {
             wl::say(&format!("SETUP-ERROR unknown mode {other:?}"));
