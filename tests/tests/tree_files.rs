@@ -84,10 +84,34 @@ fn fds_like(pid: i32, prefix: &str) -> Vec<i32> {
         .collect()
 }
 
+/// `cr-migrate show` of the image: its output.
+fn show(tmp: &TempDir) -> String {
+    let out = run_crm(&["show", path_str(&tmp.path().join("images"))]);
+    assert_success(&out, "show");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// How many lines of `text` contain `what`.
+fn count(text: &str, what: &str) -> usize {
+    text.lines().filter(|l| l.contains(what)).count()
+}
+
 #[test]
 fn pipes() {
     let _serial = h::serial();
-    let (_tmp, tree) = dump_and_restore("pipes");
+    let (tmp, tree) = dump_and_restore("pipes");
+    let image = show(&tmp);
+    assert!(
+        count(&image, "100000 bytes buffered") == 1 && count(&image, "3000 bytes buffered") == 1,
+        "each pipe's data should be stored once:\n{image}"
+    );
+    assert_eq!(
+        count(&image, "shared with other tasks"),
+        4 + 3 * 2,
+        "the 4 pipe ends and stdin, stdout, stderr of both tasks are shared:\n{image}"
+    );
+    assert_eq!(count(&image, ", described here"), 4 + 2, "{image}");
+    println!("checked: the image stores each pipe's data once, each shared object described once");
     let a = tree.members[0];
     assert_eq!(
         fds_like(tree.wl.pid(), "pipe:"),
@@ -104,7 +128,15 @@ fn pipes() {
 #[test]
 fn pipes2() {
     let _serial = h::serial();
-    let (_tmp, tree) = dump_and_restore("pipes2");
+    let (tmp, tree) = dump_and_restore("pipes2");
+    let image = show(&tmp);
+    for bytes in [700_000, 10_000, 1_000] {
+        assert_eq!(
+            count(&image, &format!(" {bytes} bytes buffered")),
+            1,
+            "the data of each pipe should be stored once:\n{image}"
+        );
+    }
     let root = tree.wl.pid();
     let s = procs::fds(root).get(&64).cloned();
     for &m in &tree.members {
