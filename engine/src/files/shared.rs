@@ -470,3 +470,157 @@ impl Objects {
         self.fds.values().map(|f| f.as_raw_fd()).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crm_proto::image::{EpollFd, Pipe, UnixSocket};
+
+    // PIDs above any pid_max: kcmp fails, so no two descriptors are found
+    // to be one open file description; what is shared follows from the
+    // objects spread over tasks.
+    const A: i32 = i32::MAX - 1;
+    const B: i32 = i32::MAX - 2;
+
+    fn fd(fd: i32, kind: Kind) -> FdEntry {
+        FdEntry {
+            fd,
+            kind: Some(kind),
+            ..Default::default()
+        }
+    }
+
+    fn pipe(id: u64, write_end: bool, data: &[u8]) -> Kind {
+        Kind::Pipe(Pipe {
+            id,
+            write_end,
+            data: data.to_vec(),
+            ..Default::default()
+        })
+    }
+
+    fn task(pid: i32, fds: Vec<FdEntry>) -> Collected {
+        Collected {
+            pid,
+            files: FilesCore { fds },
+            unix: unix::Seen::default(),
+        }
+    }
+
+    fn data_of(tasks: &[Collected], id: u64) -> Vec<(i32, i32, usize)> {
+        let mut out = Vec::new();
+        for t in tasks {
+            for e in &t.files.fds {
+                if let Some(Kind::Pipe(p)) = &e.kind {
+                    if p.id == id && !p.data.is_empty() {
+                        out.push((t.pid, e.fd, p.data.len()));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_pipe_between_tasks_is_shared_and_its_data_stored_once() {
+        let mut tasks = vec![
+            task(
+                A,
+                vec![
+                    fd(3, pipe(9, true, b"")),
+                    fd(4, pipe(7, false, b"x")),
+                    fd(5, pipe(7, true, b"")),
+                    fd(6, pipe(9, false, b"hello")),
+                ],
+            ),
+            task(B, vec![fd(3, pipe(9, false, b"hello"))]),
+        ];
+        link(&mut tasks).unwrap();
+        let (a, b) = (&tasks[0].files.fds, &tasks[1].files.fds);
+        // Pipe 7 is the task's own; every end of pipe 9 is shared.
+        assert_eq!((a[1].shared, a[2].shared), (0, 0));
+        assert!(a[0].shared != 0 && a[3].shared != 0 && b[0].shared != 0);
+        assert!(a[0].shared_owner && a[3].shared_owner && b[0].shared_owner);
+        assert_eq!(data_of(&tasks, 9), vec![(A, 6, 5)], "stored once");
+        assert_eq!(data_of(&tasks, 7), vec![(A, 4, 1)], "own pipe kept as is");
+        let mut table = Table::default();
+        for t in &tasks {
+            table.add(t.pid, &t.files).unwrap();
+        }
+        table.check().unwrap();
+        assert_eq!(table.owners.len(), 3);
+    }
+
+    #[test]
+    fn a_pipe_end_the_tree_does_not_hold_is_refused() {
+        let mut tasks = vec![
+            task(A, vec![fd(3, pipe(9, false, b""))]),
+            task(B, vec![fd(4, pipe(9, false, b""))]),
+        ];
+        match link(&mut tasks) {
+            Err(FilesError::Unsupported {
+                pid, fd, target, ..
+            }) => {
+                assert_eq!((pid, fd), (A, 3));
+                assert!(target.contains("write end"), "{target}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    fn sock(id: u64, peer: u64, queue: &[&[u8]]) -> Kind {
+        Kind::UnixSocket(UnixSocket {
+            id,
+            r#type: libc::SOCK_STREAM as u32,
+            state: unix::diag::STATE_CONNECTED,
+            peer,
+            queue: queue.iter().map(|q| q.to_vec()).collect(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn a_socketpair_between_tasks_is_shared_and_an_outside_peer_refused() {
+        let mut tasks = vec![
+            task(A, vec![fd(3, sock(1, 2, &[b"to A"]))]),
+            task(B, vec![fd(4, sock(2, 1, &[b"to B"]))]),
+        ];
+        link(&mut tasks).unwrap();
+        assert!(tasks
+            .iter()
+            .all(|t| t.files.fds[0].shared != 0 && t.files.fds[0].shared_owner));
+        let mut tasks = vec![
+            task(A, vec![fd(3, sock(1, 2, &[])), fd(5, sock(2, 1, &[]))]),
+            task(B, vec![fd(4, sock(8, 99, &[]))]),
+        ];
+        match link(&mut tasks) {
+            Err(FilesError::Refused { pid, fd, what }) => {
+                assert_eq!((pid, fd), (B, 4));
+                assert!(what.contains("outside"), "{what}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn inconsistent_tables_are_rejected() {
+        let shared = |n: i32, id: u64, owner: bool, kind: Kind| FdEntry {
+            shared: id,
+            shared_owner: owner,
+            ..fd(n, kind)
+        };
+        let files = |fds| FilesCore { fds };
+        let mut t = Table::default();
+        t.add(A, &files(vec![shared(3, 1, true, pipe(9, true, b""))]))
+            .unwrap();
+        let twice = t.add(B, &files(vec![shared(3, 1, true, pipe(9, true, b""))]));
+        assert!(twice.unwrap_err().contains("described twice"));
+        let mut t = Table::default();
+        t.add(A, &files(vec![shared(3, 2, false, pipe(9, true, b""))]))
+            .unwrap();
+        assert!(t.check().unwrap_err().contains("no entry describes"));
+        let epoll = Kind::Epoll(EpollFd::default());
+        let mut t = Table::default();
+        assert!(t.add(A, &files(vec![shared(3, 1, true, epoll)])).is_err());
+    }
+}
