@@ -167,6 +167,13 @@ fn fifos_between_tasks() {
 }
 
 #[test]
+fn tcp_listener_shared_by_a_preforked_child() {
+    let _serial = h::serial();
+    let (_tmp, tree) = dump_and_restore("inet-listener");
+    expect_all_pass(&tree, "after restore");
+}
+
+#[test]
 fn pipe_to_a_process_outside_the_tree_refused_untouched() {
     h::init();
     let _serial = h::serial();

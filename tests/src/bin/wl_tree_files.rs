@@ -37,6 +37,10 @@
 //!   F) with 300. On verify the root reads the 500 bytes; F checks fd 70 is
 //!   non-blocking, writes 200 bytes into `fifo1`, reads the 300 of `fifo2`
 //!   and writes 40 back; the root then reads the 200 and the 40.
+//! - `inet-listener`: a TCP listener on 127.0.0.1 (fd 80, O_NONBLOCK)
+//!   shared by the root and child G (a pre-forked server). On verify the
+//!   root checks the port and connects, sending 4 bytes; G accepts the
+//!   connection on its fd 80 and reads them.
 //! - `outside-pipe`: child E holds the read end (fd 60) of a pipe whose other
 //!   ends the tree closed (the test opens a write end through
 //!   `/proc/E/fd/60`: a pipe to a process outside the tree). On verify E
@@ -708,6 +712,99 @@ fn fifos(root: i32) -> Root {
     }
 }
 
+/// The port a TCP socket is bound to.
+fn local_port(fd: i32) -> u16 {
+    // SAFETY: sockaddr_in is plain data; getsockname fills at most `len`.
+    unsafe {
+        let mut sa: libc::sockaddr_in = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        if libc::getsockname(fd, &mut sa as *mut _ as *mut libc::sockaddr, &mut len) != 0 {
+            return 0;
+        }
+        u16::from_be(sa.sin_port)
+    }
+}
+
+fn loopback(port: u16) -> libc::sockaddr_in {
+    // SAFETY: sockaddr_in is plain data; all-zero is valid.
+    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    sa.sin_family = libc::AF_INET as libc::sa_family_t;
+    sa.sin_port = port.to_be();
+    sa.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+    sa
+}
+
+fn inet_listener(root: i32) -> Root {
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: socket/bind/listen/dup2 on a fresh socket and a live local
+    // address.
+    unsafe {
+        let s = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        let sa = loopback(0);
+        if s < 0
+            || libc::bind(s, &sa as *const _ as *const libc::sockaddr, len) != 0
+            || libc::listen(s, 8) != 0
+            || libc::dup2(s, 80) < 0
+        {
+            wl::fail_setup("TCP listener");
+        }
+        libc::close(s);
+    }
+    fcntl(80, libc::F_SETFL, libc::O_NONBLOCK);
+    let port = local_port(80);
+    if fork() == 0 {
+        member(
+            root,
+            "G: accepted the root's connection on the shared listener",
+            Box::new(|| {
+                let mut p = expect_nonblock(80, true, "shared listener");
+                let mut pfd = libc::pollfd {
+                    fd: 80,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: poll on one live local pollfd, 2 s at most.
+                unsafe { libc::poll(&mut pfd, 1, 2000) };
+                // SAFETY: accept on our listener, no address wanted.
+                let c = unsafe { libc::accept(80, std::ptr::null_mut(), std::ptr::null_mut()) };
+                if c < 0 {
+                    p.push(format!("accept on the shared listener: errno {}", errno()));
+                    return p;
+                }
+                match read_now(c, 16) {
+                    Ok(b) if b == b"hi G" => {}
+                    other => p.push(format!("read {other:?} from the accepted connection")),
+                }
+                close(c);
+                p
+            }),
+        );
+    }
+    Root {
+        members: 1,
+        what: "TCP listener shared with G: same port, one socket",
+        before: Box::new(move || {
+            let mut p = Vec::new();
+            if local_port(80) != port {
+                p.push(format!("listener port {}, expected {port}", local_port(80)));
+            }
+            let sa = loopback(port);
+            // SAFETY: a fresh socket connected to a live local address; it
+            // stays open (the connection must wait for G).
+            let client = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            // SAFETY: as above.
+            if unsafe { libc::connect(client, &sa as *const _ as *const libc::sockaddr, len) } != 0
+            {
+                p.push(format!("connect to port {port}: errno {}", errno()));
+            } else if let Err(e) = send(client, b"hi G") {
+                p.push(e);
+            }
+            p
+        }),
+        after: none(),
+    }
+}
+
 fn outside_pipe(root: i32) -> Root {
     pipe_at(60, 61, 0);
     if fork() == 0 {
@@ -748,6 +845,7 @@ fn main() {
         "shared-offset" => shared_offset(root),
         "socketpair" => socketpairs(root),
         "fifo" => fifos(root),
+        "inet-listener" => inet_listener(root),
         "outside-pipe" => outside_pipe(root),
         other => {
             wl::say(&format!("SETUP-ERROR unknown mode {other:?}"));
