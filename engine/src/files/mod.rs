@@ -1,7 +1,8 @@
 //! The file-descriptor layer: one module per kind of open file, each with a
 //! `dump` (inspect the target's fd from `/proc`) and a `restore` (recreate it
 //! in the restoring task). Kinds the engine cannot restore yet make the dump
-//! fail before anything is touched, naming the fd and its kind.
+//! fail before anything is touched, naming the fd and its kind. What the
+//! tasks of a tree share is linked across them by [`shared`].
 pub mod epoll;
 pub mod eventfd;
 pub mod fifo;

@@ -1,11 +1,13 @@
-//! Pipes whose both ends the task holds (a pipe to another process needs
-//! process trees, issue 4, and is refused). Saved per descriptor as the
+//! Pipes whose both ends the task holds (a pipe to another task of a
+//! dumped tree is created once for the tree, [`super::shared`]; one to any
+//! other process is refused). Saved per descriptor as the
 //! pipe's inode, which end it is, O_NONBLOCK and the pipe's size; the data
 //! buffered in the pipe is copied with `tee(2)` from a duplicate of a read
 //! end (pulled with `pidfd_getfd`), so the dump does not consume it, and
 //! stored once, with the lowest-numbered read end. Restored by creating the
 //! pipe when its first descriptor comes up, setting its size and writing the
-//! data back; the other ends come from the same pipe.
+//! data back (or when the read end that holds the data comes up); the other
+//! ends come from the same pipe.
 use super::pipe_buf::{fcntl, peek, pipe2, refill};
 use super::FilesError;
 use crate::dirty::uffd_sys;
@@ -139,4 +141,30 @@ pub fn restore(fd: i32, p: &Pipe, pipes: &mut Pipes) -> Result<OwnedFd, FilesErr
     )
     .map_err(err)?;
     end.try_clone().map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_saved_with_a_read_end_numbered_after_the_write_end_comes_back() {
+        let mut pipes = Pipes::new(100);
+        let end = |write_end, data: &[u8]| Pipe {
+            id: 5,
+            write_end,
+            flags: libc::O_NONBLOCK as u32,
+            size: 1 << 16,
+            data: data.to_vec(),
+        };
+        let w = restore(3, &end(true, b""), &mut pipes).unwrap();
+        let r = restore(4, &end(false, b"kept"), &mut pipes).unwrap();
+        assert_eq!(peek(&r, 1 << 16).unwrap(), b"kept");
+        // The refill left the write end's O_NONBLOCK alone.
+        assert_ne!(
+            fcntl(&w, libc::F_GETFL, 0).unwrap() & libc::O_NONBLOCK,
+            0,
+            "write end O_NONBLOCK"
+        );
+    }
 }

@@ -4,7 +4,8 @@
 //! waiting to be accepted, datagram sockets connected to a bound socket of
 //! the task. Saved from sock_diag ([`diag`]) and a `pidfd_getfd` duplicate
 //! (options, and the queued data read without consuming it, [`queue`]).
-//! Refused, naming the fd: a peer outside the task, file descriptors in
+//! Refused, naming the fd: a peer outside the task (a peer in another task
+//! of a dumped tree is fine: [`super::shared`]), file descriptors in
 //! flight (SCM_RIGHTS), data on a connection not accepted yet. The dump's
 //! early check (before the freeze) peeks too: a task that itself peeks
 //! with `SO_PEEK_OFF` at that moment may see its offset moved.
