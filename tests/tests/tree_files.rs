@@ -174,6 +174,13 @@ fn tcp_listener_shared_by_a_preforked_child() {
 }
 
 #[test]
+fn unix_listener_with_connections_from_a_child() {
+    let _serial = h::serial();
+    let (_tmp, tree) = dump_and_restore("unix-listener");
+    expect_all_pass(&tree, "after restore");
+}
+
+#[test]
 fn pipe_to_a_process_outside_the_tree_refused_untouched() {
     h::init();
     let _serial = h::serial();

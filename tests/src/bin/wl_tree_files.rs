@@ -41,6 +41,11 @@
 //!   shared by the root and child G (a pre-forked server). On verify the
 //!   root checks the port and connects, sending 4 bytes; G accepts the
 //!   connection on its fd 80 and reads them.
+//! - `unix-listener`: the root listens on an abstract unix name (fd 90);
+//!   child H connected twice: its fd 93's connection was accepted by the
+//!   root (fd 92) and holds 1 byte from H, its fd 91's waits to be
+//!   accepted. On verify the root reads the byte and answers on fd 92,
+//!   accepts the waiting connection and sends on it; H reads both.
 //! - `outside-pipe`: child E holds the read end (fd 60) of a pipe whose other
 //!   ends the tree closed (the test opens a write end through
 //!   `/proc/E/fd/60`: a pipe to a process outside the tree). On verify E
@@ -805,6 +810,81 @@ fn inet_listener(root: i32) -> Root {
     }
 }
 
+/// An abstract unix address named after the root.
+fn abstract_addr(root: i32) -> (libc::sockaddr_un, libc::socklen_t) {
+    // SAFETY: sockaddr_un is plain data; all-zero is valid.
+    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let name = format!("crm-tree-files-{root}");
+    for (i, b) in name.bytes().enumerate() {
+        sa.sun_path[i + 1] = b as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + 1 + name.len();
+    (sa, len as libc::socklen_t)
+}
+
+fn unix_at(at: i32) {
+    // SAFETY: a fresh socket moved to `at`.
+    unsafe {
+        let s = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+        if s < 0 || libc::dup2(s, at) < 0 {
+            wl::fail_setup("unix socket");
+        }
+        libc::close(s);
+    }
+}
+
+fn unix_listener(root: i32) -> Root {
+    let (sa, len) = abstract_addr(root);
+    unix_at(90);
+    // SAFETY: bind/listen of our socket to a live local address.
+    if unsafe { libc::bind(90, &sa as *const _ as *const libc::sockaddr, len) } != 0
+        // SAFETY: as above.
+        || unsafe { libc::listen(90, 4) } != 0
+    {
+        wl::fail_setup("bind/listen");
+    }
+    if fork() == 0 {
+        close(90);
+        for fd in [93, 91] {
+            unix_at(fd);
+            // SAFETY: connect of our socket to a live local address.
+            if unsafe { libc::connect(fd, &sa as *const _ as *const libc::sockaddr, len) } != 0 {
+                wl::fail_setup("connect");
+            }
+        }
+        setup_write(93, b"q");
+        member(
+            root,
+            "H: accepted and pending connections to the root's listener",
+            Box::new(|| {
+                let mut p = expect_stream(91, b"x", "pending connection, accepted after restore");
+                p.extend(expect_stream(93, b"w", "accepted connection"));
+                p
+            }),
+        );
+    }
+    Root {
+        members: 1,
+        what: "unix listener with an accepted and a pending connection from H",
+        before: Box::new(move || {
+            let mut p = expect_stream(92, b"q", "accepted connection");
+            if let Err(e) = send(92, b"w") {
+                p.push(e);
+            }
+            // SAFETY: accept on our listener, no address wanted.
+            let c = unsafe { libc::accept(90, std::ptr::null_mut(), std::ptr::null_mut()) };
+            if c < 0 {
+                p.push(format!("accept the pending connection: errno {}", errno()));
+            } else if let Err(e) = send(c, b"x") {
+                p.push(e);
+            }
+            p
+        }),
+        after: none(),
+    }
+}
+
 fn outside_pipe(root: i32) -> Root {
     pipe_at(60, 61, 0);
     if fork() == 0 {
@@ -846,6 +926,7 @@ fn main() {
         "socketpair" => socketpairs(root),
         "fifo" => fifos(root),
         "inet-listener" => inet_listener(root),
+        "unix-listener" => unix_listener(root),
         "outside-pipe" => outside_pipe(root),
         other => {
             wl::say(&format!("SETUP-ERROR unknown mode {other:?}"));
@@ -861,6 +942,16 @@ fn main() {
     }
     // Tree order: a parent before its children.
     members.sort_unstable();
+    if mode == "unix-listener" {
+        // The first connection (H's fd 93) is accepted, the second waits.
+        // SAFETY: accept on our listener, moved to fd 92.
+        let c = unsafe { libc::accept(90, std::ptr::null_mut(), std::ptr::null_mut()) };
+        // SAFETY: dup2 and close of our descriptors.
+        if c < 0 || unsafe { libc::dup2(c, 92) } < 0 {
+            wl::fail_setup("accept");
+        }
+        close(c);
+    }
     let list: Vec<String> = members.iter().map(|m| m.to_string()).collect();
     wl::ready(&format!("mode={mode} members={} zombies=", list.join(",")));
     loop {
