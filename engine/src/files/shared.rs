@@ -8,7 +8,8 @@
 //! tasks. Each shared group gets an id (`FdEntry.shared`) and one describing
 //! entry (`shared_owner`: its first descriptor that is not a dup of a lower
 //! one, in tree order), which alone keeps the buffered data (pipe bytes,
-//! socket queues, FIFO bytes): the data is stored once. Refused, naming the
+//! socket queues, FIFO bytes, an unlinked file's contents): the data is
+//! stored once. Refused, naming the
 //! task and fd: a pipe whose other end no task of the tree holds, a FIFO no
 //! task of the tree reads, a unix socket connected to one outside the tree,
 //! a shared unix socket bound to a relative path.
@@ -71,6 +72,11 @@ fn strip(k: &mut Kind) {
             f.has_data = false;
         }
         Kind::UnixSocket(s) => s.queue.clear(),
+        Kind::Regular(r) => {
+            if let Some(g) = &mut r.ghost {
+                g.contents.clear();
+            }
+        }
         _ => {}
     }
 }
@@ -600,6 +606,27 @@ mod tests {
             }
             other => panic!("expected a refusal, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn only_the_describing_entry_keeps_data() {
+        let mut k = pipe(1, false, b"abc");
+        strip(&mut k);
+        assert!(matches!(&k, Kind::Pipe(p) if p.data.is_empty()));
+        let mut k = sock(1, 2, &[b"m"]);
+        strip(&mut k);
+        assert!(matches!(&k, Kind::UnixSocket(s) if s.queue.is_empty()));
+        let mut k = Kind::Regular(crm_proto::image::RegularFile {
+            ghost: Some(crm_proto::image::Ghost {
+                contents: b"gone".to_vec(),
+                mode: 0o600,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        strip(&mut k);
+        assert!(matches!(&k, Kind::Regular(r)
+            if r.ghost.as_ref().is_some_and(|g| g.contents.is_empty() && g.mode == 0o600)));
     }
 
     #[test]

@@ -22,7 +22,9 @@
 //!   C checks its offset is 10, writes 5 bytes (offset 15), reads the
 //!   eventfd (5) and adds 3; then the root sees offset 15 on fds 40 and 41,
 //!   the 15 bytes in the file and the eventfd at 3: one open file
-//!   description each.
+//!   description each. Likewise fd 43, a file unlinked while open
+//!   (`ghost`, 5 bytes): C writes 2 bytes, the root sees offset 7 and
+//!   `ghost!!`.
 //! - `socketpair`: stream (fds 30/31), datagram (32/33) and seqpacket
 //!   (34/35) socketpairs between the root (even fds) and child D (odd fds),
 //!   with data queued both ways (the root sent 5 000 stream bytes, datagrams
@@ -529,6 +531,15 @@ fn shared_offset(root: i32) -> Root {
         libc::close(e);
     }
     setup_write(40, b"0123456789");
+    open_at(
+        c"ghost.txt",
+        libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC,
+        43,
+    );
+    setup_write(43, b"ghost");
+    if std::fs::remove_file("ghost.txt").is_err() {
+        wl::fail_setup("unlink ghost.txt");
+    }
     if fork() == 0 {
         member(
             root,
@@ -547,6 +558,12 @@ fn shared_offset(root: i32) -> Root {
                 }
                 if write_all(42, &3u64.to_ne_bytes()).is_err() {
                     p.push("eventfd write failed".into());
+                }
+                if offset(43) != 5 {
+                    p.push(format!("unlinked file offset {}, expected 5", offset(43)));
+                }
+                if let Err(e) = write_all(43, b"!!") {
+                    p.push(e);
                 }
                 p
             }),
@@ -580,6 +597,16 @@ fn shared_offset(root: i32) -> Root {
             match wl::read_u64(42) {
                 Ok(3) => {}
                 other => p.push(format!("eventfd read {other:?} after C, expected 3")),
+            }
+            let mut buf = [0u8; 16];
+            // SAFETY: pread into a live local buffer.
+            let n = unsafe { libc::pread(43, buf.as_mut_ptr() as *mut libc::c_void, 16, 0) };
+            if offset(43) != 7 || n != 7 || &buf[..7] != b"ghost!!" {
+                p.push(format!(
+                    "unlinked file: offset {}, contents {:?}, expected 7 and \"ghost!!\"",
+                    offset(43),
+                    String::from_utf8_lossy(&buf[..n.max(0) as usize])
+                ));
             }
             p
         }),
@@ -664,7 +691,7 @@ fn socketpairs(root: i32) -> Root {
 fn open_at(path: &std::ffi::CStr, flags: i32, at: i32) {
     // SAFETY: open of a NUL-terminated path; dup2 takes integers.
     unsafe {
-        let fd = libc::open(path.as_ptr(), flags);
+        let fd = libc::open(path.as_ptr(), flags, 0o600);
         if fd < 0 || libc::dup2(fd, at) < 0 {
             wl::fail_setup(&format!("open {path:?}"));
         }
