@@ -266,7 +266,7 @@ pub fn collect_state(frozen: &FrozenProcess) -> Result<TaskState, DumpError> {
 
 /// [`collect_state`] with the task's descriptors already collected (a
 /// tree's, linked together: [`tree::dump_files`]).
-fn collect_state_with(
+pub fn collect_state_with(
     frozen: &FrozenProcess,
     files: crm_proto::image::FilesCore,
 ) -> Result<TaskState, DumpError> {
