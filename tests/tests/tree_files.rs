@@ -125,6 +125,33 @@ fn pipes() {
     expect_all_pass(&tree, "after restore");
 }
 
+/// A dump that leaves the tree running takes nothing out of its pipes and
+/// sockets: the tree still finds all its data.
+#[test]
+fn dump_leave_running_consumes_no_data() {
+    h::init();
+    let _serial = h::serial();
+    for mode in ["pipes2", "socketpair"] {
+        let tmp = TempDir::new(&format!("tree-files-leave-{mode}"));
+        let images = tmp.subdir("images");
+        let tree = start(mode, tmp.path());
+        let pid = tree.wl.pid().to_string();
+        let out = run_crm(&[
+            "dump",
+            "--pid",
+            &pid,
+            "--images-dir",
+            path_str(&images),
+            "--leave-running",
+        ]);
+        assert_success(&out, "dump --leave-running");
+        for p in tree.all() {
+            procs::assert_running_untraced(p, "dump --leave-running");
+        }
+        expect_all_pass(&tree, &format!("{mode} after dump --leave-running"));
+    }
+}
+
 #[test]
 fn pipes2() {
     let _serial = h::serial();
