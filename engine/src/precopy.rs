@@ -27,7 +27,7 @@ use crate::dirty::{self, DirtyTracker, VmaRange};
 use crate::dump::{self, DumpError, MemStats, PageSink, Target, TaskState};
 use crate::freeze::FrozenProcess;
 use crate::procfs::{self, MapEntry};
-use crm_proto::image::Vma;
+use crm_proto::image::{FilesCore, Vma};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
@@ -306,14 +306,18 @@ impl PreCopy {
     /// [`Final::tracking`].
     pub fn finish(self, sink: &mut dyn PageSink) -> Result<Final, PreCopyError> {
         let frozen = FrozenProcess::freeze(self.pid).map_err(DumpError::from)?;
-        self.finish_frozen(frozen, sink)
+        self.finish_frozen(frozen, None, sink)
     }
 
     /// [`PreCopy::finish`] of a process the caller froze (a task of a
     /// frozen tree). On error `frozen` is dropped: resumed.
+    ///
+    /// `files`: the task's descriptors, if the caller collected them (a
+    /// tree links them across its tasks); else they are collected here.
     pub(crate) fn finish_frozen(
         mut self,
         frozen: FrozenProcess,
+        files: Option<FilesCore>,
         sink: &mut dyn PageSink,
     ) -> Result<Final, PreCopyError> {
         let pid = self.pid;
@@ -323,7 +327,10 @@ impl PreCopy {
         let Some(maps) = maps else {
             // Finished before any round: the VMAs copied are those of
             // `start`. Rare; no shortcut.
-            let state = dump::collect_state(&frozen)?;
+            let state = match files {
+                Some(f) => dump::collect_state_with(&frozen, f)?,
+                None => dump::collect_state(&frozen)?,
+            };
             let resident = dump::resident_ranges(pid, &state.mm.vmas)?;
             return Ok(Final {
                 frozen,
@@ -334,7 +341,10 @@ impl PreCopy {
                 tracking: self.tracking,
             });
         };
-        let mut state = dump::collect_task(&frozen, &maps)?;
+        let mut state = match files {
+            Some(f) => dump::collect_task_with(&frozen, &maps, f)?,
+            None => dump::collect_task(&frozen, &maps)?,
+        };
         steps.done("state collected");
         let (smaps, resident) = self.smaps_and_resident(&mut steps);
         let smaps = smaps?;

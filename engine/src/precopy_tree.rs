@@ -16,9 +16,8 @@
 //! the frozen phase ([`dump::SharedObjects`]), like a tree dump stores it.
 //! A single process is a tree of one task: nothing differs from [`PreCopy`].
 use crate::dump::tree::FrozenTree;
-use crate::dump::{self, DumpError, DumpOptions, MemStats, PageSink, Target, TaskState};
+use crate::dump::{self, exited, DumpError, DumpOptions, MemStats, PageSink, Target, TaskState};
 use crate::precopy::{PreCopy, PreCopyError, RoundStats, Tracking};
-use crate::procfs;
 use crm_proto::image::ProcessTree;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -58,12 +57,6 @@ pub struct TreePreCopy {
     opts: DumpOptions,
     tasks: BTreeMap<i32, PreCopy>,
     round: u32,
-}
-
-/// Whether `pid` exited (gone, or a zombie): a task that did is dropped,
-/// not a reason to fail.
-fn exited(pid: i32) -> bool {
-    procfs::read_stat(pid).map_or_else(|e| e.is_not_found(), |s| s.state == 'Z')
 }
 
 fn add(total: &mut RoundStats, st: &RoundStats) {
@@ -115,8 +108,9 @@ impl TreePreCopy {
                 continue;
             }
             if self.round > 0 {
-                // Checked by the precheck for the tasks there at the start.
-                if let Err(e) = crate::files::dump(pid) {
+                // Checked by the precheck for the tasks there at the start;
+                // what links tasks is checked across the tree when frozen.
+                if let Err(e) = crate::files::collect(pid) {
                     if exited(pid) {
                         continue;
                     }
@@ -175,6 +169,10 @@ impl TreePreCopy {
             mut entries,
         } = frozen;
         let single = frozen_tasks.len() == 1 && self.tasks.len() == 1;
+        // Descriptors of every task, linked across the tree (a pipe between
+        // two tasks is one object).
+        let pids: Vec<i32> = frozen_tasks.iter().map(|f| f.pid()).collect();
+        let mut files = dump::tree::dump_files(&pids)?.into_iter();
         let mut out = TreeFinal {
             frozen: FrozenTree {
                 tasks: Vec::with_capacity(frozen_tasks.len()),
@@ -195,15 +193,19 @@ impl TreePreCopy {
         // pre-copies are dropped: every task resumes, tracking goes.
         for f in frozen_tasks {
             let pid = f.pid();
+            let task_files = files.next().ok_or(DumpError::Unsupported {
+                pid,
+                what: "its descriptors were not collected".into(),
+            })?;
             let (state, resident, frozen, round) = match self.tasks.remove(&pid) {
                 Some(pre) => {
-                    let fin = pre.finish_frozen(f, sink.task(pid))?;
+                    let fin = pre.finish_frozen(f, Some(task_files), sink.task(pid))?;
                     out.tracking.push(fin.tracking);
                     (fin.state, fin.resident, fin.frozen, fin.last_round)
                 }
                 None => {
                     // Forked after the last round: everything, now.
-                    let state = dump::collect_state(&f)?;
+                    let state = dump::collect_state_with(&f, task_files)?;
                     let mem =
                         dump::dump_pages(pid, Target::Frozen, &state.mm.vmas, sink.task(pid))?;
                     let resident = dump::resident_ranges(pid, &state.mm.vmas)?;

@@ -246,6 +246,17 @@ pub fn run(dir: &Path, show_pages: bool) -> anyhow::Result<i32> {
                 ),
                 None => println!("    fd {} (unknown kind)", f.fd),
             }
+            if f.shared != 0 {
+                println!(
+                    "      shared with other tasks: object {}{}",
+                    f.shared,
+                    if f.shared_owner {
+                        ", described here"
+                    } else {
+                        ""
+                    }
+                );
+            }
         }
         println!(
             "  pages: {} in {} runs ({:.1} MiB)",

@@ -12,6 +12,7 @@
 //! shared memory, and that every member answers. The [`Tree`] guard kills and
 //! reaps every task, also when an assertion fails.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crm_tests::bg::BgProc;
@@ -150,11 +151,18 @@ fn json_num(json: &str, key: &str) -> Option<f64> {
 /// `verify_before`: the tree's check also reaps its zombies, so a zombie
 /// tree is checked only after.
 fn migrate_mode(mode: &str, ends: &Ends, dir_name: &str, verify_before: bool) -> (TempDir, Tree) {
-    migrate_args(&[mode], ends, dir_name, verify_before)
+    migrate_args(
+        workload_bin!(wl_tree),
+        &[mode],
+        ends,
+        dir_name,
+        verify_before,
+    )
 }
 
-/// [`migrate_mode`] of `wl_tree ARGS`.
+/// [`migrate_mode`] of `EXE ARGS` (a tree workload).
 fn migrate_args(
+    exe: &Path,
     args: &[&str],
     ends: &Ends,
     dir_name: &str,
@@ -162,7 +170,7 @@ fn migrate_args(
 ) -> (TempDir, Tree) {
     let mode = args[0];
     let tmp = TempDir::new(dir_name);
-    let mut tree = Tree::start(workload_bin!(wl_tree), args, tmp.path(), Spawn::default());
+    let mut tree = Tree::start(exe, args, tmp.path(), Spawn::default());
     if verify_before {
         tree.wl.expect_pass("before the migration");
     }
@@ -177,7 +185,19 @@ fn migrate_args(
         "checked: {} tasks have their PIDs, parents, groups, sessions and zombie states back",
         after.len()
     );
+    let mark = tree.wl.mark();
     let pass = tree.wl.expect_pass("after the migration");
+    let log = tree.wl.log();
+    for m in &tree.members {
+        let said = log[mark.min(log.len())..]
+            .lines()
+            .any(|l| l.starts_with(&format!("MEMBER-PASS pid={m} ")));
+        let tree_wl = exe.ends_with("wl_tree");
+        assert!(
+            tree_wl || said,
+            "no MEMBER-PASS line from member {m} after the migration:\n{log}"
+        );
+    }
     let downtime = json_num(&json, "downtime_ms")
         .unwrap_or_else(|| panic!("no downtime_ms in the summary:\n{json}\n{err}"));
     let rounds = json.matches("\"round\":").count();
@@ -269,9 +289,58 @@ fn migrate_tree_of_20_tasks_locally() {
     h::init();
     let _serial = h::serial();
     migrate_args(
+        workload_bin!(wl_tree),
         &["bench", "20", "4", "16"],
         &Ends::local(),
         "tree-mig-20",
         true,
+    );
+}
+
+/// Pipes between the root and a child with data buffered in them (read by
+/// the tasks only after the migration: their check consumes it), across
+/// two network namespaces. (Only `send` and `receive` run in the
+/// namespaces: the tree runs in ours, which is fine for pipes; sockets are
+/// inspected with sock_diag, which sees only its own namespace.)
+#[test]
+fn migrate_tree_with_pipes_across_network_namespaces() {
+    const TEST: &str = "migrate_tree_with_pipes_across_network_namespaces";
+    h::init();
+    let _serial = h::serial();
+    if netns::ip_bin().is_none() {
+        h::skip_test!(TEST, "`ip` (iproute2) is not installed");
+    }
+    let ns = match NetnsPair::create() {
+        Ok(ns) => ns,
+        Err(e) => h::skip_test!(TEST, "cannot create network namespaces: {e}"),
+    };
+    let port = crm_tests::port::free_port().expect("a free port");
+    let ends = Ends {
+        recv_prefix: ns.exec_prefix(&ns.b),
+        send_prefix: ns.exec_prefix(&ns.a),
+        listen: format!("{}:{port}", ns.addr_b),
+    };
+    let (_tmp, tree) = migrate_args(
+        workload_bin!(wl_tree_files),
+        &["pipes"],
+        &ends,
+        "tree-mig-pipes-netns",
+        false,
+    );
+    drop(tree);
+}
+
+/// Stream, datagram and seqpacket socketpairs between parent and child
+/// with data queued both ways.
+#[test]
+fn migrate_tree_with_socketpairs_locally() {
+    h::init();
+    let _serial = h::serial();
+    migrate_args(
+        workload_bin!(wl_tree_files),
+        &["socketpair"],
+        &Ends::local(),
+        "tree-mig-socketpair",
+        false,
     );
 }

@@ -143,6 +143,7 @@ pub fn precheck_tree(root: i32, opts: &DumpOptions) -> Result<(), DumpError> {
     let me = std::process::id() as i32;
     let stats = tree::discover(root)?;
     let mut entries = Vec::with_capacity(stats.len());
+    let mut files = Vec::new();
     for st in &stats {
         let zombie = st.state == 'Z';
         if st.pid == me {
@@ -157,16 +158,19 @@ pub fn precheck_tree(root: i32, opts: &DumpOptions) -> Result<(), DumpError> {
             });
         }
         if !zombie {
-            let checked = crate::files::dump(st.pid)
+            let checked = crate::files::collect(st.pid)
                 .map_err(DumpError::from)
-                // `maps` suffices to refuse (see `precheck`).
-                .and_then(|_| classify(st.pid, &procfs::read_maps(st.pid)?));
+                .and_then(|f| {
+                    // `maps` suffices to refuse what cannot be dumped
+                    // (`smaps` would walk every page table).
+                    classify(st.pid, &procfs::read_maps(st.pid)?)?;
+                    files.push(f);
+                    Ok(())
+                });
             if let Err(e) = checked {
                 // A task that exited meanwhile is no reason to refuse (the
                 // freeze sees the tree as it is then).
-                let gone = st.pid != root
-                    && procfs::read_stat(st.pid)
-                        .map_or_else(|e| e.is_not_found(), |s| s.state == 'Z');
+                let gone = st.pid != root && exited(st.pid);
                 if !gone {
                     return Err(e);
                 }
@@ -186,7 +190,27 @@ pub fn precheck_tree(root: i32, opts: &DumpOptions) -> Result<(), DumpError> {
             child_subreaper: st.pid == root,
         });
     }
+    // The tree runs: a task that exits meanwhile makes the cross-task
+    // checks (kcmp) fail; they are made again without it.
+    while let Err(e) = crate::files::shared::link(&mut files) {
+        let before = files.len();
+        files.retain(|f| f.pid == root || !exited(f.pid));
+        if files.len() == before {
+            return Err(e.into());
+        }
+    }
     check_shape(root, &entries, opts)
+}
+
+/// Whether `pid` exited (gone, or a zombie): in a running tree, a task
+/// that did is left out, not a reason to fail.
+pub fn exited(pid: i32) -> bool {
+    // PF_EXITING: its memory may be gone before it is a zombie.
+    const PF_EXITING: u32 = 0x4;
+    procfs::read_stat(pid).map_or_else(
+        |e| e.is_not_found(),
+        |s| s.state == 'Z' || s.flags & PF_EXITING != 0,
+    )
 }
 
 /// Completes the tree record of a frozen tree with each task's
@@ -238,8 +262,17 @@ pub(crate) fn syscall_gadget(pid: i32, maps: &[procfs::MapEntry]) -> Result<u64,
 /// files ...). Uses a scratch page mapped into the target and removed again
 /// before the VMAs are read.
 pub fn collect_state(frozen: &FrozenProcess) -> Result<TaskState, DumpError> {
+    collect_state_with(frozen, crate::files::dump(frozen.pid())?)
+}
+
+/// [`collect_state`] with the task's descriptors already collected (a
+/// tree's, linked together: [`tree::dump_files`]).
+pub fn collect_state_with(
+    frozen: &FrozenProcess,
+    files: crm_proto::image::FilesCore,
+) -> Result<TaskState, DumpError> {
     let pid = frozen.pid();
-    let mut state = collect_task(frozen, &procfs::read_maps(pid)?)?;
+    let mut state = collect_task_with(frozen, &procfs::read_maps(pid)?, files)?;
     state.mm.vmas = classify(pid, &procfs::read_smaps(pid)?)?;
     Ok(state)
 }
@@ -252,9 +285,18 @@ pub fn collect_task(
     frozen: &FrozenProcess,
     maps: &[procfs::MapEntry],
 ) -> Result<TaskState, DumpError> {
+    collect_task_with(frozen, maps, crate::files::dump(frozen.pid())?)
+}
+
+/// [`collect_task`] with the task's files collected by the caller (a
+/// tree's, linked across its tasks: [`tree::dump_files`]).
+pub fn collect_task_with(
+    frozen: &FrozenProcess,
+    maps: &[procfs::MapEntry],
+    files: crm_proto::image::FilesCore,
+) -> Result<TaskState, DumpError> {
     let pid = frozen.pid();
     let stat = procfs::read_stat(pid)?;
-    let files = crate::files::dump(pid)?;
     let gadget = syscall_gadget(pid, maps)?;
     let scratch = task::Scratch::map(pid, gadget)?;
     let collected = task::collect(frozen, gadget, &scratch);
@@ -366,9 +408,11 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpStats, DumpE
     let mut inventory = None;
     let mut subreapers = Vec::new();
     let mut shmem = SharedObjects::default();
-    for task in &frozen.tasks {
+    let pids: Vec<i32> = frozen.tasks.iter().map(|t| t.pid()).collect();
+    let files = tree::dump_files(&pids)?;
+    for (task, files) in frozen.tasks.iter().zip(files) {
         let tpid = task.pid();
-        let state = collect_state(task)?;
+        let state = collect_state_with(task, files)?;
         let mut pages = image.pages_writer(tpid)?;
         let own = shmem.not_yet_stored(&state.mm.vmas);
         let mem = memory::dump_pages(tpid, Target::Frozen, &own, &mut pages)?;

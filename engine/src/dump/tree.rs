@@ -10,10 +10,11 @@
 //! wait status, not seized. Dropping a [`FrozenTree`] resumes every task;
 //! [`FrozenTree::kill`] kills them and has each parent reap its children.
 use super::DumpError;
+use crate::files;
 use crate::freeze::{FreezeError, FrozenProcess};
 use crate::procfs::{self, ProcError};
 use crate::remote::{RemoteError, RemoteThread};
-use crm_proto::image::TreeTask;
+use crm_proto::image::{FilesCore, TreeTask};
 use std::collections::{BTreeSet, VecDeque};
 
 fn gone(e: &ProcError) -> bool {
@@ -50,6 +51,18 @@ pub fn discover(root: i32) -> Result<Vec<procfs::Stat>, DumpError> {
         out.push(stat);
     }
     Ok(out)
+}
+
+/// The descriptors of the tasks `pids` (of one tree), linked: what they
+/// share is marked and what the tree cannot restore is refused
+/// ([`crate::files::shared`]). One record per task, in the order of `pids`.
+pub fn dump_files(pids: &[i32]) -> Result<Vec<FilesCore>, DumpError> {
+    let mut tasks = pids
+        .iter()
+        .map(|&p| files::collect(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    files::shared::link(&mut tasks)?;
+    Ok(tasks.into_iter().map(|t| t.files).collect())
 }
 
 /// The tree entry of a task from its stat (threads filled in by the caller).

@@ -5,8 +5,8 @@
 //! owner, and the pipe's size; the bytes buffered in the FIFO are copied
 //! with `tee(2)` from a `pidfd_getfd` duplicate (nothing is consumed) and
 //! stored once, with the lowest-numbered readable descriptor. A FIFO the
-//! task only writes to (its reader is another process) and a FIFO unlinked
-//! while open are refused.
+//! task only writes to (its reader is another process; in a tree dump: no
+//! task of the tree reads it) and a FIFO unlinked while open are refused.
 //!
 //! Restore: the node must be a FIFO at its path; if the path is free it is
 //! created with `mkfifo` (mode and owner as saved: a migration to another
@@ -437,6 +437,7 @@ mod tests {
             fd,
             cloexec: false,
             kind: Some(fd_entry::Kind::Fifo(f)),
+            ..Default::default()
         };
         let w = image("/f", libc::O_WRONLY, false, b"");
         let r = image("/f", libc::O_RDONLY, true, b"");

@@ -1,7 +1,8 @@
 //! The file-descriptor layer: one module per kind of open file, each with a
 //! `dump` (inspect the target's fd from `/proc`) and a `restore` (recreate it
 //! in the restoring task). Kinds the engine cannot restore yet make the dump
-//! fail before anything is touched, naming the fd and its kind.
+//! fail before anything is touched, naming the fd and its kind. What the
+//! tasks of a tree share is linked across them by [`shared`].
 pub mod epoll;
 pub mod eventfd;
 pub mod fifo;
@@ -12,6 +13,7 @@ pub mod locks;
 pub mod pipe;
 mod pipe_buf;
 pub mod regular;
+pub mod shared;
 pub mod signalfd;
 mod sock_sys;
 pub mod socket;
@@ -159,8 +161,33 @@ fn kind_of(link: &str, meta: &std::fs::Metadata) -> Result<Kind, &'static str> {
 }
 
 /// Inspects every fd of `pid`. Fails on the first fd of a kind that cannot be
-/// restored yet.
+/// restored yet, and on objects shared with other processes (pipe ends,
+/// FIFOs, unix sockets whose other side is elsewhere): a single process is
+/// restored alone. Trees use [`collect`] and [`shared::link`].
 pub fn dump(pid: i32) -> Result<FilesCore, FilesError> {
+    let Collected {
+        pid,
+        mut files,
+        unix,
+    } = collect(pid)?;
+    pipe::check_ends(pid, &files.fds)?;
+    fifo::check_readers(pid, &files.fds)?;
+    unix::check(pid, &mut files.fds, &unix)?;
+    Ok(files)
+}
+
+/// The descriptors of one task, before the checks of what they are
+/// connected to (which depend on which other tasks are dumped with it).
+#[derive(Debug)]
+pub struct Collected {
+    pub pid: i32,
+    pub files: FilesCore,
+    unix: unix::Seen,
+}
+
+/// Inspects every fd of `pid` like [`dump`], without refusing objects
+/// shared with other processes.
+pub fn collect(pid: i32) -> Result<Collected, FilesError> {
     let mut fds = Vec::new();
     let mut pipes_with_data = std::collections::HashSet::new();
     let mut fifos_with_data = std::collections::HashSet::new();
@@ -221,13 +248,15 @@ pub fn dump(pid: i32) -> Result<FilesCore, FilesError> {
             fd,
             cloexec,
             kind: Some(kind),
+            ..Default::default()
         });
     }
     epoll::check_targets(pid, &fds)?;
-    pipe::check_ends(pid, &fds)?;
-    fifo::check_readers(pid, &fds)?;
-    unix::check(pid, &mut fds, &sockets)?;
-    Ok(FilesCore { fds })
+    Ok(Collected {
+        pid,
+        files: FilesCore { fds },
+        unix: sockets,
+    })
 }
 
 /// The objects a restore has made so far that have several descriptors

@@ -1,11 +1,13 @@
-//! Pipes whose both ends the task holds (a pipe to another process needs
-//! process trees, issue 4, and is refused). Saved per descriptor as the
+//! Pipes whose both ends the task holds (a pipe to another task of a
+//! dumped tree is created once for the tree, [`super::shared`]; one to any
+//! other process is refused). Saved per descriptor as the
 //! pipe's inode, which end it is, O_NONBLOCK and the pipe's size; the data
 //! buffered in the pipe is copied with `tee(2)` from a duplicate of a read
 //! end (pulled with `pidfd_getfd`), so the dump does not consume it, and
 //! stored once, with the lowest-numbered read end. Restored by creating the
 //! pipe when its first descriptor comes up, setting its size and writing the
-//! data back; the other ends come from the same pipe.
+//! data back (or when the read end that holds the data comes up); the other
+//! ends come from the same pipe.
 use super::pipe_buf::{fcntl, peek, pipe2, refill};
 use super::FilesError;
 use crate::dirty::uffd_sys;
@@ -123,6 +125,10 @@ pub fn restore(fd: i32, p: &Pipe, pipes: &mut Pipes) -> Result<OwnedFd, FilesErr
         let r = pipes.lift(r).map_err(err)?;
         let w = pipes.lift(w).map_err(err)?;
         pipes.made.insert(p.id, (r, w));
+    } else if !p.data.is_empty() {
+        // The data goes with a read end, which may come after the pipe's
+        // first descriptor.
+        refill(&pipes.made[&p.id].1, 0, &p.data).map_err(err)?;
     }
     let (r, w) = &pipes.made[&p.id];
     let end = if p.write_end { w } else { r };
@@ -135,4 +141,30 @@ pub fn restore(fd: i32, p: &Pipe, pipes: &mut Pipes) -> Result<OwnedFd, FilesErr
     )
     .map_err(err)?;
     end.try_clone().map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_saved_with_a_read_end_numbered_after_the_write_end_comes_back() {
+        let mut pipes = Pipes::new(100);
+        let end = |write_end, data: &[u8]| Pipe {
+            id: 5,
+            write_end,
+            flags: libc::O_NONBLOCK as u32,
+            size: 1 << 16,
+            data: data.to_vec(),
+        };
+        let w = restore(3, &end(true, b""), &mut pipes).unwrap();
+        let r = restore(4, &end(false, b"kept"), &mut pipes).unwrap();
+        assert_eq!(peek(&r, 1 << 16).unwrap(), b"kept");
+        // The refill left the write end's O_NONBLOCK alone.
+        assert_ne!(
+            fcntl(&w, libc::F_GETFL, 0).unwrap() & libc::O_NONBLOCK,
+            0,
+            "write end O_NONBLOCK"
+        );
+    }
 }

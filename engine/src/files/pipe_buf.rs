@@ -71,8 +71,7 @@ pub fn peek(read_end: &impl AsFd, size: usize) -> io::Result<Vec<u8>> {
 
 /// Sets the pipe's size to `size` (when it is not 0) and writes `data`
 /// into it through `write_end`, non-blocking: bytes that do not fit are an
-/// error, not a hang. The descriptor's status flags are left at 0
-/// (blocking); callers set the flags they want afterwards.
+/// error, not a hang. The descriptor's status flags are left as they were.
 pub fn refill(write_end: &impl AsFd, size: u32, data: &[u8]) -> io::Result<()> {
     if size != 0 && (size as usize) < data.len() {
         return Err(io::Error::new(
@@ -119,7 +118,7 @@ pub fn refill(write_end: &impl AsFd, size: u32, data: &[u8]) -> io::Result<()> {
     } else {
         Ok(())
     };
-    fcntl(write_end, libc::F_SETFL, fl & !libc::O_NONBLOCK)?;
+    fcntl(write_end, libc::F_SETFL, fl)?;
     res
 }
 

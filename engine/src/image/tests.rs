@@ -173,6 +173,8 @@ fn sample_files() -> FilesCore {
                     }],
                     dup_of: (fd == 2).then_some(1),
                 })),
+                shared: if fd == 1 { 7 } else { 0 },
+                shared_owner: fd == 1,
             })
             .collect(),
     }

@@ -252,11 +252,39 @@ fn prepare(
     };
 
     // Pipe ends and sockets wait above the image's numbers (the blob closes them).
-    let mut made = files::Restoring::new(plan.close_from, &plan.fds);
+    // Objects shared with other tasks of a tree were inherited (above
+    // close_from): their fds are duplicates of them.
+    let inherited = |fd: i32| plan.inherited.iter().find(|(f, _)| *f == fd).map(|x| x.1);
+    let own: Vec<_> = if plan.inherited.is_empty() {
+        Vec::new()
+    } else {
+        plan.fds
+            .iter()
+            .filter(|(fd, _, _)| inherited(*fd).is_none())
+            .cloned()
+            .collect()
+    };
+    let own = if plan.inherited.is_empty() {
+        &plan.fds
+    } else {
+        &own
+    };
+    let mut made = files::Restoring::new(plan.close_from, own);
     for (fd, cloexec, kind) in &plan.fds {
-        let opened =
-            files::restore(*fd, kind, &mut made).map_err(|e| fail(files::chain(&e), err_fd))?;
-        let raw = opened.into_raw_fd();
+        let raw = match inherited(*fd) {
+            Some(src) => {
+                // SAFETY: F_DUPFD_CLOEXEC on a descriptor this task inherited.
+                let n = unsafe { libc::fcntl(src, libc::F_DUPFD_CLOEXEC, plan.close_from) };
+                if n < 0 {
+                    let e = std::io::Error::last_os_error();
+                    return Err(fail(format!("fd {fd}: dup the shared object: {e}"), err_fd));
+                }
+                n
+            }
+            None => files::restore(*fd, kind, &mut made)
+                .map_err(|e| fail(files::chain(&e), err_fd))?
+                .into_raw_fd(),
+        };
         let cloexec = *cloexec;
         if raw != *fd {
             // SAFETY: dup3 onto the image's number (free: everything below
@@ -280,6 +308,14 @@ fn prepare(
     // The helpers (pipe ends, FIFO holders, sockets) are closed before the
     // locks are taken: closing a descriptor drops POSIX locks on its file.
     drop(made);
+    let mut sources: Vec<RawFd> = plan.inherited.iter().map(|x| x.1).collect();
+    sources.sort_unstable();
+    sources.dedup();
+    for src in sources {
+        // SAFETY: closing an inherited shared object, now duplicated to its
+        // image numbers; nothing else refers to this number.
+        unsafe { libc::close(src) };
+    }
     files::restore_locks(&plan.fds).map_err(|e| fail(files::chain(&e), err_fd))?;
 
     let stack = plan.threads[0].stack_top;

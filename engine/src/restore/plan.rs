@@ -71,6 +71,10 @@ pub struct Plan {
     pub siginfo_off: u64,
     /// Each fd of the image: its number, whether close-on-exec, its kind.
     pub fds: Vec<(i32, bool, fd_entry::Kind)>,
+    /// Tree restores: image fds that are objects shared with other tasks,
+    /// and the inherited descriptor (at or above `close_from`) each is a
+    /// duplicate of (`files::shared`). Empty for a single process.
+    pub inherited: Vec<(i32, std::os::fd::RawFd)>,
     pub close_from: i32,
     pub exe: CString,
     pub cwd: CString,
@@ -661,6 +665,7 @@ pub fn build(input: &Inputs<'_>, host: &Host) -> Result<Plan, RestoreError> {
         threads_off,
         siginfo_off,
         fds,
+        inherited: Vec::new(),
         close_from,
         exe: cstring(&exe.path, "executable path")?,
         cwd: cstring(&core.cwd, "cwd")?,

@@ -20,7 +20,10 @@
 //! 4. each task's registers are loaded and it is let go, children first.
 //!
 //! Shared anonymous memory is created once by the coordinator before the
-//! root ([`super::shmem`]) and mapped by every task that shares it.
+//! root ([`super::shmem`]) and mapped by every task that shares it; so are
+//! the open files several tasks share ([`crate::files::shared`]): the
+//! tasks inherit them and the coordinator closes its copies once the root
+//! exists.
 //!
 //! Any failure kills every task created so far and reaps them all: nothing
 //! half-restored keeps running.
@@ -58,6 +61,9 @@ pub(super) struct TreeCtx {
     pub go_w: Vec<RawFd>,
     /// The coordinator's process group (a shell job's group).
     pub restorer_pgid: i32,
+    /// The open files tasks share, inherited by every task (each closes
+    /// those its plan does not use).
+    pub shared_fds: Vec<RawFd>,
 }
 
 fn tree_err(what: impl Into<String>) -> RestoreError {
@@ -70,7 +76,7 @@ pub(super) fn prepare(
     inv: &Inventory,
     tree: &ProcessTree,
     opts: &RestoreOptions,
-) -> Result<(Shape, Vec<Option<TaskPrep>>, super::shmem::Objects), RestoreError> {
+) -> Result<Prepared, RestoreError> {
     if opts.lazy_pages {
         return Err(tree_err(
             "lazy pages are not supported for process trees yet",
@@ -95,6 +101,7 @@ pub(super) fn prepare(
         });
     }
     // Every record first: the plans must avoid what reading them mapped.
+    let mut shared = crate::files::shared::Table::default();
     let mut records = Vec::with_capacity(shape.tasks.len());
     for t in &shape.tasks {
         if !t.restored() {
@@ -117,8 +124,14 @@ pub(super) fn prepare(
             });
         }
         check_files(&mm, &files)?;
+        shared
+            .add(pid, &files)
+            .map_err(|what| RestoreError::InvalidImage { what })?;
         records.push(Some((core, mm, files, pages)));
     }
+    shared
+        .check()
+        .map_err(|what| RestoreError::InvalidImage { what })?;
     let host = host_facts()?;
     let mut preps = Vec::with_capacity(shape.tasks.len());
     for rec in records {
@@ -141,7 +154,49 @@ pub(super) fn prepare(
         preps.push(Some(TaskPrep { plan, pages, core }));
     }
     let shm = super::shmem::create(&mut preps)?;
-    Ok((shape, preps, shm))
+    Ok((shape, preps, shm, shared))
+}
+
+/// What [`prepare`] made: the tree's shape, each task's plan, the shared
+/// memory objects (created) and the table of shared files (not created
+/// yet: [`create_shared_files`]).
+pub(super) type Prepared = (
+    Shape,
+    Vec<Option<TaskPrep>>,
+    super::shmem::Objects,
+    crate::files::shared::Table,
+);
+
+/// Creates the open files tasks share, above every task's image numbers,
+/// and points each plan at the ones it uses.
+fn create_shared_files(
+    table: &crate::files::shared::Table,
+    shape: &Shape,
+    preps: &mut [Option<TaskPrep>],
+) -> Result<crate::files::shared::Objects, RestoreError> {
+    if table.is_empty() {
+        return Ok(Default::default());
+    }
+    let high = preps
+        .iter()
+        .flatten()
+        .map(|p| p.plan.close_from)
+        .max()
+        .unwrap_or(3);
+    let objs = table.create(high).map_err(|(pid, e)| RestoreError::Child {
+        pid,
+        what: format!(
+            "cannot create an open file it shares with other tasks: {}",
+            crate::files::chain(&e)
+        ),
+    })?;
+    for (t, prep) in shape.tasks.iter().zip(preps.iter_mut()) {
+        if let Some(p) = prep {
+            p.plan.inherited = table.inherited(t.pid, &objs);
+        }
+    }
+    tracing::debug!(objects = objs.len(), "shared open files created");
+    Ok(objs)
 }
 
 /// Restores the tree (see the module docs).
@@ -152,7 +207,7 @@ pub(super) fn restore(
     opts: &RestoreOptions,
     started: Instant,
 ) -> Result<RestoreReport, RestoreError> {
-    let (shape, preps, shm) = prepare(image, inv, tree, opts)?;
+    let (shape, mut preps, shm, shared) = prepare(image, inv, tree, opts)?;
     if shm.len() > 0 {
         tracing::debug!(objects = shm.len(), "shared memory objects created");
     }
@@ -164,6 +219,7 @@ pub(super) fn restore(
         move |source| RestoreError::Io { what, source }
     };
     let _subreaper = Subreaper::enable().map_err(io("become a child subreaper"))?;
+    let shared = create_shared_files(&shared, &shape, &mut preps)?;
     let mut ch = Channels::new(shape.tasks.len()).map_err(io("create the control pipes"))?;
     let raw = |v: &Vec<Option<std::os::fd::OwnedFd>>| -> Vec<RawFd> {
         v.iter()
@@ -176,6 +232,7 @@ pub(super) fn restore(
         go_r: raw(&ch.go_r),
         go_w: raw(&ch.go_w),
         restorer_pgid: nix::unistd::getpgrp().as_raw(),
+        shared_fds: shared.raw_fds(),
         shape,
         preps,
     };
@@ -184,6 +241,9 @@ pub(super) fn restore(
     if child == 0 {
         super::tree_task::run(&ctx, 0);
     }
+    // The tasks inherited the shared files: a pipe end we kept would hide
+    // the end of file its reader must see.
+    drop(shared);
     // Only the tasks hold these now: end of file tells us they are all gone.
     ch.event_w = None;
     for r in &mut ch.go_r {

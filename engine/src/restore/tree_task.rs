@@ -10,8 +10,9 @@
 //! 4. A zombie, on `GO_EXIT`: exit with its saved status (its parent keeps
 //!    it unreaped); a helper: exit. A live task, on `GO_RESTORE`: reap the
 //!    helpers it created, discard the signals queued meanwhile (its
-//!    children's exits), then run its restore plan (`child::run_now`),
-//!    which ends in the blob.
+//!    children's exits), close the inherited shared files it does not
+//!    use, then run its restore plan (`child::run_now`), which ends in
+//!    the blob.
 //!
 //! Any failure is reported as a `Failed` event and ends the task; end of
 //! file on the go pipe (the coordinator gave up) ends it silently.
@@ -49,8 +50,8 @@ fn failed(what: String) -> Quit {
 }
 
 fn close(fd: RawFd) {
-    // SAFETY: closing a control descriptor number this task inherited and
-    // does not use; the OwnedFd copies of them in this process's memory are
+    // SAFETY: closing a control descriptor or shared file number this task
+    // inherited and does not use; the OwnedFd copies of them in this process's memory are
     // never dropped (the task ends with `_exit` or in the blob).
     unsafe { libc::close(fd) };
 }
@@ -131,6 +132,11 @@ fn body(ctx: &TreeCtx, i: usize) -> Result<Infallible, Quit> {
         (Some(GO_EXIT), None, _) if t.helper => sys::exit_now(0),
         (Some(GO_RESTORE), None, Some(prep)) => {
             close(go);
+            for &fd in &ctx.shared_fds {
+                if !prep.plan.inherited.iter().any(|&(_, src)| src == fd) {
+                    close(fd);
+                }
+            }
             reap_helpers(ctx, i)?;
             discard_pending_signals();
             // SAFETY: the event pipe's write end is open in this task and

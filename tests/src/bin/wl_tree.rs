@@ -21,8 +21,7 @@
 //! - `child-socket`: as `multitask` with a netlink socket in child 2 (dump
 //!   refuses it).
 //! - `child-pipe`: a pipe whose write end the root holds and whose read
-//!   end a child holds (dump refuses it until pipes between tasks are
-//!   supported).
+//!   end a child holds.
 //! - `child-cwd`: as `multitask` with child 3 working in `./cwd-child`
 //!   (a test removes it to make the restore of that child fail).
 //! - `shmem`: a 4 MiB `MAP_SHARED | MAP_ANONYMOUS` region (its last MiB
@@ -437,7 +436,7 @@ fn main() {
 
     match mode.as_str() {
         "child-pipe" => {
-            // A pipe from the root to a child: not restorable yet.
+            // A pipe from the root to a child.
             let mut fds = [0i32; 2];
             // SAFETY: pipe writes two descriptors into the array.
             if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {

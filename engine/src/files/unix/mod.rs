@@ -4,7 +4,8 @@
 //! waiting to be accepted, datagram sockets connected to a bound socket of
 //! the task. Saved from sock_diag ([`diag`]) and a `pidfd_getfd` duplicate
 //! (options, and the queued data read without consuming it, [`queue`]).
-//! Refused, naming the fd: a peer outside the task, file descriptors in
+//! Refused, naming the fd: a peer outside the task (a peer in another task
+//! of a dumped tree is fine: [`super::shared`]), file descriptors in
 //! flight (SCM_RIGHTS), data on a connection not accepted yet. The dump's
 //! early check (before the freeze) peeks too: a task that itself peeks
 //! with `SO_PEEK_OFF` at that moment may see its offset moved.
@@ -42,6 +43,22 @@ pub struct Seen {
     /// sock_diag of each peer, by inode (embryo connections of listeners
     /// are not in the task's fd table).
     peers: HashMap<u64, diag::UnixDiag>,
+}
+
+impl Seen {
+    /// Adds what the dump of another task learned (the sockets a tree's
+    /// tasks share are checked together).
+    pub fn merge(&mut self, other: &Seen) {
+        for (k, v) in &other.peers {
+            self.peers.entry(*k).or_insert_with(|| v.clone());
+        }
+    }
+
+    /// The peer of socket `ino` as sock_diag showed it (for an embryo
+    /// connection waiting on a listener: its client), if it was looked up.
+    pub fn peer_of(&self, ino: u64) -> Option<u64> {
+        self.peers.get(&ino).map(|d| d.peer).filter(|&p| p != 0)
+    }
 }
 
 fn refused(pid: i32, fd: i32, what: String) -> FilesError {
@@ -695,6 +712,7 @@ mod tests {
                 fd: 10 + i as i32,
                 cloexec: false,
                 kind: Some(fd_entry::Kind::UnixSocket(s)),
+                ..Default::default()
             })
             .collect()
     }
