@@ -70,6 +70,8 @@ pub enum DumpError {
     },
     #[error(transparent)]
     Image(#[from] ImageError),
+    #[error(transparent)]
+    Ipc(#[from] crate::ipc::IpcError),
     #[error("the process tree of {root} cannot be checkpointed: {source}")]
     TreeShape {
         root: i32,
@@ -90,6 +92,9 @@ pub struct DumpOptions {
     pub leave_running: bool,
     /// Allow a process that shares its session with a shell.
     pub shell_job: bool,
+    /// Also save the SysV message queues, semaphore sets and shared
+    /// memory segments with these keys (see [`crate::ipc`]).
+    pub ipc_keys: Vec<i32>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -101,6 +106,8 @@ pub struct DumpStats {
     /// Threads of every task.
     pub threads: usize,
     pub vmas: usize,
+    /// SysV IPC objects saved.
+    pub ipc_objects: usize,
     pub mem: MemStats,
     /// Bytes of page data written.
     pub page_bytes: u64,
@@ -150,7 +157,17 @@ pub fn precheck(pid: i32, opts: &DumpOptions) -> Result<(), DumpError> {
     crate::files::dump(pid)?;
     // `maps` suffices to refuse what cannot be dumped (`smaps` would walk
     // every page table, tens of ms per GiB).
-    classify(pid, &procfs::read_maps(pid)?)?;
+    let vmas = classify(pid, &procfs::read_maps(pid)?)?;
+    if let Some(v) = vmas.iter().find(|v| v.kind() == VmaKind::SysvShm) {
+        return Err(DumpError::UnsupportedVma {
+            pid,
+            start: v.start,
+            end: v.end,
+            name: format!("SysV segment {}", v.sysv_shmid),
+            what: "a SysV shared memory segment (live migration does not move SysV IPC yet;                    use dump and restore)"
+                .into(),
+        });
+    }
     Ok(())
 }
 
@@ -378,9 +395,21 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpStats, DumpE
     let mut inventory = None;
     let mut subreapers = Vec::new();
     let mut shmem = SharedObjects::default();
+    let mut ipc = crate::ipc::Selection {
+        keys: opts.ipc_keys.clone(),
+        ..Default::default()
+    };
     for task in &frozen.tasks {
         let tpid = task.pid();
         let state = collect_state(task)?;
+        ipc.shm_ids.extend(
+            state
+                .mm
+                .vmas
+                .iter()
+                .filter(|v| v.kind() == VmaKind::SysvShm)
+                .map(|v| v.sysv_shmid),
+        );
         let mut pages = image.pages_writer(tpid)?;
         let own = shmem.not_yet_stored(&state.mm.vmas);
         let mem = memory::dump_pages(tpid, Target::Frozen, &own, &mut pages)?;
@@ -411,6 +440,8 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpStats, DumpE
     image.write_tree(&ProcessTree {
         tasks: frozen.entries.clone(),
     })?;
+    let ipc = crate::ipc::dump(&image, pid, &ipc)?;
+    stats.ipc_objects = ipc.len();
     inventory.pids = frozen.entries.iter().map(|e| e.pid).collect();
     durable.sync_all()?;
     durable.write_inventory(&inventory)?;
@@ -429,6 +460,8 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpStats, DumpE
             what: "kill the process tree after the dump".into(),
             source,
         })?;
+        // The objects live in the image now, as the processes do.
+        ipc.remove();
     }
     stats.total = started.elapsed();
     Ok(stats)

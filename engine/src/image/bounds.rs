@@ -23,6 +23,14 @@ fn limits(kind: FileKind) -> &'static [(u32, &'static str, u64)] {
         FileKind::Files => &[(1, "fds", 1 << 18)],
         FileKind::PageMap => &[(1, "runs", 1 << 16)],
         FileKind::Tree => &[(1, "tasks", MAX_TREE_TASKS)],
+        // The kernel allows at most 32768 objects of each kind (IPCMNI);
+        // messages are top-level so that they are counted here.
+        FileKind::Ipc => &[
+            (1, "queues", 1 << 15),
+            (2, "sem_sets", 1 << 15),
+            (3, "segments", 1 << 15),
+            (4, "messages", 1 << 20),
+        ],
     }
 }
 

@@ -90,6 +90,8 @@ pub enum RestoreError {
     Lazy(#[from] lazy::LazyError),
     #[error("process tree: {what}")]
     Tree { what: String },
+    #[error(transparent)]
+    Ipc(#[from] crate::ipc::IpcError),
 }
 
 #[derive(Debug, Default)]
@@ -330,6 +332,7 @@ fn prepare(dir: &Path, opts: &RestoreOptions) -> Result<Prepared, RestoreError> 
 /// vDSO, CPU, address space), without creating anything. A migration
 /// destination runs it before the source gives up its process.
 pub fn preflight(dir: &Path, opts: &RestoreOptions) -> Result<(), RestoreError> {
+    crate::ipc::preflight(&ImageDir::open(dir)?)?;
     if let Some((image, inv, tree)) = open_tree(dir)? {
         return tree::prepare(&image, &inv, &tree, opts).map(drop);
     }
@@ -366,6 +369,8 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
     for t in &core.threads {
         check_pid_free(t.tid)?;
     }
+    // SysV objects before the task, which attaches its segments.
+    let mut ipc = Some(crate::ipc::restore(&ImageDir::open(dir)?)?);
     tracing::debug!(
         zone = format_args!("{:#x}+{:#x}", plan.zone_start, plan.zone_len),
         "restore plan ready"
@@ -410,6 +415,9 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
                 source,
             })?;
         tracer::supervise(&plan, &mut err_pipe)?;
+        if let Some(ipc) = ipc.take() {
+            ipc.attached()?;
+        }
         let total_pages = pages.total_pages();
         let lazy = match (opts.lazy_pages, &opts.lazy_socket) {
             (false, _) => None,

@@ -159,6 +159,8 @@ pub(super) fn restore(
     for id in shape.all_ids() {
         check_pid_free(id)?;
     }
+    // SysV objects before the tasks, which attach their segments.
+    let mut ipc = Some(crate::ipc::restore(image)?);
     let io = |what: &str| {
         let what = what.to_string();
         move |source| RestoreError::Io { what, source }
@@ -190,7 +192,7 @@ pub(super) fn restore(
         *r = None;
     }
     let mut created = BTreeSet::from([root]);
-    match drive(&ctx, &mut ch, &mut created) {
+    match drive(&ctx, &mut ch, &mut created, &mut ipc) {
         Ok(()) => {
             let threads = ctx.shape.tasks.iter().map(|t| t.threads.len()).sum();
             let pages = ctx
@@ -223,6 +225,7 @@ fn drive(
     ctx: &TreeCtx,
     ch: &mut Channels,
     created: &mut BTreeSet<i32>,
+    ipc: &mut Option<crate::ipc::Restored>,
 ) -> Result<(), RestoreError> {
     let tasks = &ctx.shape.tasks;
     let n = tasks.len();
@@ -284,6 +287,9 @@ fn drive(
                 .unwrap_or_default()
         },
     )?;
+    if let Some(ipc) = ipc.take() {
+        ipc.attached()?;
+    }
     // Children first: a parent that runs may signal or wait for them.
     for prep in ctx.preps.iter().rev().flatten() {
         tracer::finish(&prep.plan, &prep.core, None)?;
