@@ -267,6 +267,24 @@ fn ipcsem() {
     let id = ready_id(&wl);
     guard.ids.push((Kind::Sem, id));
     wl.expect_pass("before the dump");
+    // A key that names nothing is refused: no image, the process untouched.
+    let none = tmp.subdir("images-none");
+    let out = dump(wl.pid(), &none, &["--ipc-key", "0x7eadbee5"]);
+    let err = stderr(&out);
+    assert!(
+        out.status.code().is_some_and(|c| c != 0)
+            && err.contains("0x7eadbee5")
+            && err.contains("no SysV"),
+        "--ipc-key of a missing key should be refused, naming it ({}):\n{err}",
+        out.status
+    );
+    procs::assert_running_untraced(wl.pid(), "the refused dump");
+    assert!(
+        !none.join("inventory.img").exists(),
+        "the refused dump left an image"
+    );
+    println!("checked: --ipc-key naming no object refused, naming the key; process untouched");
+
     let images = tmp.subdir("images");
     cycle(
         &mut wl,
@@ -280,8 +298,9 @@ fn ipcsem() {
     println!("checked: {pass}");
 }
 
-/// A segment attached twice by one task (read-write and read-only): found
-/// by the dump without --ipc-key, contents, addresses and sharing back.
+/// A segment attached twice by one task (read-write, split in two VMAs by
+/// mprotect, and read-only): found by the dump without --ipc-key;
+/// contents, addresses, protections and sharing back.
 #[test]
 fn ipcshm() {
     h::init();
@@ -296,6 +315,18 @@ fn ipcshm() {
     wl.expect_pass("before the dump");
     let images = tmp.subdir("images");
     cycle(&mut wl, &guard, Kind::Shm, id, &images, &[]);
+    let out = run_crm(&["show", path_str(&images)]);
+    assert_success(&out, "show");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let want = format!(
+        "shared memory segment {id} key {hex} owner 1234:4321 mode 640: {} bytes",
+        3 * 4096 + 1000
+    );
+    assert!(
+        text.contains(&want) && text.contains(&format!("SysV shm segment {id}")),
+        "`show` should print {want:?} and the attachments:\n{text}"
+    );
+    println!("checked: show prints the segment and its attachments");
     let pass = wl.expect_pass("after restore");
     println!("checked: {pass}");
 }
@@ -354,4 +385,34 @@ fn ipcshm_multi() {
     );
     let pass = tree.wl.expect_pass("after restore");
     println!("checked: {pass}");
+}
+
+/// A process with SysV shared memory in an IPC namespace of its own is
+/// refused, naming the reason, and keeps running untouched.
+#[test]
+fn ipcshm_other_namespace_refused() {
+    h::init();
+    let _serial = h::serial();
+    let tmp = TempDir::new("ipcshm-ns");
+    // The key lives in the process's own namespace: no clash, and the
+    // segment goes away with the namespace.
+    let mut wl = Workload::start(workload_bin!(wl_ipc), &["shm_newns", "0x1234"], tmp.path());
+    wl.expect_pass("before the dump");
+    let images = tmp.subdir("images");
+    let out = dump(wl.pid(), &images, &[]);
+    let err = stderr(&out);
+    assert!(
+        out.status.code().is_some_and(|c| c != 0)
+            && !err.contains("panicked")
+            && err.contains("another IPC namespace"),
+        "the dump should be refused for the IPC namespace ({}):\n{err}",
+        out.status
+    );
+    procs::assert_running_untraced(wl.pid(), "the refused dump");
+    let pass = wl.expect_pass("after the refused dump");
+    println!(
+        "checked: refused ({}); the process runs on: {pass}",
+        err.lines().last().unwrap_or("")
+    );
+    wl.kill_and_reap().expect("kill the workload");
 }

@@ -390,6 +390,15 @@ pub fn restore(image: &ImageDir) -> Result<Restored, IpcError> {
     };
     check_free(&objects(&core)?)?;
     msg::check_messages(&core)?;
+    if !core.segments.is_empty()
+        && std::fs::read_to_string("/proc/sys/kernel/shm_rmid_forced")
+            .is_ok_and(|v| v.trim() != "0")
+    {
+        tracing::warn!(
+            "kernel.shm_rmid_forced is set: restored segments that no task attaches are \
+             destroyed when cr-migrate exits"
+        );
+    }
     for q in &core.queues {
         msg::restore(q, &core.messages, &mut out.created)?;
     }
@@ -467,4 +476,61 @@ fn owner(p: &IpcPerm) -> sys::Perm {
         mode: p.mode,
         ..Default::default()
     }
+}
+
+/// One line per object of `core`, for `cr-migrate show`.
+pub fn describe(core: &IpcCore) -> Vec<String> {
+    let p = |perm: &Option<IpcPerm>| {
+        let p = perm.unwrap_or_default();
+        format!(
+            "{} key {:#x} owner {}:{} mode {:o}",
+            p.id,
+            p.key as u32,
+            p.uid,
+            p.gid,
+            p.mode & sys::MODE_BITS
+        )
+    };
+    let mut out = Vec::new();
+    for q in &core.queues {
+        let id = q.perm.as_ref().map_or(-1, |p| p.id);
+        let bytes: usize = core
+            .messages
+            .iter()
+            .filter(|m| m.queue_id == id)
+            .map(|m| m.data.len())
+            .sum();
+        out.push(format!(
+            "message queue {}: {} message(s), {bytes} bytes, limit {}",
+            p(&q.perm),
+            q.nr_messages,
+            q.qbytes
+        ));
+    }
+    for s in &core.sem_sets {
+        out.push(format!(
+            "semaphore set {}: values {:?}",
+            p(&s.perm),
+            s.values
+        ));
+    }
+    for s in &core.segments {
+        let mode = s.perm.as_ref().map_or(0, |p| p.mode);
+        out.push(format!(
+            "shared memory segment {}: {} bytes{}{}",
+            p(&s.perm),
+            s.size,
+            if mode & sys::SHM_DEST != 0 {
+                ", marked for deletion"
+            } else {
+                ""
+            },
+            if mode & sys::SHM_LOCKED != 0 {
+                ", locked"
+            } else {
+                ""
+            }
+        ));
+    }
+    out
 }

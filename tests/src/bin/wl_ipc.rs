@@ -9,11 +9,13 @@
 //!   Check: key, owner, mode, values; `semop` (+3 on #0, -7 on #2, no wait)
 //!   gives 3 and 0; undone again.
 //! - `shm`: a segment of 3 pages + 1000 bytes filled with a pattern,
-//!   attached read-write at A and read-only at B. Check: key, owner, mode,
-//!   size, 2 attachments; in `maps` A is `rw-s`, B `r--s`, both
+//!   attached read-write at A (its last two pages then made read-only: two
+//!   VMAs) and read-only at B. Check: key, owner, mode, size, 3 attachments
+//!   (the split counts); in `maps` A is `rw-s` then `r--s`, B `r--s`, all
 //!   `/SYSV<key> (deleted)` with the id as inode; contents; a byte written
-//!   through A shows through B and through a new attachment (then 3
-//!   attachments).
+//!   through A shows through B and through a new attachment (then 4).
+//! - `shm_newns`: `shm` in a new IPC namespace of its own (which a dump
+//!   refuses).
 //! - `shm_multi`: a 2-page segment attached by the root, a child that
 //!   inherited the attachment and a child that attached it itself at
 //!   another address; then marked for deletion (IPC_RMID). Check (root):
@@ -36,7 +38,7 @@ const MODE: u32 = 0o640;
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() != 3 {
-        wl::fail_setup("usage: wl_ipc msq|sem|shm|shm_multi KEY");
+        wl::fail_setup("usage: wl_ipc msq|sem|shm|shm_newns|shm_multi KEY");
     }
     let key = u32::from_str_radix(args[2].trim_start_matches("0x"), 16)
         .unwrap_or_else(|_| wl::fail_setup("bad key")) as i32;
@@ -45,6 +47,13 @@ fn main() {
         "msq" => Box::new(msq(key)),
         "sem" => Box::new(sem(key)),
         "shm" => Box::new(shm(key)),
+        "shm_newns" => {
+            // SAFETY: unshare takes no pointers.
+            if unsafe { libc::unshare(libc::CLONE_NEWIPC) } != 0 {
+                wl::fail_setup("unshare(CLONE_NEWIPC)");
+            }
+            Box::new(shm(key))
+        }
         "shm_multi" => Box::new(shm_multi(key)),
         m => wl::fail_setup(&format!("unknown mode {m}")),
     };
@@ -399,15 +408,28 @@ fn shm(key: i32) -> impl FnMut() -> (String, Vec<String>) {
         // SAFETY: inside the read-write attachment of SHM_SIZE bytes.
         unsafe { *a.add(i) = pattern(i) };
     }
+    // The last two pages of A read-only: A is two VMAs now (and the
+    // split counts as one more attachment).
+    // SAFETY: mprotect inside our attachment, which nothing writes to there.
+    if unsafe {
+        libc::mprotect(
+            a.add(2 * 4096) as *mut libc::c_void,
+            2 * 4096,
+            libc::PROT_READ,
+        )
+    } != 0
+    {
+        cleanup("mprotect");
+    }
     wl::ready(&format!("id={id} a={:#x} b={:#x}", a as u64, b as u64));
     move || {
         let mut problems = Vec::new();
         match shm_stat(id) {
             Ok(ds) => {
                 check_perm(&ds.shm_perm, key, &mut problems);
-                if ds.shm_segsz != SHM_SIZE || ds.shm_nattch != 2 {
+                if ds.shm_segsz != SHM_SIZE || ds.shm_nattch != 3 {
                     problems.push(format!(
-                        "size {} with {} attachments, want {SHM_SIZE} with 2",
+                        "size {} with {} attachments, want {SHM_SIZE} with 3 (A split in two, B)",
                         ds.shm_segsz, ds.shm_nattch
                     ));
                 }
@@ -415,6 +437,7 @@ fn shm(key: i32) -> impl FnMut() -> (String, Vec<String>) {
             Err(e) => return ("shm".into(), vec![e]),
         }
         check_map(a as u64, "rw-s", id, Some(key), &mut problems);
+        check_map(a as u64 + 2 * 4096, "r--s", id, Some(key), &mut problems);
         check_map(b as u64, "r--s", id, Some(key), &mut problems);
         if wl::corrupt_requested() {
             // SAFETY: inside the attachment.
@@ -444,10 +467,10 @@ fn shm(key: i32) -> impl FnMut() -> (String, Vec<String>) {
                 // SAFETY: inside the new attachment.
                 let via_c = unsafe { std::ptr::read_volatile(c.add(100)) };
                 let nattch = shm_stat(id).map(|d| d.shm_nattch);
-                if via_b != 0 || via_c != 0 || nattch != Ok(3) {
+                if via_b != 0 || via_c != 0 || nattch != Ok(4) {
                     problems.push(format!(
                         "a byte written through A reads {via_b} through B and {via_c} through \
-                         a new attachment, with {nattch:?} attachments; want 0, 0 and 3"
+                         a new attachment, with {nattch:?} attachments; want 0, 0 and 4"
                     ));
                 }
                 // SAFETY: detaching the attachment made above.
