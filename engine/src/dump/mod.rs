@@ -402,14 +402,17 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpStats, DumpE
     for task in &frozen.tasks {
         let tpid = task.pid();
         let state = collect_state(task)?;
-        ipc.shm_ids.extend(
-            state
-                .mm
-                .vmas
-                .iter()
-                .filter(|v| v.kind() == VmaKind::SysvShm)
-                .map(|v| v.sysv_shmid),
-        );
+        for v in state
+            .mm
+            .vmas
+            .iter()
+            .filter(|v| v.kind() == VmaKind::SysvShm)
+        {
+            ipc.shm_ids.insert(v.sysv_shmid);
+            if ipc.attachers.last() != Some(&tpid) {
+                ipc.attachers.push(tpid);
+            }
+        }
         let mut pages = image.pages_writer(tpid)?;
         let own = shmem.not_yet_stored(&state.mm.vmas);
         let mem = memory::dump_pages(tpid, Target::Frozen, &own, &mut pages)?;

@@ -155,6 +155,8 @@ pub struct Selection {
     pub keys: Vec<i32>,
     /// Segments attached by the tree.
     pub shm_ids: BTreeSet<i32>,
+    /// Tasks that attached them: they must share our IPC namespace.
+    pub attachers: Vec<i32>,
 }
 
 impl Selection {
@@ -226,18 +228,19 @@ pub fn dump(image: &ImageDir, pid: i32, sel: &Selection) -> Result<Saved, IpcErr
     if sel.is_empty() {
         return Ok(Saved::default());
     }
-    if !same_namespace(pid)? {
+    if !sel.keys.is_empty() && !same_namespace(pid)? {
         return Err(IpcError::OtherNamespace {
             pid,
-            what: if sel.shm_ids.is_empty() {
-                "the objects named by --ipc-key".into()
-            } else {
-                format!(
-                    "the SysV shared memory it attached (segments {:?})",
-                    sel.shm_ids
-                )
-            },
+            what: "the objects named by --ipc-key".into(),
         });
+    }
+    for &task in &sel.attachers {
+        if !same_namespace(task)? {
+            return Err(IpcError::OtherNamespace {
+                pid: task,
+                what: "the SysV shared memory it attached".into(),
+            });
+        }
     }
     let mut wanted: BTreeSet<(Kind, i32)> = sel.shm_ids.iter().map(|&id| (Kind::Shm, id)).collect();
     for &key in &sel.keys {
@@ -383,11 +386,25 @@ impl Drop for Restored {
 }
 
 /// Creates every object of the image (none: an empty [`Restored`]).
-pub fn restore(image: &ImageDir) -> Result<Restored, IpcError> {
+/// `attached`: the segment ids the tasks' VMAs attach, each of which must
+/// be a segment of the image (never one that happens to exist here).
+pub fn restore(
+    image: &ImageDir,
+    attached: impl IntoIterator<Item = i32>,
+) -> Result<Restored, IpcError> {
     let mut out = Restored::default();
-    let Some(core) = image.read_ipc()? else {
-        return Ok(out);
-    };
+    let core = image.read_ipc()?.unwrap_or_default();
+    for id in attached {
+        let known = core
+            .segments
+            .iter()
+            .any(|s| s.perm.as_ref().is_some_and(|p| p.id == id));
+        if !known {
+            return Err(IpcError::Invalid {
+                what: format!("a task attaches SysV segment {id}, which ipc.img lacks"),
+            });
+        }
+    }
     check_free(&objects(&core)?)?;
     msg::check_messages(&core)?;
     if !core.segments.is_empty()

@@ -370,7 +370,8 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
         check_pid_free(t.tid)?;
     }
     // SysV objects before the task, which attaches its segments.
-    let mut ipc = Some(crate::ipc::restore(&ImageDir::open(dir)?)?);
+    let attached = plan.premaps.iter().filter_map(|p| p.sysv.map(|s| s.shmid));
+    let mut ipc = Some(crate::ipc::restore(&ImageDir::open(dir)?, attached)?);
     tracing::debug!(
         zone = format_args!("{:#x}+{:#x}", plan.zone_start, plan.zone_len),
         "restore plan ready"

@@ -160,7 +160,13 @@ pub(super) fn restore(
         check_pid_free(id)?;
     }
     // SysV objects before the tasks, which attach their segments.
-    let mut ipc = Some(crate::ipc::restore(image)?);
+    let attached = preps.iter().flatten().flat_map(|p| {
+        p.plan
+            .premaps
+            .iter()
+            .filter_map(|m| m.sysv.map(|s| s.shmid))
+    });
+    let mut ipc = Some(crate::ipc::restore(image, attached)?);
     let io = |what: &str| {
         let what = what.to_string();
         move |source| RestoreError::Io { what, source }
