@@ -110,6 +110,16 @@ fn test_key(n: u32) -> i32 {
     (0x4352_0000 | ((std::process::id() & 0xff) << 8) | n) as i32
 }
 
+/// Whether objects can be created with a chosen id here
+/// (`/proc/sys/kernel/*_next_id`, CONFIG_CHECKPOINT_RESTORE).
+fn next_id_missing() -> Option<String> {
+    ["msg", "sem", "shm"]
+        .iter()
+        .map(|k| format!("/proc/sys/kernel/{k}_next_id"))
+        .find(|p| !Path::new(p).exists())
+        .map(|p| format!("{p} is missing (kernel without CONFIG_CHECKPOINT_RESTORE)"))
+}
+
 /// Whether `msgrcv(MSG_COPY)` works here (needs CONFIG_CHECKPOINT_RESTORE).
 fn msg_copy_works() -> Result<(), String> {
     // SAFETY: a private queue, removed below.
@@ -197,6 +207,9 @@ fn ready_id(wl: &Workload) -> i32 {
 fn ipcmsq() {
     h::init();
     let _serial = h::serial();
+    if let Some(why) = next_id_missing() {
+        skip_test!("ipcmsq", "{why}");
+    }
     if let Err(e) = msg_copy_works() {
         skip_test!(
             "ipcmsq",
@@ -259,6 +272,9 @@ fn ipcmsq() {
 fn ipcsem() {
     h::init();
     let _serial = h::serial();
+    if let Some(why) = next_id_missing() {
+        skip_test!("ipcsem", "{why}");
+    }
     let key = test_key(2);
     let mut guard = IpcGuard::new(key);
     let tmp = TempDir::new("ipcsem");
@@ -305,6 +321,9 @@ fn ipcsem() {
 fn ipcshm() {
     h::init();
     let _serial = h::serial();
+    if let Some(why) = next_id_missing() {
+        skip_test!("ipcshm", "{why}");
+    }
     let key = test_key(3);
     let mut guard = IpcGuard::new(key);
     let tmp = TempDir::new("ipcshm");
@@ -338,6 +357,9 @@ fn ipcshm() {
 fn ipcshm_multi() {
     h::init();
     let _serial = h::serial();
+    if let Some(why) = next_id_missing() {
+        skip_test!("ipcshm_multi", "{why}");
+    }
     let key = test_key(4);
     let mut guard = IpcGuard::new(key);
     let tmp = TempDir::new("ipcshm-multi");
@@ -415,4 +437,52 @@ fn ipcshm_other_namespace_refused() {
         err.lines().last().unwrap_or("")
     );
     wl.kill_and_reap().expect("kill the workload");
+}
+
+/// A restore that fails after it created the objects (here: the process's
+/// working directory is gone) removes them again and leaves no process.
+#[test]
+fn failed_restore_removes_created_objects() {
+    h::init();
+    let _serial = h::serial();
+    if let Some(why) = next_id_missing() {
+        skip_test!("failed_restore_removes_created_objects", "{why}");
+    }
+    let key = test_key(5);
+    let mut guard = IpcGuard::new(key);
+    let tmp = TempDir::new("ipc-failed");
+    let hex = format!("{:#x}", key as u32);
+    let cwd = tmp.subdir("cwd");
+    let mut wl = Workload::start(
+        workload_bin!(wl_ipc),
+        &["sem", &hex, path_str(&cwd)],
+        tmp.path(),
+    );
+    let id = ready_id(&wl);
+    guard.ids.push((Kind::Sem, id));
+    let pid = wl.pid();
+    let images = tmp.subdir("images");
+    let out = dump(pid, &images, &["--ipc-key", &hex]);
+    assert_success(&out, "dump --ipc-key");
+    wl.reap_killed(Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("after `cr-migrate dump`: {e}"));
+    std::fs::remove_dir(&cwd).expect("remove the working directory");
+    let out = run_crm(&["restore", "--images-dir", path_str(&images), "--detach"]);
+    let err = stderr(&out);
+    assert!(
+        out.status.code().is_some_and(|c| c != 0)
+            && !err.contains("panicked")
+            && err.contains("chdir"),
+        "the restore should fail on the missing working directory ({}):\n{err}",
+        out.status
+    );
+    assert!(
+        !guard.exists(Kind::Sem, id),
+        "the failed restore left semaphore set {id} behind"
+    );
+    assert!(
+        procs::stat(pid).is_none(),
+        "the failed restore left process {pid}"
+    );
+    println!("checked: the failed restore removed semaphore set {id} and left no process");
 }

@@ -24,6 +24,9 @@
 //!   attachment in `maps`, and writes back the nonce and its verdict,
 //!   which the root sees.
 //!
+//! With CWD, the workload runs in that directory (a test removes it to make
+//! a restore fail).
+//!
 //! Protocol: `READY pid=N id=ID [members=C1,C2]`; on SIGUSR2 checks and
 //! prints `PASS ...` or `FAIL ...`. Objects are removed on a setup failure;
 //! otherwise the test removes them.
@@ -37,8 +40,13 @@ const MODE: u32 = 0o640;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.len() != 3 {
-        wl::fail_setup("usage: wl_ipc msq|sem|shm|shm_newns|shm_multi KEY");
+    if args.len() != 3 && args.len() != 4 {
+        wl::fail_setup("usage: wl_ipc msq|sem|shm|shm_newns|shm_multi KEY [CWD]");
+    }
+    if let Some(dir) = args.get(3) {
+        if std::env::set_current_dir(dir).is_err() {
+            wl::fail_setup(&format!("chdir {dir}"));
+        }
     }
     let key = u32::from_str_radix(args[2].trim_start_matches("0x"), 16)
         .unwrap_or_else(|_| wl::fail_setup("bad key")) as i32;
