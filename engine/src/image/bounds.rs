@@ -136,4 +136,13 @@ mod tests {
         assert!(check(FileKind::Core, &[0x7a, 0x05, 0]).is_ok());
         assert!(check(FileKind::Core, &[0x80]).is_ok());
     }
+
+    #[test]
+    fn counts_ipc_messages() {
+        // 2^20 + 1 empty messages (field 4): two bytes each on disk.
+        let bomb = [0x22, 0x00].repeat((1 << 20) + 1);
+        let err = check(FileKind::Ipc, &bomb).unwrap_err();
+        assert!(err.contains("messages"), "{err}");
+        assert!(check(FileKind::Ipc, &[0x22, 0x00].repeat(100)).is_ok());
+    }
 }

@@ -27,6 +27,8 @@ mod sem;
 mod shm;
 pub mod sys;
 mod table;
+#[cfg(test)]
+mod tests;
 
 use crate::image::{ImageDir, ImageError};
 use crm_proto::image::{IpcCore, IpcPerm};
@@ -362,8 +364,7 @@ impl Restored {
     /// Every task has attached its segments: marks those that were marked
     /// for deletion at the dump, and keeps everything.
     pub fn attached(mut self) -> Result<(), IpcError> {
-        self.created.clear();
-        for id in std::mem::take(&mut self.doomed) {
+        for &id in &self.doomed {
             sys::shm_rmid(id).map_err(IpcError::object(
                 Kind::Shm,
                 id,
@@ -371,6 +372,8 @@ impl Restored {
                 "mark it for deletion again",
             ))?;
         }
+        // Kept: nothing for the drop to remove.
+        self.created.clear();
         Ok(())
     }
 }
@@ -454,7 +457,11 @@ fn create_with_id(
             kind,
             id,
             key,
-            other: -1,
+            // Created since the check: look it up for the message.
+            other: table::read(kind)
+                .ok()
+                .and_then(|t| t.iter().find(|e| e.key == key).map(|e| e.id))
+                .unwrap_or(-1),
         },
         _ => IpcError::Object {
             kind,

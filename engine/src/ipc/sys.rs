@@ -226,12 +226,13 @@ pub fn shm_lock(id: i32) -> io::Result<()> {
     check(unsafe { libc::shmctl(id, libc::SHM_LOCK, std::ptr::null_mut()) }).map(drop)
 }
 
-/// `IPC_RMID` of a message queue (`Kind::Msg`), semaphore set or segment.
+/// `IPC_RMID` of a message queue.
 pub fn msg_rmid(id: i32) -> io::Result<()> {
     // SAFETY: IPC_RMID takes no buffer.
     check(unsafe { libc::msgctl(id, libc::IPC_RMID, std::ptr::null_mut()) }).map(drop)
 }
 
+/// `IPC_RMID` of a segment: removed now, or when its last user detaches.
 pub fn shm_rmid(id: i32) -> io::Result<()> {
     // SAFETY: IPC_RMID takes no buffer.
     check(unsafe { libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()) }).map(drop)
