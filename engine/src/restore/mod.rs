@@ -5,10 +5,14 @@
 //! 1. Read and check the image (`plan`): PIDs free, same vDSO layout, CPU
 //!    features, files unchanged; compute the restore zone and the blob's
 //!    argument block.
-//! 2. `clone3(set_tid = PID)`: the child (`child`) premaps and fills every
-//!    VMA inside the zone, loads the blob, reopens files, and jumps into the
-//!    blob, which swaps the address space and creates the threads.
-//! 3. We trace the child (`tracer`) until every thread reports done, then
+//! 2. SysV IPC objects of the image are created with their ids
+//!    ([`crate::ipc`]); a failed restore removes them again.
+//! 3. `clone3(set_tid = PID)`: the child (`child`) premaps and fills every
+//!    VMA inside the zone (SysV segments are attached there,
+//!    [`crate::ipc::attach`]), loads the blob, reopens files, and jumps into
+//!    the blob, which swaps the address space and creates the threads.
+//! 4. We trace the child (`tracer`) until every thread reports done (segments
+//!    that were marked for deletion are marked again now), then
 //!    load registers and let it run. On any failure the child is killed:
 //!    never a half-restored process left running.
 #[allow(dead_code)]

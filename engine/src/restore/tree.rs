@@ -21,6 +21,8 @@
 //!
 //! Shared anonymous memory is created once by the coordinator before the
 //! root ([`super::shmem`]) and mapped by every task that shares it.
+//! SysV IPC objects likewise ([`crate::ipc`]); each task attaches its
+//! segments itself.
 //!
 //! Any failure kills every task created so far and reaps them all: nothing
 //! half-restored keeps running.
