@@ -1,6 +1,6 @@
 //! SysV IPC objects in dumps and restores: message queues with their queued
-//! messages ([`msg`]), semaphore sets with their values ([`sem`]) and shared
-//! memory segments with their contents ([`shm`]), saved in `ipc.img` and
+//! messages (`msg`), semaphore sets with their values (`sem`) and shared
+//! memory segments with their contents (`shm`), saved in `ipc.img` and
 //! recreated with the same key, id (`/proc/sys/kernel/*_next_id`), owner,
 //! group and permission bits. Creator ids, pids and times are not restored
 //! (the restoring user becomes the creator).
