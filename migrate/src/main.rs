@@ -348,3 +348,19 @@ fn parse_ipc_key(s: &str) -> Result<i32, String> {
     }
     Ok(key)
 }
+
+#[cfg(test)]
+mod ipc_key_tests {
+    use super::parse_ipc_key;
+
+    #[test]
+    fn ipc_keys() {
+        assert_eq!(parse_ipc_key("0x4352ba01"), Ok(0x4352ba01));
+        assert_eq!(parse_ipc_key("0xdeadbeef"), Ok(0xdeadbeefu32 as i32));
+        assert_eq!(parse_ipc_key("-559038737"), Ok(0xdeadbeefu32 as i32));
+        assert_eq!(parse_ipc_key("1234"), Ok(1234));
+        assert!(parse_ipc_key("0").is_err());
+        assert!(parse_ipc_key("0x100000000").is_err());
+        assert!(parse_ipc_key("key").is_err());
+    }
+}
