@@ -159,13 +159,13 @@ pub fn precheck(pid: i32, opts: &DumpOptions) -> Result<(), DumpError> {
     // every page table, tens of ms per GiB).
     let vmas = classify(pid, &procfs::read_maps(pid)?)?;
     if let Some(v) = vmas.iter().find(|v| v.kind() == VmaKind::SysvShm) {
-        return Err(DumpError::UnsupportedVma {
+        return Err(DumpError::Unsupported {
             pid,
-            start: v.start,
-            end: v.end,
-            name: format!("SysV segment {}", v.sysv_shmid),
-            what: "a SysV shared memory segment (live migration does not move SysV IPC yet;                    use dump and restore)"
-                .into(),
+            what: format!(
+                "it attaches SysV shared memory segment {} at {:#x}, which live migration \
+                 does not move yet (use dump and restore)",
+                v.sysv_shmid, v.start
+            ),
         });
     }
     Ok(())
