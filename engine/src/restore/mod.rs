@@ -373,9 +373,6 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
     for t in &core.threads {
         check_pid_free(t.tid)?;
     }
-    // SysV objects before the task, which attaches its segments.
-    let attached = plan.premaps.iter().filter_map(|p| p.sysv.map(|s| s.shmid));
-    let mut ipc = Some(crate::ipc::restore(&ImageDir::open(dir)?, attached)?);
     tracing::debug!(
         zone = format_args!("{:#x}+{:#x}", plan.zone_start, plan.zone_len),
         "restore plan ready"
@@ -405,7 +402,12 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
     drop(go_r);
     drop(err_w);
     let mut err_pipe = std::fs::File::from(err_r);
+    // Made after the fork: the child holds no copy of the guard.
+    let mut ipc = None;
     let result = (|| {
+        // SysV objects before the task runs: it attaches its segments.
+        let attached = plan.premaps.iter().filter_map(|p| p.sysv.map(|s| s.shmid));
+        ipc = Some(crate::ipc::restore(&ImageDir::open(dir)?, attached)?);
         ptrace::seize(pid, ptrace::PTRACE_O_TRACECLONE | ptrace::PTRACE_O_EXITKILL).map_err(
             |source| RestoreError::Ptrace {
                 tid: pid,
