@@ -20,6 +20,7 @@ pub mod features;
 pub mod files;
 pub mod freeze;
 pub mod image;
+pub mod ipc;
 pub mod mm_holder;
 pub mod precopy;
 pub mod precopy_tree;

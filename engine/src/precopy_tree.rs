@@ -1,8 +1,8 @@
 //! Iterative pre-copy of a process tree: one [`PreCopy`] per task, run in
 //! lockstep, then one freeze of the whole tree.
 //!
-//! - [`TreePreCopy::start`] makes the tree checks of a dump
-//!   ([`dump::precheck_tree`]), then sets up a tracker in each live task.
+//! - [`TreePreCopy::start`] makes the tree checks of a dump and those of
+//!   live migration ([`dump::precheck_send`]), then sets up a tracker in each live task.
 //! - Each [`TreePreCopy::round`] first takes in the tasks forked since the
 //!   last one (their first round copies all their memory) and drops the
 //!   tasks that exited, then runs a round in every task.
@@ -69,7 +69,7 @@ impl TreePreCopy {
     /// Checks that the tree below `root` can be migrated and sets up dirty
     /// tracking in each of its live tasks.
     pub fn start(root: i32, opts: &DumpOptions) -> Result<TreePreCopy, PreCopyError> {
-        dump::precheck_tree(root, opts)?;
+        dump::precheck_send(root, opts)?;
         let mut t = TreePreCopy {
             root,
             opts: opts.clone(),

@@ -48,6 +48,12 @@ pub fn run(dir: &Path, show_pages: bool) -> anyhow::Result<i32> {
             );
         }
     }
+    if let Some(ipc) = image.read_ipc()? {
+        println!("\nSysV IPC:");
+        for line in crm_engine::ipc::describe(&ipc) {
+            println!("  {line}");
+        }
+    }
     for &pid in inv.pids.iter().filter(|p| !zombies.contains(p)) {
         let core = image.read_core(pid)?;
         let mm = image.read_mm(pid)?;
@@ -117,6 +123,7 @@ pub fn run(dir: &Path, show_pages: bool) -> anyhow::Result<i32> {
             let kind = v.kind();
             let name = match kind {
                 VmaKind::File => v.file.as_ref().map_or("?".into(), |f| f.path.clone()),
+                VmaKind::SysvShm => format!("SysV shm segment {}", v.sysv_shmid),
                 other => format!("{other:?}").to_lowercase(),
             };
             println!(

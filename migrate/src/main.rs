@@ -62,6 +62,16 @@ enum Command {
         /// `cr-migrate restore --shell-job`.
         #[arg(long)]
         shell_job: bool,
+        /// Also save the SysV message queue, semaphore set and shared
+        /// memory segment with this key (decimal or 0x hex; repeatable).
+        /// SysV shared memory the tree has attached is always saved; queues
+        /// and semaphore sets only when named here (nothing tells which ones
+        /// a process uses). The tree must share cr-migrate's IPC namespace.
+        /// Saved objects keep their key, id, owner and mode; without
+        /// --leave-running the dump removes them (they live in the image
+        /// now), and restore refuses to replace an existing object.
+        #[arg(long = "ipc-key", value_name = "KEY", value_parser = parse_ipc_key)]
+        ipc_keys: Vec<i32>,
     },
     /// Restore a process tree from an image directory, with its original
     /// PIDs and TIDs, parents, process groups, sessions and zombies.
@@ -241,7 +251,8 @@ fn main() {
             images_dir,
             leave_running,
             shell_job,
-        } => cmd_dump::run(pid, &images_dir, leave_running, shell_job),
+            ipc_keys,
+        } => cmd_dump::run(pid, &images_dir, leave_running, shell_job, ipc_keys),
         Command::Restore {
             images_dir,
             detach,
@@ -319,5 +330,39 @@ fn main() {
             }
             std::process::exit(1);
         }
+    }
+}
+
+/// A SysV IPC key: decimal (possibly negative, as `ipcs` prints keys with
+/// the top bit set) or `0x` hex; 0 (IPC_PRIVATE) names no object.
+fn parse_ipc_key(s: &str) -> Result<i32, String> {
+    let v = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => i64::from_str_radix(h, 16).map_err(|e| e.to_string())?,
+        None => s.parse::<i64>().map_err(|e| e.to_string())?,
+    };
+    let key = match v {
+        0..=0xffff_ffff => v as u32 as i32,
+        v if v >= i64::from(i32::MIN) && v < 0 => v as i32,
+        _ => return Err(format!("{s} is not a 32-bit key")),
+    };
+    if key == 0 {
+        return Err("key 0 is IPC_PRIVATE: it names no object".into());
+    }
+    Ok(key)
+}
+
+#[cfg(test)]
+mod ipc_key_tests {
+    use super::parse_ipc_key;
+
+    #[test]
+    fn ipc_keys() {
+        assert_eq!(parse_ipc_key("0x4352ba01"), Ok(0x4352ba01));
+        assert_eq!(parse_ipc_key("0xdeadbeef"), Ok(0xdeadbeefu32 as i32));
+        assert_eq!(parse_ipc_key("-559038737"), Ok(0xdeadbeefu32 as i32));
+        assert_eq!(parse_ipc_key("1234"), Ok(1234));
+        assert!(parse_ipc_key("0").is_err());
+        assert!(parse_ipc_key("0x100000000").is_err());
+        assert!(parse_ipc_key("key").is_err());
     }
 }

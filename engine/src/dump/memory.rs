@@ -3,7 +3,8 @@
 //! shared): present or swapped pages. Private file mappings: only pages that
 //! were written (anonymous copies, pagemap bit 61 clear). Shared file
 //! mappings and the vDSO areas: nothing (the file has the data). Pages that
-//! are all zero are never stored. Pages are read with large
+//! are all zero are never stored. SysV shared memory attachments: nothing
+//! (the segment is saved once in `ipc.img`, see [`crate::ipc`]). Pages are read with large
 //! `process_vm_readv` calls into a fixed buffer and streamed to the pages
 //! file, so the dumper's memory does not grow with the target's.
 use super::DumpError;
@@ -67,7 +68,8 @@ const PM_SWAPPED: u64 = 1 << 62;
 const PM_FILE_OR_SHARED: u64 = 1 << 61;
 
 /// Turns `smaps` entries into image VMAs; refuses mappings that cannot be
-/// restored yet (deleted files, SysV shm, memfd, device mappings).
+/// restored yet (deleted files, SysV shm on huge pages, memfd, device
+/// mappings).
 pub fn classify(pid: i32, maps: &[MapEntry]) -> Result<Vec<Vma>, DumpError> {
     let mut out = Vec::with_capacity(maps.len());
     for m in maps {
@@ -80,6 +82,7 @@ pub fn classify(pid: i32, maps: &[MapEntry]) -> Result<Vec<Vma>, DumpError> {
         };
         let mut file = None;
         let mut shmem_ino = 0;
+        let mut sysv_shmid = 0;
         let kind = match m.name.as_str() {
             "[vdso]" => VmaKind::Vdso,
             "[vvar]" => VmaKind::Vvar,
@@ -90,6 +93,15 @@ pub fn classify(pid: i32, maps: &[MapEntry]) -> Result<Vec<Vma>, DumpError> {
             "" => VmaKind::Anon,
             "/dev/zero (deleted)" if m.shared => VmaKind::Anon,
             n if n.starts_with("[anon:") || n.starts_with("[anon_shmem:") => VmaKind::Anon,
+            n if n.starts_with("/SYSV") && n.ends_with(" (deleted)") && m.shared => {
+                if m.has_flag("ht") {
+                    return Err(unsupported("a SysV shared memory segment on huge pages"));
+                }
+                // The segment's id is the inode `maps` shows.
+                sysv_shmid = i32::try_from(m.inode)
+                    .map_err(|_| unsupported("a SysV segment with an id over 2^31"))?;
+                VmaKind::SysvShm
+            }
             n if n.starts_with("/SYSV") => return Err(unsupported("a SysV shared memory segment")),
             n if n.starts_with("/memfd:") => return Err(unsupported("a memfd mapping")),
             n if n.ends_with(" (deleted)") => {
@@ -131,6 +143,7 @@ pub fn classify(pid: i32, maps: &[MapEntry]) -> Result<Vec<Vma>, DumpError> {
             pgoff: m.offset,
             vm_flags: m.vm_flags.join(" "),
             shmem_ino,
+            sysv_shmid,
         });
     }
     Ok(out)

@@ -70,6 +70,8 @@ pub enum DumpError {
     },
     #[error(transparent)]
     Image(#[from] ImageError),
+    #[error(transparent)]
+    Ipc(#[from] crate::ipc::IpcError),
     #[error("the process tree of {root} cannot be checkpointed: {source}")]
     TreeShape {
         root: i32,
@@ -84,6 +86,9 @@ pub struct DumpOptions {
     pub leave_running: bool,
     /// Allow a process that shares its session with a shell.
     pub shell_job: bool,
+    /// Also save the SysV message queues, semaphore sets and shared
+    /// memory segments with these keys (see [`crate::ipc`]).
+    pub ipc_keys: Vec<i32>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -95,6 +100,8 @@ pub struct DumpStats {
     /// Threads of every task.
     pub threads: usize,
     pub vmas: usize,
+    /// SysV IPC objects saved.
+    pub ipc_objects: usize,
     pub mem: MemStats,
     /// Bytes of page data written.
     pub page_bytes: u64,
@@ -200,6 +207,33 @@ pub fn precheck_tree(root: i32, opts: &DumpOptions) -> Result<(), DumpError> {
         }
     }
     check_shape(root, &entries, opts)
+}
+
+/// [`precheck_tree`] for live migration, which also refuses what it does
+/// not move yet: SysV shared memory.
+pub fn precheck_send(root: i32, opts: &DumpOptions) -> Result<(), DumpError> {
+    precheck_tree(root, opts)?;
+    for st in tree::discover(root)?.iter().filter(|s| s.state != 'Z') {
+        let vmas = match procfs::read_maps(st.pid)
+            .map_err(DumpError::from)
+            .and_then(|m| classify(st.pid, &m))
+        {
+            Ok(v) => v,
+            Err(_) if st.pid != root && exited(st.pid) => continue,
+            Err(e) => return Err(e),
+        };
+        if let Some(v) = vmas.iter().find(|v| v.kind() == VmaKind::SysvShm) {
+            return Err(DumpError::Unsupported {
+                pid: st.pid,
+                what: format!(
+                    "it attaches SysV shared memory segment {} at {:#x}, which live migration \
+                     does not move yet (use dump and restore)",
+                    v.sysv_shmid, v.start
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Whether `pid` exited (gone, or a zombie): in a running tree, a task
@@ -408,11 +442,26 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpStats, DumpE
     let mut inventory = None;
     let mut subreapers = Vec::new();
     let mut shmem = SharedObjects::default();
+    let mut ipc = crate::ipc::Selection {
+        keys: opts.ipc_keys.clone(),
+        ..Default::default()
+    };
     let pids: Vec<i32> = frozen.tasks.iter().map(|t| t.pid()).collect();
     let files = tree::dump_files(&pids)?;
     for (task, files) in frozen.tasks.iter().zip(files) {
         let tpid = task.pid();
         let state = collect_state_with(task, files)?;
+        for v in state
+            .mm
+            .vmas
+            .iter()
+            .filter(|v| v.kind() == VmaKind::SysvShm)
+        {
+            ipc.shm_ids.insert(v.sysv_shmid);
+            if ipc.attachers.last() != Some(&tpid) {
+                ipc.attachers.push(tpid);
+            }
+        }
         let mut pages = image.pages_writer(tpid)?;
         let own = shmem.not_yet_stored(&state.mm.vmas);
         let mem = memory::dump_pages(tpid, Target::Frozen, &own, &mut pages)?;
@@ -437,6 +486,8 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpStats, DumpE
     image.write_tree(&ProcessTree {
         tasks: frozen.entries.clone(),
     })?;
+    let ipc = crate::ipc::dump(&image, pid, &ipc)?;
+    stats.ipc_objects = ipc.len();
     inventory.pids = frozen.entries.iter().map(|e| e.pid).collect();
     durable.sync_all()?;
     durable.write_inventory(&inventory)?;
@@ -455,6 +506,8 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpStats, DumpE
             what: "kill the process tree after the dump".into(),
             source,
         })?;
+        // The objects live in the image now, as the processes do.
+        ipc.remove();
     }
     stats.total = started.elapsed();
     Ok(stats)

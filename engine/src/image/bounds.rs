@@ -23,6 +23,14 @@ fn limits(kind: FileKind) -> &'static [(u32, &'static str, u64)] {
         FileKind::Files => &[(1, "fds", 1 << 18)],
         FileKind::PageMap => &[(1, "runs", 1 << 16)],
         FileKind::Tree => &[(1, "tasks", MAX_TREE_TASKS)],
+        // The kernel allows at most 32768 objects of each kind (IPCMNI);
+        // messages are top-level so that they are counted here.
+        FileKind::Ipc => &[
+            (1, "queues", 1 << 15),
+            (2, "sem_sets", 1 << 15),
+            (3, "segments", 1 << 15),
+            (4, "messages", 1 << 20),
+        ],
     }
 }
 
@@ -127,5 +135,14 @@ mod tests {
         // Malformed bytes are the decoder's to report.
         assert!(check(FileKind::Core, &[0x7a, 0x05, 0]).is_ok());
         assert!(check(FileKind::Core, &[0x80]).is_ok());
+    }
+
+    #[test]
+    fn counts_ipc_messages() {
+        // 2^20 + 1 empty messages (field 4): two bytes each on disk.
+        let bomb = [0x22, 0x00].repeat((1 << 20) + 1);
+        let err = check(FileKind::Ipc, &bomb).unwrap_err();
+        assert!(err.contains("messages"), "{err}");
+        assert!(check(FileKind::Ipc, &[0x22, 0x00].repeat(100)).is_ok());
     }
 }

@@ -5,7 +5,7 @@
 //! 0       8     magic  b"CRMIMG\0\0"
 //! 8       4     format version, u32 little endian (crm_proto::IMAGE_FORMAT_VERSION)
 //! 12      4     file kind, u32 little endian (inventory=1, core=2, mm=3, files=4, pagemap=5,
-//!               tree=6)
+//!               tree=6, ipc=7)
 //! 16      ...   records, back to back:
 //!                 4  payload length, u32 little endian (at most the kind's limit)
 //!                 4  CRC32 (IEEE, as crc32fast) of the payload, u32 little endian
@@ -67,16 +67,19 @@ pub enum FileKind {
     PageMap = 5,
     /// `tree.img`: one `ProcessTree`.
     Tree = 6,
+    /// `ipc.img`: one `IpcCore`.
+    Ipc = 7,
 }
 
 impl FileKind {
-    const ALL: [FileKind; 6] = [
+    const ALL: [FileKind; 7] = [
         FileKind::Inventory,
         FileKind::Core,
         FileKind::Mm,
         FileKind::Files,
         FileKind::PageMap,
         FileKind::Tree,
+        FileKind::Ipc,
     ];
 
     /// The code stored in the file header.
@@ -93,6 +96,7 @@ impl FileKind {
             FileKind::Files => "files",
             FileKind::PageMap => "pagemap",
             FileKind::Tree => "tree",
+            FileKind::Ipc => "ipc",
         }
     }
 

@@ -2,7 +2,10 @@
 //!
 //! An image directory holds one `inventory.img`, one `tree.img`
 //! (`ProcessTree`: pid, parent, group, session, threads of every task, and
-//! the exit status of zombies; optional for a single task) and, per live
+//! the exit status of zombies; optional for a single task), `ipc.img`
+//! (`IpcCore`: SysV IPC objects, when the dump saved any) with
+//! `pages-shm-ID.img` and `pagemap-shm-ID.img` per shared memory segment
+//! (page runs at byte offsets in the segment), and, per live
 //! task, `core-PID.img`
 //! (`TaskCore`), `mm-PID.img` (`MmCore`), `files-PID.img` (`FilesCore`),
 //! `pages-PID.img` (raw pages) and `pagemap-PID.img` (the `PageRun`s indexing
@@ -32,7 +35,7 @@ mod tests;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use crm_proto::image::{FilesCore, Inventory, MmCore, ProcessTree, TaskCore};
+use crm_proto::image::{FilesCore, Inventory, IpcCore, MmCore, ProcessTree, TaskCore};
 use crm_proto::IMAGE_FORMAT_VERSION;
 
 pub use bounds::MAX_TREE_TASKS;
@@ -45,6 +48,8 @@ pub use pages::{PagesReader, PagesWriter, PAGE_SIZE};
 pub const INVENTORY_FILE: &str = "inventory.img";
 /// Name of the process tree file.
 pub const TREE_FILE: &str = "tree.img";
+/// Name of the SysV IPC file.
+pub const IPC_FILE: &str = "ipc.img";
 
 /// An image directory. Holds only its path; every call opens the files it needs.
 #[derive(Clone, Debug)]
@@ -178,6 +183,49 @@ impl ImageDir {
             Err(e) if matches!(e.kind, ImageErrorKind::Missing) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// Writes `ipc.img`.
+    pub fn write_ipc(&self, ipc: &IpcCore) -> Result<(), ImageError> {
+        framing::write_single(
+            &self.path.join(IPC_FILE),
+            FileKind::Ipc,
+            ipc,
+            self.durability,
+        )
+    }
+
+    /// Reads `ipc.img`; `None` if the image has none (no SysV objects saved).
+    pub fn read_ipc(&self) -> Result<Option<IpcCore>, ImageError> {
+        match framing::read_single(&self.path.join(IPC_FILE), FileKind::Ipc) {
+            Ok(t) => Ok(Some(t)),
+            Err(e) if matches!(e.kind, ImageErrorKind::Missing) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Starts writing the contents of SysV shared memory segment `id`
+    /// (`pages-shm-ID.img`, runs at byte offsets in the segment).
+    pub fn shm_pages_writer(&self, id: i32) -> Result<PagesWriter, ImageError> {
+        let (pages, pagemap) = self.shm_files(id)?;
+        PagesWriter::create(&pages, &pagemap, self.durability)
+    }
+
+    /// Opens the contents of SysV shared memory segment `id`.
+    pub fn shm_pages_reader(&self, id: i32) -> Result<PagesReader, ImageError> {
+        let (pages, pagemap) = self.shm_files(id)?;
+        PagesReader::open(&pages, &pagemap)
+    }
+
+    fn shm_files(&self, id: i32) -> Result<(PathBuf, PathBuf), ImageError> {
+        let pages = self.path.join(format!("pages-shm-{id}.img"));
+        if id < 0 {
+            return Err(ImageError::invalid(
+                &pages,
+                format!("invalid segment id {id}"),
+            ));
+        }
+        Ok((pages, self.path.join(format!("pagemap-shm-{id}.img"))))
     }
 
     /// Writes `core-PID.img`.

@@ -96,7 +96,38 @@ fn prepare(
         }
     }
 
+    let mut sysv_last = crate::ipc::attach::Last::default();
     for p in &plan.premaps {
+        if let Some(s) = p.sysv {
+            let part = crate::ipc::attach::Part {
+                shmid: s.shmid,
+                pgoff: s.pgoff,
+                len: p.len,
+                at: p.at,
+                orig_base: p.target.wrapping_sub(s.pgoff),
+                prot: p.prot,
+                rdonly: s.rdonly,
+            };
+            crate::ipc::attach::attach(part, (plan.zone_start, plan.zone_len), &mut sysv_last)
+                .map_err(|e| {
+                    fail(
+                        format!(
+                            "attach SysV shared memory segment {} at {:#x}: {e}",
+                            s.shmid, p.target
+                        ),
+                        err_fd,
+                    )
+                })?;
+            for &adv in &p.advice {
+                sys::madvise(p.at, p.len, adv).map_err(|e| {
+                    fail(
+                        format!("madvise({adv}) the VMA of {:#x}: {e}", p.target),
+                        err_fd,
+                    )
+                })?;
+            }
+            continue;
+        }
         let fd = match (&p.file, p.shm_fd) {
             (_, Some(fd)) => fd,
             (Some((path, mode, _)), None) => {

@@ -5,10 +5,14 @@
 //! 1. Read and check the image (`plan`): PIDs free, same vDSO layout, CPU
 //!    features, files unchanged; compute the restore zone and the blob's
 //!    argument block.
-//! 2. `clone3(set_tid = PID)`: the child (`child`) premaps and fills every
-//!    VMA inside the zone, loads the blob, reopens files, and jumps into the
-//!    blob, which swaps the address space and creates the threads.
-//! 3. We trace the child (`tracer`) until every thread reports done, then
+//! 2. SysV IPC objects of the image are created with their ids
+//!    ([`crate::ipc`]); a failed restore removes them again.
+//! 3. `clone3(set_tid = PID)`: the child (`child`) premaps and fills every
+//!    VMA inside the zone (SysV segments are attached there,
+//!    [`crate::ipc::attach`]), loads the blob, reopens files, and jumps into
+//!    the blob, which swaps the address space and creates the threads.
+//! 4. We trace the child (`tracer`) until every thread reports done (segments
+//!    that were marked for deletion are marked again now), then
 //!    load registers and let it run. On any failure the child is killed:
 //!    never a half-restored process left running.
 #[allow(dead_code)]
@@ -90,6 +94,8 @@ pub enum RestoreError {
     Lazy(#[from] lazy::LazyError),
     #[error("process tree: {what}")]
     Tree { what: String },
+    #[error(transparent)]
+    Ipc(#[from] crate::ipc::IpcError),
 }
 
 #[derive(Debug, Default)]
@@ -330,6 +336,7 @@ fn prepare(dir: &Path, opts: &RestoreOptions) -> Result<Prepared, RestoreError> 
 /// vDSO, CPU, address space), without creating anything. A migration
 /// destination runs it before the source gives up its process.
 pub fn preflight(dir: &Path, opts: &RestoreOptions) -> Result<(), RestoreError> {
+    crate::ipc::preflight(&ImageDir::open(dir)?)?;
     if let Some((image, inv, tree)) = open_tree(dir)? {
         return tree::prepare(&image, &inv, &tree, opts).map(drop);
     }
@@ -395,7 +402,12 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
     drop(go_r);
     drop(err_w);
     let mut err_pipe = std::fs::File::from(err_r);
+    // Made after the fork: the child holds no copy of the guard.
+    let mut ipc = None;
     let result = (|| {
+        // SysV objects before the task runs: it attaches its segments.
+        let attached = plan.premaps.iter().filter_map(|p| p.sysv.map(|s| s.shmid));
+        ipc = Some(crate::ipc::restore(&ImageDir::open(dir)?, attached)?);
         ptrace::seize(pid, ptrace::PTRACE_O_TRACECLONE | ptrace::PTRACE_O_EXITKILL).map_err(
             |source| RestoreError::Ptrace {
                 tid: pid,
@@ -410,6 +422,9 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
                 source,
             })?;
         tracer::supervise(&plan, &mut err_pipe)?;
+        if let Some(ipc) = ipc.take() {
+            ipc.attached()?;
+        }
         let total_pages = pages.total_pages();
         let lazy = match (opts.lazy_pages, &opts.lazy_socket) {
             (false, _) => None,

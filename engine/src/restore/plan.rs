@@ -37,6 +37,22 @@ pub struct Premap {
     /// to map (at the `shmem` offset) instead of fresh memory; the child
     /// then fills nothing.
     pub shm_fd: Option<i32>,
+    /// A SysV shared memory attachment: attached by the child instead of
+    /// mapped (see [`SysvAttach`]); nothing to fill.
+    pub sysv: Option<SysvAttach>,
+}
+
+/// A SysV segment attached at `Premap::target`: the child attaches segment
+/// `shmid` (created by the restore, with its original id) where the kernel
+/// likes, moves the part at byte `pgoff` of it to the premap's place, and
+/// the blob moves that with the other premaps. VMAs that were parts of one
+/// attachment (same `target - pgoff`) share one `shmat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SysvAttach {
+    pub shmid: i32,
+    pub pgoff: u64,
+    /// `SHM_RDONLY`: the VMA could never be made writable (no `mw`).
+    pub rdonly: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -209,7 +225,7 @@ pub fn build(input: &Inputs<'_>, host: &Host) -> Result<Plan, RestoreError> {
         .filter(|v| {
             matches!(
                 v.kind(),
-                VmaKind::Anon | VmaKind::Heap | VmaKind::Stack | VmaKind::File
+                VmaKind::Anon | VmaKind::Heap | VmaKind::Stack | VmaKind::File | VmaKind::SysvShm
             )
         })
         .collect();
@@ -255,6 +271,19 @@ pub fn build(input: &Inputs<'_>, host: &Host) -> Result<Plan, RestoreError> {
         }
         let runs = first..run_idx;
         let prot = (v.prot & 7) as i32;
+        let flags_str: Vec<&str> = v.vm_flags.split_whitespace().collect();
+        let sysv = (v.kind() == VmaKind::SysvShm).then_some(SysvAttach {
+            shmid: v.sysv_shmid,
+            pgoff: v.pgoff,
+            rdonly: !flags_str.contains(&"mw"),
+        });
+        if sysv.is_some() && (!runs.is_empty() || !v.shared || v.pgoff % PAGE != 0) {
+            return Err(invalid(format!(
+                "SysV shared memory VMA {:#x} has pages in the task's file, is private \
+                 or has an unaligned offset",
+                v.start
+            )));
+        }
         let lazy = match input.lazy {
             LazyPlan::Off => false,
             LazyPlan::WherePages => !runs.is_empty() && lazy_eligible(v),
@@ -265,7 +294,6 @@ pub fn build(input: &Inputs<'_>, host: &Host) -> Result<Plan, RestoreError> {
         } else {
             prot | libc::PROT_READ | libc::PROT_WRITE
         };
-        let flags_str: Vec<&str> = v.vm_flags.split_whitespace().collect();
         let mut flags = if v.shared {
             libc::MAP_SHARED
         } else {
@@ -315,6 +343,7 @@ pub fn build(input: &Inputs<'_>, host: &Host) -> Result<Plan, RestoreError> {
             shmem: (v.kind() == VmaKind::Anon && v.shared && v.shmem_ino != 0)
                 .then_some((v.shmem_ino, v.pgoff)),
             shm_fd: None,
+            sysv,
         });
     }
     if run_idx != input.runs.len() {

@@ -23,7 +23,8 @@
 //! root ([`super::shmem`]) and mapped by every task that shares it; so are
 //! the open files several tasks share ([`crate::files::shared`]): the
 //! tasks inherit them and the coordinator closes its copies once the root
-//! exists.
+//! exists. SysV IPC objects likewise ([`crate::ipc`]); each task attaches
+//! its segments itself.
 //!
 //! Any failure kills every task created so far and reaps them all: nothing
 //! half-restored keeps running.
@@ -214,6 +215,14 @@ pub(super) fn restore(
     for id in shape.all_ids() {
         check_pid_free(id)?;
     }
+    // SysV objects before the tasks, which attach their segments.
+    let attached = preps.iter().flatten().flat_map(|p| {
+        p.plan
+            .premaps
+            .iter()
+            .filter_map(|m| m.sysv.map(|s| s.shmid))
+    });
+    let mut ipc = Some(crate::ipc::restore(image, attached)?);
     let io = |what: &str| {
         let what = what.to_string();
         move |source| RestoreError::Io { what, source }
@@ -250,7 +259,7 @@ pub(super) fn restore(
         *r = None;
     }
     let mut created = BTreeSet::from([root]);
-    match drive(&ctx, &mut ch, &mut created) {
+    match drive(&ctx, &mut ch, &mut created, &mut ipc) {
         Ok(()) => {
             let threads = ctx.shape.tasks.iter().map(|t| t.threads.len()).sum();
             let pages = ctx
@@ -283,6 +292,7 @@ fn drive(
     ctx: &TreeCtx,
     ch: &mut Channels,
     created: &mut BTreeSet<i32>,
+    ipc: &mut Option<crate::ipc::Restored>,
 ) -> Result<(), RestoreError> {
     let tasks = &ctx.shape.tasks;
     let n = tasks.len();
@@ -344,6 +354,9 @@ fn drive(
                 .unwrap_or_default()
         },
     )?;
+    if let Some(ipc) = ipc.take() {
+        ipc.attached()?;
+    }
     // Children first: a parent that runs may signal or wait for them.
     for prep in ctx.preps.iter().rev().flatten() {
         tracer::finish(&prep.plan, &prep.core, None)?;

@@ -581,6 +581,7 @@ pub async fn send(session: Session, opts: &SendOptions, progress: Progress) -> R
     let dump_opts = DumpOptions {
         leave_running: true,
         shell_job: opts.shell_job,
+        ..Default::default()
     };
     let engine = std::thread::Builder::new()
         .name(format!("ptrace-{pid}"))
