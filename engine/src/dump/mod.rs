@@ -10,6 +10,7 @@
 //! write the inventory last (fsynced), and only
 //! then kill the tree (or resume it with `leave_running`). Any error resumes
 //! every task untouched: each [`FrozenProcess`] is released on drop.
+mod memfd;
 mod memory;
 mod posix_timers;
 mod task;
@@ -147,11 +148,41 @@ fn precheck_root(pid: i32, opts: &DumpOptions) -> Result<procfs::Stat, DumpError
 pub fn precheck(pid: i32, opts: &DumpOptions) -> Result<(), DumpError> {
     precheck_root(pid, opts)?;
     refuse_tree(pid)?;
-    crate::files::dump(pid)?;
+    let files = crate::files::dump(pid)?;
     // `maps` suffices to refuse what cannot be dumped (`smaps` would walk
     // every page table, tens of ms per GiB).
-    classify(pid, &procfs::read_maps(pid)?)?;
-    Ok(())
+    let vmas = classify(pid, &procfs::read_maps(pid)?)?;
+    refuse_objects(pid, &files, &vmas)
+}
+
+/// Refuses memfds and ptys for live migration, which carries neither the
+/// contents of memfds nor the ptys' other ends yet.
+fn refuse_objects(
+    pid: i32,
+    files: &crm_proto::image::FilesCore,
+    vmas: &[crm_proto::image::Vma],
+) -> Result<(), DumpError> {
+    use crm_proto::image::fd_entry::Kind;
+    let what = files
+        .fds
+        .iter()
+        .find_map(|f| match f.kind {
+            Some(Kind::Memfd(_)) => Some(format!("fd {} is a memfd", f.fd)),
+            Some(Kind::Tty(_)) => Some(format!("fd {} is a pseudo-terminal", f.fd)),
+            _ => None,
+        })
+        .or_else(|| {
+            vmas.iter()
+                .find(|v| v.kind() == VmaKind::Memfd)
+                .map(|v| format!("mapping {:#x}-{:#x} is a memfd", v.start, v.end))
+        });
+    match what {
+        Some(what) => Err(DumpError::Unsupported {
+            pid,
+            what: format!("{what}, which live migration does not carry yet (use dump and restore)"),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Refuses a process that has children (zombies included): live migration
@@ -179,6 +210,7 @@ pub fn precheck_tree(root: i32, opts: &DumpOptions) -> Result<(), DumpError> {
     let me = std::process::id() as i32;
     let stats = tree::discover(root)?;
     let mut entries = Vec::with_capacity(stats.len());
+    let mut files = Vec::with_capacity(stats.len());
     for st in &stats {
         let zombie = st.state == 'Z';
         if st.pid == me {
@@ -195,17 +227,23 @@ pub fn precheck_tree(root: i32, opts: &DumpOptions) -> Result<(), DumpError> {
         if !zombie {
             let checked = crate::files::dump(st.pid)
                 .map_err(DumpError::from)
-                .and_then(|_| classify(st.pid, &procfs::read_smaps(st.pid)?));
-            if let Err(e) = checked {
-                // A task that exited meanwhile is no reason to refuse (the
-                // freeze sees the tree as it is then).
-                let gone = st.pid != root
-                    && procfs::read_stat(st.pid)
-                        .map_or_else(|e| e.is_not_found(), |s| s.state == 'Z');
-                if !gone {
-                    return Err(e);
+                .and_then(|f| {
+                    classify(st.pid, &procfs::read_smaps(st.pid)?)?;
+                    Ok(f)
+                });
+            match checked {
+                Ok(f) => files.push((st.pid, f)),
+                Err(e) => {
+                    // A task that exited meanwhile is no reason to refuse (the
+                    // freeze sees the tree as it is then).
+                    let gone = st.pid != root
+                        && procfs::read_stat(st.pid)
+                            .map_or_else(|e| e.is_not_found(), |s| s.state == 'Z');
+                    if !gone {
+                        return Err(e);
+                    }
+                    continue;
                 }
-                continue;
             }
         }
         entries.push(crm_proto::image::TreeTask {
@@ -221,6 +259,7 @@ pub fn precheck_tree(root: i32, opts: &DumpOptions) -> Result<(), DumpError> {
             child_subreaper: st.pid == root,
         });
     }
+    crate::files::tty::check_tree(files.iter().map(|(p, f)| (*p, f)))?;
     check_shape(root, &entries, opts)
 }
 
@@ -378,14 +417,18 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpStats, DumpE
     let mut inventory = None;
     let mut subreapers = Vec::new();
     let mut shmem = SharedObjects::default();
+    let mut memfds = memfd::MemfdStore::default();
+    let mut all_files = Vec::with_capacity(frozen.tasks.len());
     for task in &frozen.tasks {
         let tpid = task.pid();
         let state = collect_state(task)?;
         let mut pages = image.pages_writer(tpid)?;
         let own = shmem.not_yet_stored(&state.mm.vmas);
-        let mem = memory::dump_pages(tpid, Target::Frozen, &own, &mut pages)?;
+        let mut mem = memory::dump_pages(tpid, Target::Frozen, &own, &mut pages)?;
         pages.finish()?;
+        memfds.store(&image, &state, &mut mem)?;
         write_task_records(&image, &state)?;
+        all_files.push((tpid, state.files.clone()));
         stats.threads += state.core.threads.len();
         stats.vmas += state
             .mm
@@ -408,6 +451,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpStats, DumpE
     }
     // The tree as frozen (it may have changed since the precheck).
     check_shape(pid, &frozen.entries, opts)?;
+    crate::files::tty::check_tree(all_files.iter().map(|(p, f)| (*p, f)))?;
     image.write_tree(&ProcessTree {
         tasks: frozen.entries.clone(),
     })?;

@@ -35,8 +35,12 @@ pub struct Premap {
     pub shmem: Option<(u64, u64)>,
     /// In a tree restore: a descriptor of the already filled shmem object
     /// to map (at the `shmem` offset) instead of fresh memory; the child
-    /// then fills nothing.
+    /// then fills nothing. For a memfd mapping: the memfd (see `memfd`).
     pub shm_fd: Option<i32>,
+    /// A mapping of a memfd: the memfd and this VMA's offset in it. The
+    /// child maps `shm_fd` (set by [`super::memfd`]) there, and fills the
+    /// written pages of a private mapping.
+    pub memfd: Option<(crm_proto::image::MemfdObject, u64)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +82,9 @@ pub struct Plan {
     pub session: SessionAction,
     /// `prctl(PR_SET_CHILD_SUBREAPER, 1)` before the blob runs.
     pub child_subreaper: bool,
+    /// The memfds and ptys the restoring process made (see
+    /// [`super::memfd`]); their descriptors are at or above `close_from`.
+    pub objects: crate::files::Objects,
 }
 
 impl Plan {
@@ -205,7 +212,7 @@ pub fn build(input: &Inputs<'_>, host: &Host) -> Result<Plan, RestoreError> {
         .filter(|v| {
             matches!(
                 v.kind(),
-                VmaKind::Anon | VmaKind::Heap | VmaKind::Stack | VmaKind::File
+                VmaKind::Anon | VmaKind::Heap | VmaKind::Stack | VmaKind::File | VmaKind::Memfd
             )
         })
         .collect();
@@ -281,9 +288,21 @@ pub fn build(input: &Inputs<'_>, host: &Host) -> Result<Plan, RestoreError> {
                 libc::O_RDONLY
             };
             Some((cstring(&f.path, "file path")?, mode, v.pgoff))
+        } else if v.kind() == VmaKind::Memfd {
+            None
         } else {
             flags |= libc::MAP_ANONYMOUS;
             None
+        };
+        let memfd = match (v.kind(), &v.memfd) {
+            (VmaKind::Memfd, Some(o)) => {
+                crate::files::memfd::check_object(o).map_err(invalid)?;
+                Some((o.clone(), v.pgoff))
+            }
+            (VmaKind::Memfd, None) => {
+                return Err(invalid(format!("memfd VMA {:#x} has no memfd", v.start)))
+            }
+            _ => None,
         };
         let mut advice = Vec::new();
         for (code, adv) in [
@@ -311,6 +330,7 @@ pub fn build(input: &Inputs<'_>, host: &Host) -> Result<Plan, RestoreError> {
             shmem: (v.kind() == VmaKind::Anon && v.shared && v.shmem_ino != 0)
                 .then_some((v.shmem_ino, v.pgoff)),
             shm_fd: None,
+            memfd,
         });
     }
     if run_idx != input.runs.len() {
@@ -671,6 +691,7 @@ pub fn build(input: &Inputs<'_>, host: &Host) -> Result<Plan, RestoreError> {
         },
         session,
         child_subreaper: core.child_subreaper,
+        objects: Default::default(),
     })
 }
 

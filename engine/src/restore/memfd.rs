@@ -1,0 +1,126 @@
+//! The memfds and ptys of a restore, made once by the restoring process
+//! before it creates any task (so that every task inherits them, as
+//! [`super::shmem`] does for shared anonymous memory).
+//!
+//! Each memfd of the image (met in any task's descriptors or VMAs) is
+//! created with its name, sized, filled from `memfd-pages-INO.img` through
+//! a shared mapping, given its mode and owner, and only then sealed (a
+//! memfd sealed against writes could not be filled afterwards). The ptys
+//! are made by [`crate::files::tty::create`]. Their descriptors are moved
+//! above every task's image descriptors (`close_from`), so the tasks find
+//! them when they map VMAs and reopen descriptors; the blob closes them.
+use super::plan::Plan;
+use super::RestoreError;
+use crate::dump::PAGE;
+use crate::files::memfd::check_object;
+use crate::image::ImageDir;
+use crm_proto::image::{fd_entry, MemfdObject};
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use crate::files::memfd_sys as sys;
+
+fn io(what: String) -> impl FnOnce(std::io::Error) -> RestoreError {
+    move |source| RestoreError::Io { what, source }
+}
+
+/// Makes every memfd and pty the `plans` use, records them in each plan
+/// ([`Plan::objects`], the memfd premaps' `shm_fd`), and returns the
+/// descriptors to keep open until the restore is over.
+pub(super) fn create(
+    image: &ImageDir,
+    plans: &mut [&mut Plan],
+) -> Result<Vec<OwnedFd>, RestoreError> {
+    let min_fd = plans.iter().map(|p| p.close_from).max().unwrap_or(3);
+    let mut objects: BTreeMap<u64, MemfdObject> = BTreeMap::new();
+    let mut ttys = Vec::new();
+    for plan in plans.iter() {
+        for (_, _, k) in &plan.fds {
+            match k {
+                fd_entry::Kind::Memfd(m) => {
+                    if let Some(o) = &m.object {
+                        objects.entry(o.ino).or_insert_with(|| o.clone());
+                    }
+                }
+                fd_entry::Kind::Tty(t) => ttys.push(t.clone()),
+                _ => {}
+            }
+        }
+        for p in &plan.premaps {
+            if let Some((o, _)) = &p.memfd {
+                objects.entry(o.ino).or_insert_with(|| o.clone());
+            }
+        }
+    }
+    let mut keep = Vec::new();
+    let mut memfds = Vec::new();
+    for o in objects.values() {
+        check_object(o).map_err(|what| RestoreError::InvalidImage { what })?;
+        let fd = make(image, o)?;
+        let fd = crate::files::dup_at_least(fd.as_fd(), min_fd)
+            .map_err(io(format!("move memfd {:?}", o.name)))?;
+        memfds.push((o.ino, fd.as_raw_fd()));
+        keep.push(fd);
+    }
+    let (tty_fds, ptys) =
+        crate::files::tty::create(&ttys, min_fd).map_err(|e| RestoreError::Io {
+            what: crate::files::chain(&e),
+            source: std::io::Error::other("pty"),
+        })?;
+    keep.extend(tty_fds);
+    for plan in plans.iter_mut() {
+        plan.objects = crate::files::Objects {
+            memfds: memfds.clone(),
+            ptys: ptys.clone(),
+        };
+        for p in plan.premaps.iter_mut() {
+            if let Some((o, _)) = &p.memfd {
+                p.shm_fd = memfds.iter().find(|(i, _)| *i == o.ino).map(|(_, f)| *f);
+            }
+        }
+    }
+    if !memfds.is_empty() || !ptys.is_empty() {
+        tracing::debug!(
+            memfds = memfds.len(),
+            ptys = ptys.len(),
+            "memfds and ptys ready"
+        );
+    }
+    Ok(keep)
+}
+
+/// Creates memfd `o` with its contents, mode, owner and seals.
+fn make(image: &ImageDir, o: &MemfdObject) -> Result<OwnedFd, RestoreError> {
+    let what = |w: &str| format!("{w} of memfd {:?} (inode {})", o.name, o.ino);
+    let name = std::ffi::CString::new(o.name.as_str()).map_err(|_| RestoreError::InvalidImage {
+        what: what("the name"),
+    })?;
+    let fd = sys::create(&name).map_err(io(what("memfd_create")))?;
+    let file = std::fs::File::from(fd);
+    file.set_len(o.size).map_err(io(what("set the size")))?;
+    let pages = image.memfd_pages_reader(o.ino)?;
+    if !pages.runs().is_empty() {
+        let mapped = o.size.div_ceil(PAGE) * PAGE;
+        let mut map = sys::SharedMap::new(file.as_fd(), mapped).map_err(io(what("map")))?;
+        for r in pages.runs() {
+            let dst = map.slice(r.vaddr, r.nr_pages * PAGE).ok_or_else(|| {
+                RestoreError::InvalidImage {
+                    what: what(&format!(
+                        "page run at offset {:#x} ({} pages) beyond the size",
+                        r.vaddr, r.nr_pages
+                    )),
+                }
+            })?;
+            pages.read_run_into(r, dst)?;
+        }
+    }
+    use std::os::unix::fs::PermissionsExt;
+    file.set_permissions(std::fs::Permissions::from_mode(o.mode & 0o7777))
+        .map_err(io(what("set the mode")))?;
+    std::os::unix::fs::fchown(&file, Some(o.uid), Some(o.gid))
+        .map_err(io(what("set the owner")))?;
+    if o.seals != 0 {
+        sys::add_seals(file.as_fd(), o.seals).map_err(io(what("add the seals")))?;
+    }
+    Ok(OwnedFd::from(file))
+}
