@@ -119,3 +119,104 @@ fn memfd_fds_and_mappings() {
     let pass = wl.expect_pass("after restore");
     println!("checked: {pass}");
 }
+
+/// A parent and child sharing one memfd (the parent's fd and mapping, the
+/// child's inherited mapping, own fd and second mapping) share it again
+/// after a restore: a write by one is seen by the other, in its mappings
+/// and through read(). The image stores the memfd's contents once.
+#[test]
+fn memfd_shared_by_parent_and_child() {
+    h::init();
+    let _serial = h::serial();
+    let tmp = TempDir::new("memfd-tree");
+    let images = tmp.subdir("images");
+    let mut tree = Tree::start(
+        workload_bin!(wl_memfd_tree),
+        &[],
+        tmp.path(),
+        Spawn::default(),
+    );
+    assert_eq!(tree.members.len(), 1, "one child");
+    tree.wl.expect_pass("before the dump");
+    tree_cycle(&mut tree, &images);
+    let stored = memfd_pages(&images);
+    assert_eq!(
+        stored.len(),
+        1,
+        "the memfd's contents are stored once: {stored:?}"
+    );
+    // A 4 KiB header, then pages 0-13 (pattern), 14 (nonces) and 15
+    // (mailbox): never a second copy.
+    let pages = stored[0].1 / PAGE - 1;
+    assert!(
+        (14..=16).contains(&pages),
+        "the memfd of 16 pages is stored as {pages} pages"
+    );
+    println!("checked: the image holds the memfd once ({pages} pages)");
+    let pass = tree.wl.expect_pass("after restore");
+    println!("checked: {pass}");
+    let pass = tree.wl.expect_pass("a second time after restore");
+    println!("checked: {pass}");
+}
+
+/// Removes a POSIX shm file on drop.
+struct ShmFile(String);
+
+impl Drop for ShmFile {
+    fn drop(&mut self) {
+        if !self.0.is_empty() {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+fn shm_of(wl: &Workload) -> ShmFile {
+    let path = wl.ready_field("shm").unwrap_or("").to_string();
+    assert!(
+        path.starts_with("/dev/shm/crm-shm-"),
+        "no shm= in {:?}",
+        wl.ready_line()
+    );
+    ShmFile(path)
+}
+
+/// POSIX shm mapped by one task (twice shared, once private with a
+/// written page) is restored as a shared file mapping: the contents live
+/// in the file, which the image does not copy.
+#[test]
+fn posix_shm_single_task() {
+    h::init();
+    let _serial = h::serial();
+    let tmp = TempDir::new("posix-shm");
+    let images = tmp.subdir("images");
+    let mut wl = Workload::start(workload_bin!(wl_posix_shm), &["single"], tmp.path());
+    let shm = shm_of(&wl);
+    wl.expect_pass("before the dump");
+    dump(&mut wl, &images);
+    assert!(memfd_pages(&images).is_empty());
+    assert!(Path::new(&shm.0).exists(), "{} vanished", shm.0);
+    restore(&mut wl, &images);
+    let pass = wl.expect_pass("after restore");
+    println!("checked: {pass}");
+}
+
+/// POSIX shm shared by a parent and a child (each with its own fd) is
+/// shared again after a restore.
+#[test]
+fn posix_shm_parent_and_child() {
+    h::init();
+    let _serial = h::serial();
+    let tmp = TempDir::new("posix-shm-tree");
+    let images = tmp.subdir("images");
+    let mut tree = Tree::start(
+        workload_bin!(wl_posix_shm),
+        &["tree"],
+        tmp.path(),
+        Spawn::default(),
+    );
+    let _shm = shm_of(&tree.wl);
+    tree.wl.expect_pass("before the dump");
+    tree_cycle(&mut tree, &images);
+    let pass = tree.wl.expect_pass("after restore");
+    println!("checked: {pass}");
+}
