@@ -220,3 +220,77 @@ fn posix_shm_parent_and_child() {
     let pass = tree.wl.expect_pass("after restore");
     println!("checked: {pass}");
 }
+
+/// A pty whose master the parent holds and whose slave is the child's
+/// stdin, stdout, stderr and controlling terminal works again after a
+/// restore: the parent talks to the child through it, the termios and
+/// window size are kept, the child leads its session with the pty as its
+/// controlling terminal and is the foreground group.
+#[test]
+fn pty_between_parent_and_child() {
+    h::init();
+    let _serial = h::serial();
+    let tmp = TempDir::new("pty");
+    let images = tmp.subdir("images");
+    let mut tree = Tree::start(workload_bin!(wl_pty), &[], tmp.path(), Spawn::default());
+    assert_eq!(tree.members.len(), 1, "one child");
+    tree.wl.expect_pass("before the dump");
+    tree_cycle(&mut tree, &images);
+    show(
+        &images,
+        &[
+            "pty master",
+            "pty slave",
+            "(101x33)",
+            "controlling terminal",
+        ],
+    );
+    let child = tree.members[0];
+    let fds = procs::fds(child);
+    assert!(
+        fds.get(&0).is_some_and(|l| l.starts_with("/dev/pts/")),
+        "the child's stdin is {:?}",
+        fds.get(&0)
+    );
+    let pass = tree.wl.expect_pass("after restore");
+    println!("checked: {pass}");
+    let pass = tree.wl.expect_pass("a second time after restore");
+    println!("checked: {pass}");
+}
+
+/// A pty slave whose master is outside the dumped tree (here: the child
+/// dumped without its parent) is refused, naming the task, the fd and the
+/// terminal; the tree runs on untouched.
+#[test]
+fn pty_with_master_outside_the_tree_is_refused() {
+    h::init();
+    let _serial = h::serial();
+    let tmp = TempDir::new("pty-refused");
+    let images = tmp.subdir("images");
+    let tree = Tree::start(workload_bin!(wl_pty), &[], tmp.path(), Spawn::default());
+    let child = tree.members[0];
+    let out = run_crm(&[
+        "dump",
+        "--pid",
+        &child.to_string(),
+        "--images-dir",
+        path_str(&images),
+    ]);
+    let err = stderr(&out);
+    assert!(
+        !out.status.success() && !err.contains("panicked"),
+        "the dump should fail cleanly:\n{err}"
+    );
+    for want in [
+        format!("process {child}"),
+        "fd 0".to_string(),
+        "terminal".to_string(),
+        "master".to_string(),
+    ] {
+        assert!(err.contains(&want), "the error should say {want:?}:\n{err}");
+    }
+    procs::assert_running_untraced(child, "the refused dump");
+    procs::assert_running_untraced(tree.wl.pid(), "the refused dump");
+    let pass = tree.wl.expect_pass("after the refused dump");
+    println!("checked: refused ({}), then {pass}", err.trim());
+}
