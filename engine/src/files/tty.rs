@@ -17,9 +17,9 @@
 //! duplicate of the new master, a slave a new open of the new slave
 //! (`O_NOCTTY`), made the controlling terminal of the session leader that
 //! had it (`TIOCSCTTY`) with its foreground group (`TIOCSPGRP`). Data
-//! queued in the pty's buffers at dump time is lost. Only the session
-//! leader gets the controlling terminal back: tasks created before it in
-//! the restore (its children) do not inherit it.
+//! queued in the pty's buffers at dump time is lost. In a tree, the
+//! session leader takes its controlling terminal right after `setsid`
+//! ([`take_ctty`]), so the tasks it then creates inherit it.
 use super::tty_sys;
 use super::FilesError;
 use crate::procfs::{self, FdInfo};
@@ -353,6 +353,41 @@ pub fn restore(fd: i32, t: &TtyFd, ptys: &[PtyFds]) -> Result<OwnedFd, FilesErro
         }
     }
     Ok(s)
+}
+
+/// Makes the new pty the controlling terminal of the calling session
+/// leader, if the image's descriptors `fds` say it had one: called right
+/// after `setsid`, before the leader creates its children, so that they
+/// inherit it as they did originally. (Restoring the slave descriptor
+/// marked `ctty` asks again, which then changes nothing, and sets the
+/// foreground group once every group exists.)
+pub fn take_ctty(
+    fds: &[(i32, bool, crm_proto::image::fd_entry::Kind)],
+    objects: &super::Objects,
+) -> Result<(), FilesError> {
+    for (fd, _, k) in fds {
+        let crm_proto::image::fd_entry::Kind::Tty(t) = k else {
+            continue;
+        };
+        if !t.ctty {
+            continue;
+        }
+        let index = t.pty.as_ref().map_or(0, |p| p.index);
+        let pty = objects
+            .ptys
+            .iter()
+            .find(|p| p.index == index)
+            .ok_or_else(|| invalid(index, "find the pty of the controlling terminal"))?;
+        // SAFETY: the table's descriptors stay open in this task until the
+        // blob closes them.
+        let slave = unsafe { std::os::fd::BorrowedFd::borrow_raw(pty.slave) };
+        return tty_sys::set_ctty(slave).map_err(|source| FilesError::Create {
+            fd: *fd,
+            kind: "controlling terminal (TIOCSCTTY)",
+            source,
+        });
+    }
+    Ok(())
 }
 
 /// A short description for `show`.

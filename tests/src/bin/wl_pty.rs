@@ -4,16 +4,18 @@
 //! window size to 33 rows x 101 columns; its child starts a new session,
 //! opens the slave (which becomes its controlling terminal), makes it its
 //! stdin, stdout and stderr, turns echo off and sets VKILL to ^K, and then
-//! answers each line it reads: `PING x` with `PONG x`, `CHECK` with
+//! forks a grandchild (stdio on /dev/null, in its session: the pty is its
+//! controlling terminal too, inherited), and answers each line it reads:
+//! `PING x` with `PONG x`, `GRANDCHILD` with `GC <pid>`, `CHECK` with
 //! `CHILD-OK` or `CHILD-FAIL <what differs>` after checking its terminal
 //! (a tty on 0-2, termios, window size, its session, being the foreground
 //! group, `/dev/tty` opens, `/proc/self/stat` names the pty).
 //!
-//! Protocol: `READY pid=N members=C`; on SIGUSR2 the parent writes `CHECK`
+//! Protocol: `READY pid=N members=C,G`; on SIGUSR2 the parent writes `CHECK`
 //! to the master and reads the child's answer from it, and checks from its
 //! side the termios and window size (through the master), that the child's
-//! stdin is the slave of its master, and the child's controlling terminal
-//! and foreground group in `/proc`. Prints `PASS ...`/`FAIL ...`. Data in
+//! stdin is the slave of its master, and the child's and grandchild's
+//! controlling terminal and foreground group in `/proc`. Prints `PASS ...`/`FAIL ...`. Data in
 //! the pty's buffers is not expected to survive a dump.
 
 use crm_tests::wl;
@@ -170,6 +172,25 @@ fn child(slave: &str) -> ! {
             libc::close(fd);
         }
     }
+    // SAFETY: fork in a single-threaded program; the grandchild only
+    // swaps its stdio for /dev/null and sleeps.
+    let gc = unsafe { libc::fork() };
+    if gc < 0 {
+        wl::fail_setup("fork the grandchild");
+    }
+    if gc == 0 {
+        // SAFETY: open/dup2/close on our own descriptors.
+        unsafe {
+            let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+            for n in 0..3 {
+                libc::dup2(null, n);
+            }
+            libc::close(null);
+        }
+        loop {
+            wl::sleep_ms(1000);
+        }
+    }
     let mut line = Vec::new();
     loop {
         let mut b = [0u8; 1];
@@ -194,6 +215,8 @@ fn child(slave: &str) -> ! {
             } else {
                 format!("CHILD-FAIL {}", p.join("; "))
             }
+        } else if text == "GRANDCHILD" {
+            format!("GC {gc}")
         } else if let Some(x) = text.strip_prefix("PING ") {
             format!("PONG {x}")
         } else {
@@ -241,7 +264,7 @@ fn read_answer(prefix: &str) -> Result<String, String> {
     }
 }
 
-fn parent_check(child: i32, round: u32) -> Vec<String> {
+fn parent_check(child: i32, gc: i32, round: u32) -> Vec<String> {
     let mut p = Vec::new();
     write_all(MASTER, format!("PING {round}\n").as_bytes());
     match read_answer("PONG") {
@@ -281,12 +304,15 @@ fn parent_check(child: i32, round: u32) -> Vec<String> {
             "the child's stdin is {stdin:?}, the master's slave {name:?}"
         ));
     }
-    let (nr, tpgid) = stat_tty(child);
     let rdev = std::fs::metadata(&name).map(|m| m.rdev()).unwrap_or(1);
-    if tty_nr_dev(nr) != rdev || tpgid != child {
-        p.push(format!(
-            "the child's controlling terminal is {nr:#x} with foreground group {tpgid}, want {rdev:#x} and {child}"
-        ));
+    for (who, pid) in [("child", child), ("grandchild", gc)] {
+        let (nr, tpgid) = stat_tty(pid);
+        if tty_nr_dev(nr) != rdev || tpgid != child {
+            p.push(format!(
+                "the {who}'s controlling terminal is {nr:#x} with foreground group {tpgid}, \
+                 want {rdev:#x} and {child}"
+            ));
+        }
     }
     p
 }
@@ -329,7 +355,15 @@ fn main() {
     if read_answer("PONG 0").is_err() {
         wl::fail_setup("the child does not answer");
     }
-    wl::ready(&format!("members={pid}"));
+    write_all(MASTER, b"GRANDCHILD\n");
+    let gc: i32 = match read_answer("GC ") {
+        Ok(l) => l[3..].parse().unwrap_or(0),
+        Err(_) => 0,
+    };
+    if gc <= 0 {
+        wl::fail_setup("the child does not name its child");
+    }
+    wl::ready(&format!("members={pid},{gc}"));
     let mut round = 0;
     loop {
         if wl::take(libc::SIGUSR2) {
@@ -344,7 +378,7 @@ fn main() {
                 // SAFETY: TIOCSWINSZ reads the live local.
                 unsafe { libc::ioctl(MASTER, libc::TIOCSWINSZ, &w) };
             }
-            wl::verdict("pty", &parent_check(pid, round));
+            wl::verdict("pty", &parent_check(pid, gc, round));
         }
         wl::sleep_ms(20);
     }
