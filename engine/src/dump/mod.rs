@@ -496,6 +496,40 @@ mod tests {
     }
 
     #[test]
+    fn live_migration_refuses_memfds_and_ptys() {
+        use crm_proto::image::{fd_entry, FdEntry, FilesCore, MemfdFd, TtyFd};
+        let files = |kind| FilesCore {
+            fds: vec![FdEntry {
+                fd: 4,
+                cloexec: false,
+                kind: Some(kind),
+            }],
+        };
+        let err = refuse_objects(7, &files(fd_entry::Kind::Memfd(MemfdFd::default())), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("process 7") && err.contains("fd 4 is a memfd"),
+            "{err}"
+        );
+        let err = refuse_objects(7, &files(fd_entry::Kind::Tty(TtyFd::default())), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pseudo-terminal"), "{err}");
+        let vma = Vma {
+            start: 0x1000,
+            end: 0x2000,
+            kind: VmaKind::Memfd as i32,
+            ..Default::default()
+        };
+        let err = refuse_objects(7, &FilesCore::default(), &[vma])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("0x1000-0x2000 is a memfd"), "{err}");
+        assert!(refuse_objects(7, &FilesCore::default(), &[]).is_ok());
+    }
+
+    #[test]
     fn shared_objects_are_stored_once_per_part() {
         let mut s = SharedObjects::default();
         let private = Vma {

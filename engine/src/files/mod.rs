@@ -420,3 +420,32 @@ pub fn chain(e: &FilesError) -> String {
 pub fn max_fd(files: &FilesCore) -> i32 {
     files.fds.iter().map(|f| f.fd).max().unwrap_or(-1)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crm_proto::image::{MemfdFd, MemfdObject, TtyFd};
+
+    #[test]
+    fn malformed_memfds_and_ptys_are_refused() {
+        let memfd = |o: Option<MemfdObject>| {
+            fd_entry::Kind::Memfd(MemfdFd {
+                object: o,
+                ..Default::default()
+            })
+        };
+        assert!(too_large(&memfd(None)).is_some());
+        let big = MemfdObject {
+            size: memfd::MAX_SIZE + 1,
+            ..Default::default()
+        };
+        assert!(too_large(&memfd(Some(big))).is_some());
+        let named = MemfdObject {
+            name: "x".repeat(memfd::MAX_NAME + 1),
+            ..Default::default()
+        };
+        assert!(too_large(&memfd(Some(named))).is_some());
+        assert!(too_large(&memfd(Some(MemfdObject::default()))).is_none());
+        assert!(too_large(&fd_entry::Kind::Tty(TtyFd::default())).is_some());
+    }
+}

@@ -88,9 +88,10 @@ fn child(whole: *mut u8) -> ! {
     }
     let second = map(CHILD_FD, 8 * PAGE, PAGE);
     let me = std::process::id() as u64;
-    let mailbox = unsafe_page(whole, MAILBOX_PAGE);
+    // SAFETY: the mailbox page of the shared mapping, used for nothing else.
+    let mailbox = unsafe { mailbox::Mailbox::new(unsafe_page(whole, MAILBOX_PAGE)) };
     loop {
-        mailbox::serve(mailbox, || {
+        mailbox.serve(|| {
             let mut p = Vec::new();
             let nonce = nonce_slot(whole, 0).load(std::sync::atomic::Ordering::SeqCst);
             let by_read = read_u64_at(CHILD_FD, NONCE_PAGE * PAGE);
@@ -134,11 +135,10 @@ fn main() {
     let name = CString::new("crm-tree").unwrap();
     // SAFETY: a NUL-terminated name; a new descriptor, moved to FD.
     let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_ALLOW_SEALING) };
-    // SAFETY: as above.
-    if fd < 0
-        || unsafe { libc::dup2(fd, FD) } < 0
-        || unsafe { libc::ftruncate(FD, LEN as i64) } != 0
-    {
+    // SAFETY: dup2 and ftruncate on our own descriptors.
+    let failed =
+        fd < 0 || unsafe { libc::dup2(fd, FD) < 0 || libc::ftruncate(FD, LEN as i64) != 0 };
+    if failed {
         wl::fail_setup("memfd");
     }
     // SAFETY: closing our descriptor.
@@ -162,8 +162,9 @@ fn main() {
         if wl::take(libc::SIGUSR2) {
             nonce += 1;
             nonce_slot(whole, 0).store(nonce, std::sync::atomic::Ordering::SeqCst);
-            let mut p = match mailbox::ask(unsafe_page(whole, MAILBOX_PAGE), Duration::from_secs(5))
-            {
+            // SAFETY: the mailbox page of the shared mapping, used for nothing else.
+            let mailbox = unsafe { mailbox::Mailbox::new(unsafe_page(whole, MAILBOX_PAGE)) };
+            let mut p = match mailbox.ask(Duration::from_secs(5)) {
                 Ok(p) => p,
                 Err(e) => vec![e],
             };

@@ -100,8 +100,10 @@ fn child(name: &CString, whole: *mut u8) -> ! {
     unsafe { libc::close(fd) };
     let second = map(CHILD_FD, LEN, 0, libc::MAP_SHARED);
     let me = std::process::id() as u64;
+    // SAFETY: the mailbox page of the shared mapping, used for nothing else.
+    let mailbox = unsafe { mailbox::Mailbox::new(at(whole, MAILBOX_PAGE * PAGE)) };
     loop {
-        mailbox::serve(at(whole, MAILBOX_PAGE * PAGE), || {
+        mailbox.serve(|| {
             let mut p = Vec::new();
             let nonce = slot(whole, 0).load(Ordering::SeqCst);
             let (mine, by_read) = (
@@ -144,11 +146,10 @@ fn main() {
             0o600,
         )
     };
-    // SAFETY: as above.
-    if fd < 0
-        || unsafe { libc::dup2(fd, FD) } < 0
-        || unsafe { libc::ftruncate(FD, LEN as i64) } != 0
-    {
+    // SAFETY: dup2 and ftruncate on our own descriptors.
+    let failed =
+        fd < 0 || unsafe { libc::dup2(fd, FD) < 0 || libc::ftruncate(FD, LEN as i64) != 0 };
+    if failed {
         wl::fail_setup("shm_open");
     }
     // SAFETY: closing our descriptor.
@@ -182,7 +183,9 @@ fn main() {
             slot(whole, 0).store(nonce, Ordering::SeqCst);
             let mut p = Vec::new();
             if tree {
-                match mailbox::ask(at(whole, MAILBOX_PAGE * PAGE), Duration::from_secs(5)) {
+                // SAFETY: the mailbox page of the shared mapping, used for nothing else.
+                let mailbox = unsafe { mailbox::Mailbox::new(at(whole, MAILBOX_PAGE * PAGE)) };
+                match mailbox.ask(Duration::from_secs(5)) {
                     Ok(q) => p.extend(q),
                     Err(e) => p.push(e),
                 }

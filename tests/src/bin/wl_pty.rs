@@ -288,8 +288,8 @@ fn parent_check(child: i32, gc: i32, round: u32) -> Vec<String> {
     let mut name = [0 as libc::c_char; 64];
     // SAFETY: ptsname_r writes a NUL-terminated name into the local buffer.
     let ok = unsafe { libc::ptsname_r(MASTER, name.as_mut_ptr(), name.len()) } == 0;
-    // SAFETY: NUL-terminated by ptsname_r on success.
     let name = if ok {
+        // SAFETY: NUL-terminated by ptsname_r on success.
         unsafe { CStr::from_ptr(name.as_ptr()) }
             .to_string_lossy()
             .into_owned()
