@@ -236,9 +236,13 @@ pub fn precheck_tree(root: i32, opts: &DumpOptions) -> Result<(), DumpError> {
                 Err(e) => {
                     // A task that exited meanwhile is no reason to refuse (the
                     // freeze sees the tree as it is then).
+                    // PF_EXITING: its memory may be gone before it is a zombie.
+                    const PF_EXITING: u32 = 0x4;
                     let gone = st.pid != root
-                        && procfs::read_stat(st.pid)
-                            .map_or_else(|e| e.is_not_found(), |s| s.state == 'Z');
+                        && procfs::read_stat(st.pid).map_or_else(
+                            |e| e.is_not_found(),
+                            |s| s.state == 'Z' || s.flags & PF_EXITING != 0,
+                        );
                     if !gone {
                         return Err(e);
                     }
