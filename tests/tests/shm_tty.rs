@@ -223,7 +223,7 @@ fn posix_shm_parent_and_child() {
 
 /// A pty whose master the parent holds and whose slave is the child's
 /// stdin, stdout, stderr and controlling terminal works again after a
-/// restore: the parent talks to the child through it, the termios and
+/// restore, with its index: the parent talks to the child through it, the termios and
 /// window size are kept, the child leads its session with the pty as its
 /// controlling terminal and is the foreground group, and its own child
 /// (created after it took the terminal) has it as controlling terminal too.
@@ -236,6 +236,7 @@ fn pty_between_parent_and_child() {
     let mut tree = Tree::start(workload_bin!(wl_pty), &[], tmp.path(), Spawn::default());
     assert_eq!(tree.members.len(), 2, "a child and a grandchild");
     tree.wl.expect_pass("before the dump");
+    let fds_before = procs::fds(tree.members[0]);
     tree_cycle(&mut tree, &images);
     show(
         &images,
@@ -252,6 +253,11 @@ fn pty_between_parent_and_child() {
         fds.get(&0).is_some_and(|l| l.starts_with("/dev/pts/")),
         "the child's stdin is {:?}",
         fds.get(&0)
+    );
+    // The original index was freed by the dump: the pty gets it again.
+    assert_eq!(
+        fds, fds_before,
+        "the child's descriptors (the pty's index) differ after restore"
     );
     let pass = tree.wl.expect_pass("after restore");
     println!("checked: {pass}");

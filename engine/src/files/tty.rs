@@ -11,9 +11,8 @@
 //! consoles) are refused by the kind check.
 //!
 //! Restore: the coordinator opens one new pty per pty of the image before
-//! any task exists ([`create`]; the index is the next free one, not
-//! necessarily the original) and sets its termios, window size, packet mode
-//! and lock. Each descriptor is then recreated on its own: a master is a
+//! any task exists ([`create`]; with the original index if it is free,
+//! else another) and sets its termios, window size and packet mode. Each descriptor is then recreated on its own: a master is a
 //! duplicate of the new master, a slave a new open of the new slave
 //! (`O_NOCTTY`), made the controlling terminal of the session leader that
 //! had it (`TIOCSCTTY`) with its foreground group (`TIOCSPGRP`). Data
@@ -237,6 +236,24 @@ fn termios_of(index: u32, t: &TtyTermios) -> Result<libc::termios, FilesError> {
     Ok(out)
 }
 
+/// Most ptys opened (and closed again) to reach the image's index.
+const MAX_SPARE_PTYS: usize = 256;
+
+/// A new pty master, with index `want` if it is free: /dev/ptmx hands out
+/// the lowest free index, so the lower ones are taken (and let go) until
+/// `want` comes, or a higher one shows that `want` is in use.
+fn open_index(want: u32) -> std::io::Result<OwnedFd> {
+    let mut spare = Vec::new();
+    loop {
+        let m = tty_sys::open_ptmx()?;
+        let i = tty_sys::index(m.as_fd())?;
+        if i >= want || spare.len() >= MAX_SPARE_PTYS {
+            return Ok(m);
+        }
+        spare.push(m);
+    }
+}
+
 /// Opens one new pty per pty of `fds` (the image's descriptors of every
 /// task) and sets its state. Returns the descriptors to keep open until
 /// the restore ends (each at or above `min_fd`) and the table the tasks
@@ -265,7 +282,7 @@ pub fn create<'a>(
                 source,
             }
         };
-        let master = tty_sys::open_ptmx().map_err(err("open /dev/ptmx"))?;
+        let master = open_index(index).map_err(err("open /dev/ptmx"))?;
         tty_sys::set_locked(master.as_fd(), false).map_err(err("unlock the new pty"))?;
         let slave = tty_sys::open_peer(
             master.as_fd(),

@@ -132,14 +132,11 @@ pub fn set_termios(fd: BorrowedFd<'_>, t: &libc::termios) -> io::Result<()> {
     check(unsafe { libc::tcsetattr(fd.as_raw_fd(), libc::TCSANOW, t) } as libc::c_long).map(drop)
 }
 
-/// `fcntl(F_DUPFD_CLOEXEC, 0)` of a descriptor number we hold.
+/// `fcntl(F_DUPFD_CLOEXEC, 0)`: a new descriptor of the same open file
+/// description.
 pub fn dup(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
-    owned(unsafe_dup(fd.as_raw_fd()))
-}
-
-fn unsafe_dup(fd: i32) -> libc::c_long {
     // SAFETY: F_DUPFD_CLOEXEC on a live descriptor; returns a new one.
-    (unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) }) as libc::c_long
+    owned(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) } as libc::c_long)
 }
 
 /// `F_SETFL` (status flags: O_NONBLOCK, O_APPEND).
