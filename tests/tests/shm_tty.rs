@@ -243,7 +243,7 @@ fn pty_between_parent_and_child() {
         &[
             "pty master",
             "pty slave",
-            "(101x33)",
+            "(101x33, packet mode)",
             "controlling terminal",
         ],
     );

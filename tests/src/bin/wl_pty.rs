@@ -1,7 +1,7 @@
 //! Workload `wl_pty`: a pseudo-terminal between a parent and its child.
 //!
-//! The parent opens a pty master (`posix_openpt`) as fd 30 and sets the
-//! window size to 33 rows x 101 columns; its child starts a new session,
+//! The parent opens a pty master (`posix_openpt`) as fd 30, sets the
+//! window size to 33 rows x 101 columns and turns packet mode on; its child starts a new session,
 //! opens the slave (which becomes its controlling terminal), makes it its
 //! stdin, stdout and stderr, turns echo off and sets VKILL to ^K, and then
 //! forks a grandchild (stdio on /dev/null, in its session: the pty is its
@@ -260,12 +260,21 @@ fn read_answer(prefix: &str) -> Result<String, String> {
                 std::io::Error::last_os_error()
             ));
         }
-        got.extend_from_slice(&buf[..n as usize]);
+        // Packet mode: each read starts with a status byte (0 for data).
+        if buf[0] == 0 {
+            got.extend_from_slice(&buf[1..n as usize]);
+        }
     }
 }
 
 fn parent_check(child: i32, gc: i32, round: u32) -> Vec<String> {
     let mut p = Vec::new();
+    let mut pkt: libc::c_int = 0;
+    // SAFETY: TIOCGPKT writes one int into the live local.
+    unsafe { libc::ioctl(MASTER, libc::TIOCGPKT, &mut pkt) };
+    if pkt != 1 {
+        p.push("the master left packet mode".into());
+    }
     write_all(MASTER, format!("PING {round}\n").as_bytes());
     match read_answer("PONG") {
         Ok(l) if l == format!("PONG {round}") => {}
@@ -337,7 +346,10 @@ fn main() {
             ws_xpixel: 0,
             ws_ypixel: 0,
         };
-        if libc::ioctl(MASTER, libc::TIOCSWINSZ, &w) != 0 {
+        let on: libc::c_int = 1;
+        if libc::ioctl(MASTER, libc::TIOCSWINSZ, &w) != 0
+            || libc::ioctl(MASTER, libc::TIOCPKT, &on) != 0
+        {
             wl::fail_setup("TIOCSWINSZ");
         }
         CStr::from_ptr(name.as_ptr()).to_string_lossy().into_owned()
