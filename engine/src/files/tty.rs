@@ -12,7 +12,8 @@
 //!
 //! Restore: the coordinator opens one new pty per pty of the image before
 //! any task exists ([`create`]; with the original index if it is free,
-//! else another) and sets its termios, window size and packet mode. Each descriptor is then recreated on its own: a master is a
+//! else another) and sets its termios, window size, packet mode and lock
+//! (kept only when no task holds the slave, which is then left unopened). Each descriptor is then recreated on its own: a master is a
 //! duplicate of the new master, a slave a new open of the new slave
 //! (`O_NOCTTY`), made the controlling terminal of the session leader that
 //! had it (`TIOCSCTTY`) with its foreground group (`TIOCSPGRP`). Data
@@ -200,7 +201,8 @@ pub fn check_tree<'a>(
     Ok(())
 }
 
-/// The new ptys of a restore: the image's index, the new master and slave.
+/// The new ptys of a restore: the image's index, the new master and slave
+/// (-1 when no task holds the slave).
 #[derive(Debug, Clone, Copy)]
 pub struct PtyFds {
     pub index: u32,
@@ -262,18 +264,21 @@ pub fn create<'a>(
     fds: impl IntoIterator<Item = &'a TtyFd>,
     min_fd: i32,
 ) -> Result<(Vec<OwnedFd>, Vec<PtyFds>), FilesError> {
-    // The master's view first (packet mode and lock are only known there).
-    let mut ptys: std::collections::BTreeMap<u32, &TtyPty> = Default::default();
+    // The master's view first (packet mode and lock are only known there),
+    // and whether any descriptor of the slave is open.
+    let mut ptys: std::collections::BTreeMap<u32, (&TtyPty, bool)> = Default::default();
     for f in fds {
         let Some(p) = f.pty.as_ref() else { continue };
-        let e = ptys.entry(p.index).or_insert(p);
+        let e = ptys.entry(p.index).or_insert((p, false));
         if f.master {
-            *e = p;
+            e.0 = p;
+        } else {
+            e.1 = true;
         }
     }
     let mut keep = Vec::new();
     let mut table = Vec::new();
-    for (&index, &p) in &ptys {
+    for (&index, &(p, has_slave)) in &ptys {
         let err = |what: &str| {
             let what = what.to_string();
             move |source| FilesError::Pty {
@@ -282,16 +287,16 @@ pub fn create<'a>(
                 source,
             }
         };
-        let master = open_index(index).map_err(err("open /dev/ptmx"))?;
-        tty_sys::set_locked(master.as_fd(), false).map_err(err("unlock the new pty"))?;
-        let slave = tty_sys::open_peer(
-            master.as_fd(),
-            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
-        )
-        .map_err(err("open the new pty's slave"))?;
+        let high = |fd: OwnedFd| -> Result<OwnedFd, FilesError> {
+            crate::files::dup_at_least(fd.as_fd(), min_fd).map_err(err("move it out of the way"))
+        };
+        let master = high(open_index(index).map_err(err("open /dev/ptmx"))?)?;
+        // The master reaches the slave's termios and window size. The
+        // slave is opened only if a task holds it (else the master would
+        // see it hung up once we close it).
         if let Some(t) = &p.termios {
             let t = termios_of(index, t)?;
-            tty_sys::set_termios(slave.as_fd(), &t).map_err(err("set its termios"))?;
+            tty_sys::set_termios(master.as_fd(), &t).map_err(err("set its termios"))?;
         }
         if let Some(w) = &p.winsize {
             let ws = libc::winsize {
@@ -305,24 +310,32 @@ pub fn create<'a>(
         if p.packet {
             tty_sys::set_packet(master.as_fd(), true).map_err(err("set packet mode"))?;
         }
-        if p.locked {
-            // Slave descriptors of the image are reopened from `slave`,
-            // which a locked pty refuses: the lock is left off then.
-            tracing::warn!(index, "pty was locked (TIOCSPTLCK); restored unlocked");
+        let mut slave_fd = -1;
+        if has_slave {
+            tty_sys::set_locked(master.as_fd(), false).map_err(err("unlock the new pty"))?;
+            let slave = tty_sys::open_peer(
+                master.as_fd(),
+                libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+            )
+            .map_err(err("open the new pty's slave"))?;
+            let slave = high(slave)?;
+            slave_fd = std::os::fd::AsRawFd::as_raw_fd(&slave);
+            keep.push(slave);
+            if p.locked {
+                // The tasks reopen the slave, which a locked pty refuses.
+                tracing::warn!(index, "pty was locked (TIOCSPTLCK); restored unlocked");
+            }
+        } else if !p.locked {
+            tty_sys::set_locked(master.as_fd(), false).map_err(err("unlock the new pty"))?;
         }
-        let high = |fd: OwnedFd| -> Result<OwnedFd, FilesError> {
-            crate::files::dup_at_least(fd.as_fd(), min_fd).map_err(err("move it out of the way"))
-        };
-        let (master, slave) = (high(master)?, high(slave)?);
         let new = tty_sys::index(master.as_fd()).unwrap_or(u32::MAX);
-        tracing::debug!(index, new, "pty created");
+        tracing::debug!(index, new, has_slave, "pty created");
         table.push(PtyFds {
             index,
             master: std::os::fd::AsRawFd::as_raw_fd(&master),
-            slave: std::os::fd::AsRawFd::as_raw_fd(&slave),
+            slave: slave_fd,
         });
         keep.push(master);
-        keep.push(slave);
     }
     Ok((keep, table))
 }
@@ -457,13 +470,33 @@ mod tests {
             master: true,
             ..Default::default()
         };
-        let (keep, table) = create([&t], 100).unwrap();
+        let slave = TtyFd {
+            master: false,
+            ..t.clone()
+        };
+        let (keep, table) = create([&t, &slave], 100).unwrap();
         assert_eq!(keep.len(), 2);
         assert_eq!(table[0].index, 77);
         assert!(table[0].master >= 100 && table[0].slave >= 100);
+        let s = restore(6, &slave, &table).unwrap();
+        assert_eq!(tty_sys::winsize(s.as_fd()).unwrap().ws_col, 101);
         let m = restore(5, &t, &table).unwrap();
         let w = tty_sys::winsize(m.as_fd()).unwrap();
         assert_eq!((w.ws_row, w.ws_col), (33, 101));
         assert!(tty_sys::packet(m.as_fd()).unwrap());
+        // A locked pty nobody holds the slave of stays locked.
+        let locked = TtyFd {
+            pty: Some(TtyPty {
+                index: 78,
+                locked: true,
+                ..Default::default()
+            }),
+            master: true,
+            ..Default::default()
+        };
+        let (keep, table) = create([&locked], 100).unwrap();
+        assert_eq!((keep.len(), table[0].slave), (1, -1));
+        let m = restore(5, &locked, &table).unwrap();
+        assert!(tty_sys::locked(m.as_fd()).unwrap());
     }
 }
