@@ -9,6 +9,7 @@
 //! POSIX shm object even when an assertion fails; the tests take the
 //! process-wide [`h::serial`] lock.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -300,4 +301,48 @@ fn pty_with_master_outside_the_tree_is_refused() {
     procs::assert_running_untraced(tree.wl.pid(), "the refused dump");
     let pass = tree.wl.expect_pass("after the refused dump");
     println!("checked: refused ({}), then {pass}", err.trim());
+}
+
+/// A pty master whose slave a process outside the tree holds is refused,
+/// naming that process; once it let go, the master alone is dumped and
+/// restored with its index, window size and packet mode.
+#[test]
+fn pty_master_with_slave_outside_the_tree() {
+    h::init();
+    let _serial = h::serial();
+    let tmp = TempDir::new("pty-alone");
+    let images = tmp.subdir("images");
+    let mut wl = Workload::start(workload_bin!(wl_pty), &["alone"], tmp.path());
+    let pts = wl.ready_field("pts").unwrap_or("").to_string();
+    assert!(pts.starts_with("/dev/pts/"), "{}", wl.ready_line());
+    let held = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(&pts)
+        .expect("open the slave from the test");
+    let pid = wl.pid().to_string();
+    let out = run_crm(&["dump", "--pid", &pid, "--images-dir", path_str(&images)]);
+    let err = stderr(&out);
+    assert!(
+        !out.status.success() && !err.contains("panicked"),
+        "the dump should fail cleanly:\n{err}"
+    );
+    let me = format!("process {}", std::process::id());
+    for want in [
+        format!("process {pid}"),
+        "fd 30".into(),
+        "pty master".into(),
+        me,
+    ] {
+        assert!(err.contains(&want), "the error should say {want:?}:\n{err}");
+    }
+    procs::assert_running_untraced(wl.pid(), "the refused dump");
+    wl.expect_pass("after the refused dump");
+    drop(held);
+    let images = tmp.subdir("images-2");
+    dump(&mut wl, &images);
+    restore(&mut wl, &images);
+    let pass = wl.expect_pass("after restore");
+    println!("checked: refused while we held the slave, then {pass}");
 }

@@ -7,7 +7,8 @@
 //! only), open flags. A session leader whose controlling terminal is a pty
 //! marks one of its slave descriptors `ctty`, with the foreground group. A
 //! slave whose master no task of the tree holds (a terminal emulator, the
-//! test harness) is refused by [`check_tree`]; other terminals (`/dev/tty`,
+//! test harness), and a master whose slave a process outside the tree
+//! holds, are refused by [`check_tree`]; other terminals (`/dev/tty`,
 //! consoles) are refused by the kind check.
 //!
 //! Restore: the coordinator opens one new pty per pty of the image before
@@ -164,8 +165,9 @@ pub fn check_ctty(pid: i32, ctty: &Option<Ctty>) -> Result<(), FilesError> {
     }
 }
 
-/// Refuses pty slaves whose master is held by no task of the tree:
-/// `tasks` lists every task's PID and descriptors.
+/// Refuses pty slaves whose master is held by no task of the tree, and
+/// masters whose slave a process outside the tree holds open: `tasks`
+/// lists every task's PID and descriptors.
 pub fn check_tree<'a>(
     tasks: impl IntoIterator<Item = (i32, &'a crm_proto::image::FilesCore)> + Clone,
 ) -> Result<(), FilesError> {
@@ -175,18 +177,24 @@ pub fn check_tree<'a>(
             _ => None,
         })
     };
-    let mut masters = std::collections::BTreeSet::new();
-    for (_, files) in tasks.clone() {
-        for (_, t) in ttys(files) {
+    let index = |t: &TtyFd| t.pty.as_ref().map_or(0, |p| p.index);
+    let mut masters = std::collections::BTreeMap::new();
+    let mut slaves = std::collections::BTreeSet::new();
+    let mut pids = std::collections::BTreeSet::new();
+    for (pid, files) in tasks.clone() {
+        pids.insert(pid);
+        for (fd, t) in ttys(files) {
             if t.master {
-                masters.insert(t.pty.as_ref().map_or(0, |p| p.index));
+                masters.entry(index(t)).or_insert((pid, fd));
+            } else {
+                slaves.insert(index(t));
             }
         }
     }
     for (pid, files) in tasks {
         for (fd, t) in ttys(files) {
-            let index = t.pty.as_ref().map_or(0, |p| p.index);
-            if !t.master && !masters.contains(&index) {
+            let index = index(t);
+            if !t.master && !masters.contains_key(&index) {
                 return Err(FilesError::Refused {
                     pid,
                     fd,
@@ -198,7 +206,44 @@ pub fn check_tree<'a>(
             }
         }
     }
+    for (&index, &(pid, fd)) in masters.iter().filter(|(i, _)| !slaves.contains(i)) {
+        if let Some(holder) = slave_holder_outside(index, &pids) {
+            return Err(FilesError::Refused {
+                pid,
+                fd,
+                what: format!(
+                    "a terminal, the pty master of /dev/pts/{index}, whose slave (the other \
+                     end) process {holder}, outside the dumped tree, holds open"
+                ),
+            });
+        }
+    }
     Ok(())
+}
+
+/// A process not in `tree` with a descriptor of `/dev/pts/INDEX`, if any
+/// (found by reading every process's descriptor links).
+fn slave_holder_outside(index: u32, tree: &std::collections::BTreeSet<i32>) -> Option<i32> {
+    let path = std::path::PathBuf::from(format!("/dev/pts/{index}"));
+    let me = std::process::id() as i32;
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == me || tree.contains(&pid) {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(e.path().join("fd")) else {
+            continue;
+        };
+        if fds
+            .flatten()
+            .any(|f| std::fs::read_link(f.path()).is_ok_and(|l| l == path))
+        {
+            return Some(pid);
+        }
+    }
+    None
 }
 
 /// The new ptys of a restore: the image's index, the new master and slave

@@ -11,6 +11,10 @@
 //! (a tty on 0-2, termios, window size, its session, being the foreground
 //! group, `/dev/tty` opens, `/proc/self/stat` names the pty).
 //!
+//! Mode `alone`: only the master, no child (`READY pid=N pts=SLAVE`); on
+//! SIGUSR2 it checks packet mode, window size and that its slave keeps its
+//! name (index).
+//!
 //! Protocol: `READY pid=N members=C,G`; on SIGUSR2 the parent writes `CHECK`
 //! to the master and reads the child's answer from it, and checks from its
 //! side the termios and window size (through the master), that the child's
@@ -326,6 +330,42 @@ fn parent_check(child: i32, gc: i32, round: u32) -> Vec<String> {
     p
 }
 
+/// `alone` mode: only the master; checks its packet mode, window size and
+/// slave name.
+fn alone(slave: &str) -> ! {
+    wl::ready(&format!("pts={slave}"));
+    loop {
+        if wl::take(libc::SIGUSR2) {
+            let mut p = Vec::new();
+            let mut pkt: libc::c_int = 0;
+            let mut name = [0 as libc::c_char; 64];
+            // SAFETY: TIOCGPKT writes one int, ptsname_r a NUL-terminated
+            // name, into live locals.
+            let named = unsafe {
+                libc::ioctl(MASTER, libc::TIOCGPKT, &mut pkt);
+                libc::ptsname_r(MASTER, name.as_mut_ptr(), name.len()) == 0
+            };
+            if pkt != 1 {
+                p.push("the master left packet mode".to_string());
+            }
+            if winsize(MASTER) != (ROWS, COLS) || wl::corrupt_requested() {
+                p.push(format!("window size {:?}", winsize(MASTER)));
+            }
+            // SAFETY: NUL-terminated by ptsname_r on success.
+            let now = named.then(|| {
+                unsafe { CStr::from_ptr(name.as_ptr()) }
+                    .to_string_lossy()
+                    .into_owned()
+            });
+            if now.as_deref() != Some(slave) {
+                p.push(format!("the slave is {now:?}, was {slave}"));
+            }
+            wl::verdict("pty master alone", &p);
+        }
+        wl::sleep_ms(20);
+    }
+}
+
 fn main() {
     wl::catch(libc::SIGUSR2);
     // SAFETY: posix_openpt/grantpt/unlockpt/ptsname_r/dup2 on our own
@@ -354,6 +394,9 @@ fn main() {
         }
         CStr::from_ptr(name.as_ptr()).to_string_lossy().into_owned()
     };
+    if std::env::args().nth(1).as_deref() == Some("alone") {
+        alone(&slave);
+    }
     // SAFETY: fork in a single-threaded program.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
