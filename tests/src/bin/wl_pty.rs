@@ -351,8 +351,8 @@ fn alone(slave: &str) -> ! {
             if winsize(MASTER) != (ROWS, COLS) || wl::corrupt_requested() {
                 p.push(format!("window size {:?}", winsize(MASTER)));
             }
-            // SAFETY: NUL-terminated by ptsname_r on success.
             let now = named.then(|| {
+                // SAFETY: NUL-terminated by ptsname_r on success.
                 unsafe { CStr::from_ptr(name.as_ptr()) }
                     .to_string_lossy()
                     .into_owned()
