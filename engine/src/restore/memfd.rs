@@ -62,11 +62,19 @@ pub(super) fn create(
         memfds.push((o.ino, fd.as_raw_fd()));
         keep.push(fd);
     }
-    let (tty_fds, ptys) =
-        crate::files::tty::create(&ttys, min_fd).map_err(|e| RestoreError::Io {
-            what: crate::files::chain(&e),
-            source: std::io::Error::other("pty"),
-        })?;
+    let (tty_fds, ptys) = crate::files::tty::create(&ttys, min_fd).map_err(|e| match e {
+        crate::files::FilesError::Pty {
+            index,
+            what,
+            source,
+        } => RestoreError::Io {
+            what: format!("pty {index} of the image: cannot {what}"),
+            source,
+        },
+        other => RestoreError::InvalidImage {
+            what: crate::files::chain(&other),
+        },
+    })?;
     keep.extend(tty_fds);
     for plan in plans.iter_mut() {
         plan.objects = crate::files::Objects {
