@@ -109,7 +109,7 @@ fn memfd_fds_and_mappings() {
         ],
     );
     let stored = memfd_pages(&images);
-    assert_eq!(stored.len(), 3, "one contents file per memfd: {stored:?}");
+    assert_eq!(stored.len(), 4, "one contents file per memfd: {stored:?}");
     restore(&mut wl, &images);
     assert_eq!(
         procs::fds(wl.pid()),

@@ -169,7 +169,7 @@ mod tests {
     #[test]
     fn object_of_a_sealed_memfd() {
         let name = std::ffi::CString::new("crm-unit").unwrap();
-        let fd = memfd_sys::create(&name).unwrap();
+        let fd = memfd_sys::create(&name, 0).unwrap();
         let mut f = std::fs::File::from(fd);
         std::io::Write::write_all(&mut f, b"hello").unwrap();
         memfd_sys::add_seals(f.as_fd(), (libc::F_SEAL_GROW | libc::F_SEAL_SEAL) as u32).unwrap();

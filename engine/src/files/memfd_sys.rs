@@ -15,12 +15,25 @@ fn check(r: libc::c_long) -> io::Result<libc::c_long> {
     }
 }
 
-/// `memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING)`.
-pub fn create(name: &CStr) -> io::Result<OwnedFd> {
-    // SAFETY: `name` is NUL-terminated; the result is a new descriptor.
-    let fd = check(unsafe {
-        libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
-    } as libc::c_long)?;
+/// `MFD_NOEXEC_SEAL` (Linux 6.3): not executable, sealed against chmod +x.
+pub const MFD_NOEXEC_SEAL: u32 = 0x8;
+/// `MFD_EXEC` (Linux 6.3): executable (asked for explicitly where the
+/// `vm.memfd_noexec` sysctl would otherwise refuse it).
+pub const MFD_EXEC: u32 = 0x10;
+
+/// `memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING | exec)`, `exec`
+/// being 0, [`MFD_EXEC`] or [`MFD_NOEXEC_SEAL`]; without `exec` on kernels
+/// that do not know it.
+pub fn create(name: &CStr, exec: u32) -> io::Result<OwnedFd> {
+    let call = |flags: u32| {
+        // SAFETY: `name` is NUL-terminated; the result is a new descriptor.
+        check(unsafe { libc::memfd_create(name.as_ptr(), flags) } as libc::c_long)
+    };
+    let base = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+    let fd = match call(base | exec) {
+        Err(e) if exec != 0 && e.raw_os_error() == Some(libc::EINVAL) => call(base)?,
+        r => r?,
+    };
     // SAFETY: `fd` was just created and nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }

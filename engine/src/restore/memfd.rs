@@ -103,7 +103,15 @@ fn make(image: &ImageDir, o: &MemfdObject) -> Result<OwnedFd, RestoreError> {
     let name = std::ffi::CString::new(o.name.as_str()).map_err(|_| RestoreError::InvalidImage {
         what: what("the name"),
     })?;
-    let fd = sys::create(&name).map_err(io(what("memfd_create")))?;
+    // Say whether it may be executable (`vm.memfd_noexec` may otherwise
+    // make it not, or refuse it): F_SEAL_EXEC comes with MFD_NOEXEC_SEAL;
+    // otherwise the mode is set below.
+    let exec = if o.seals & libc::F_SEAL_EXEC as u32 != 0 {
+        sys::MFD_NOEXEC_SEAL
+    } else {
+        sys::MFD_EXEC
+    };
+    let fd = sys::create(&name, exec).map_err(io(what("memfd_create")))?;
     let file = std::fs::File::from(fd);
     file.set_len(o.size).map_err(io(what("set the size")))?;
     let pages = image.memfd_pages_reader(o.ino)?;

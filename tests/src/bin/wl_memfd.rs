@@ -9,6 +9,8 @@
 //!   F_SEAL_WRITE | F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL, opened again
 //!   read-only through `/proc/self/fd` at offset 7; mapped `MAP_SHARED`
 //!   read-only.
+//! - fd 33: memfd `crm-noexec`, created with MFD_NOEXEC_SEAL (mode without
+//!   x bits, F_SEAL_EXEC), holding `noexec`; `crm-plain` has mode 0640.
 //! - memfd `crm-mapped`, created without MFD_ALLOW_SEALING (seals read
 //!   F_SEAL_SEAL), mapped `MAP_SHARED` and then its descriptor closed: only
 //!   the mapping refers to it.
@@ -25,6 +27,10 @@ use std::ffi::CString;
 const PLAIN_FD: i32 = 30;
 const SEALED_FD: i32 = 31;
 const DUP_FD: i32 = 32;
+const NOEXEC_FD: i32 = 33;
+/// `MFD_NOEXEC_SEAL` (Linux 6.3; not in the libc crate yet).
+const MFD_NOEXEC_SEAL: u32 = 0x8;
+const PLAIN_MODE: u32 = 0o640;
 const PAGE: usize = 4096;
 const PLAIN_SIZE: usize = 3 * PAGE + 100;
 const PLAIN_POS: i64 = 1234;
@@ -125,6 +131,14 @@ fn size(fd: i32) -> i64 {
     st.st_size
 }
 
+fn mode(fd: i32) -> u32 {
+    // SAFETY: fstat into a zeroed local.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::fstat(fd, &mut st) };
+    st.st_mode & 0o7777
+}
+
 struct Maps {
     plain_shared: *mut u8,
     plain_private: *mut u8,
@@ -161,7 +175,14 @@ fn setup() -> Maps {
         libc::MAP_PRIVATE,
     );
     slice(plain_private, PAGE)[..PRIVATE_MARK.len()].copy_from_slice(PRIVATE_MARK);
+    // SAFETY: fchmod on our descriptor.
+    if unsafe { libc::fchmod(plain, PLAIN_MODE) } != 0 {
+        wl::fail_setup("fchmod");
+    }
     move_to(plain, PLAIN_FD);
+    let noexec = memfd("crm-noexec", MFD_NOEXEC_SEAL);
+    pwrite_all(noexec, b"noexec", 0);
+    move_to(noexec, NOEXEC_FD);
     // SAFETY: lseek/dup2 on our descriptors.
     unsafe {
         libc::lseek(PLAIN_FD, PLAIN_POS, libc::SEEK_SET);
@@ -278,6 +299,23 @@ fn check(m: &Maps) -> Vec<String> {
     expect(
         read_at(PLAIN_FD, PRIVATE_MARK.len(), 0) != PRIVATE_MARK,
         "the private copy reached the file".into(),
+    );
+
+    let plain_mode = mode(PLAIN_FD);
+    expect(
+        plain_mode == PLAIN_MODE,
+        format!("crm-plain mode {plain_mode:o}"),
+    );
+    // crm-noexec
+    let seals = fcntl(NOEXEC_FD, libc::F_GET_SEALS);
+    let noexec_mode = mode(NOEXEC_FD);
+    expect(
+        seals & libc::F_SEAL_EXEC != 0 && noexec_mode & 0o111 == 0 && noexec_mode != 0,
+        format!("crm-noexec seals {seals:#x} mode {noexec_mode:o}"),
+    );
+    expect(
+        read_at(NOEXEC_FD, 10, 0) == b"noexec",
+        "crm-noexec contents differ".into(),
     );
 
     // crm sealed
