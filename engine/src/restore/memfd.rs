@@ -140,3 +140,66 @@ fn make(image: &ImageDir, o: &MemfdObject) -> Result<OwnedFd, RestoreError> {
     }
     Ok(OwnedFd::from(file))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// Removes the directory on drop, also when the test fails.
+    struct Dir(std::path::PathBuf);
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn image(name: &str) -> (Dir, ImageDir) {
+        let path = std::env::temp_dir().join(format!("crm-memfd-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        let image = ImageDir::create_scratch(&path).unwrap();
+        (Dir(path), image)
+    }
+
+    fn object(size: u64, seals: u32) -> MemfdObject {
+        MemfdObject {
+            ino: 42,
+            name: "unit".into(),
+            size,
+            seals,
+            mode: 0o600,
+            uid: nix::unistd::getuid().as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
+        }
+    }
+
+    #[test]
+    fn contents_written_before_the_seals() {
+        let (_dir, image) = image("fill");
+        let mut w = image.memfd_pages_writer(42).unwrap();
+        w.add_run(PAGE, &[7u8; PAGE as usize]).unwrap();
+        w.finish().unwrap();
+        let seals = (libc::F_SEAL_WRITE | libc::F_SEAL_SEAL) as u32;
+        let fd = make(&image, &object(PAGE + 10, seals)).unwrap();
+        let mut f = std::fs::File::from(fd);
+        let mut data = Vec::new();
+        f.read_to_end(&mut data).unwrap();
+        assert_eq!(data.len() as u64, PAGE + 10);
+        assert!(data[..PAGE as usize].iter().all(|&b| b == 0));
+        assert!(data[PAGE as usize..].iter().all(|&b| b == 7));
+        assert_eq!(sys::seals(f.as_fd()).unwrap() & seals, seals);
+    }
+
+    #[test]
+    fn a_run_beyond_the_size_is_refused() {
+        let (_dir, image) = image("beyond");
+        let mut w = image.memfd_pages_writer(42).unwrap();
+        w.add_run(4 * PAGE, &[1u8; PAGE as usize]).unwrap();
+        w.finish().unwrap();
+        match make(&image, &object(PAGE, 0)) {
+            Err(RestoreError::InvalidImage { what }) => assert!(what.contains("beyond"), "{what}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
