@@ -105,3 +105,45 @@ fn copy(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    /// Removes the directory on drop, also when the test fails.
+    struct Dir(std::path::PathBuf);
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn holes_and_zero_pages_skipped_tail_padded() {
+        let path = std::env::temp_dir().join(format!("crm-memfd-copy-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        let _dir = Dir(path.clone());
+        let image = ImageDir::create_scratch(&path).unwrap();
+        let name = std::ffi::CString::new("copy").unwrap();
+        let file = std::fs::File::from(crate::files::memfd_sys::create(&name, 0).unwrap());
+        let size = 5 * PAGE + 100;
+        file.set_len(size).unwrap();
+        file.write_all_at(b"first", 0).unwrap();
+        file.write_all_at(&[0u8; 4096], 2 * PAGE).unwrap(); // data, all zero
+        file.write_all_at(b"tail", 5 * PAGE + 10).unwrap();
+        let mut w = image.memfd_pages_writer(1).unwrap();
+        let mut stats = MemStats::default();
+        copy(&file, size, &mut w, &mut stats).unwrap();
+        w.finish().unwrap();
+        let r = image.memfd_pages_reader(1).unwrap();
+        let runs: Vec<(u64, u64)> = r.runs().iter().map(|r| (r.vaddr, r.nr_pages)).collect();
+        assert_eq!(runs, vec![(0, 1), (5 * PAGE, 1)]);
+        assert_eq!(stats.pages_written, 2);
+        let mut page = vec![0u8; PAGE as usize];
+        r.read_run_into(&r.runs()[1], &mut page).unwrap();
+        assert_eq!(&page[10..14], b"tail");
+        assert!(page[100..].iter().all(|&b| b == 0));
+    }
+}
