@@ -124,6 +124,9 @@ pub fn run(dir: &Path, show_pages: bool) -> anyhow::Result<i32> {
             let name = match kind {
                 VmaKind::File => v.file.as_ref().map_or("?".into(), |f| f.path.clone()),
                 VmaKind::SysvShm => format!("SysV shm segment {}", v.sysv_shmid),
+                VmaKind::Memfd => v.memfd.as_ref().map_or("memfd ?".into(), |m| {
+                    format!("memfd {:?} (inode {}) at {:#x}", m.name, m.ino, v.pgoff)
+                }),
                 other => format!("{other:?}").to_lowercase(),
             };
             println!(
@@ -249,6 +252,18 @@ pub fn run(dir: &Path, show_pages: bool) -> anyhow::Result<i32> {
                     "    fd {} {}{}",
                     f.fd,
                     crm_engine::files::inotify::describe(i),
+                    if f.cloexec { " cloexec" } else { "" }
+                ),
+                Some(crm_proto::image::fd_entry::Kind::Memfd(m)) => println!(
+                    "    fd {} {}{}",
+                    f.fd,
+                    crm_engine::files::memfd::describe(m),
+                    if f.cloexec { " cloexec" } else { "" }
+                ),
+                Some(crm_proto::image::fd_entry::Kind::Tty(t)) => println!(
+                    "    fd {} {}{}",
+                    f.fd,
+                    crm_engine::files::tty::describe(t),
                     if f.cloexec { " cloexec" } else { "" }
                 ),
                 None => println!("    fd {} (unknown kind)", f.fd),

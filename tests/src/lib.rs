@@ -15,6 +15,7 @@
 //! - [`workload`]: the guard that starts, talks to and finally kills a workload;
 //! - [`wl`]: the workload side of the line protocol (used by `src/bin/*`);
 //! - [`tree`]: the guard of a process-tree workload (`wl_tree`);
+//! - [`mailbox`]: a parent and child workload talking through shared memory;
 //! - [`bg`]: background commands (a `receive` and a `send` running at once);
 //! - [`netns`]: two network namespaces joined by a veth pair, removed on drop;
 //! - [`sock`]: socket helpers for the socket workloads;
@@ -24,6 +25,7 @@ use std::sync::{Mutex, MutexGuard, Once};
 
 pub mod bg;
 pub mod crm;
+pub mod mailbox;
 pub mod netns;
 pub mod port;
 pub mod procs;

@@ -1,10 +1,12 @@
 //! Dumping memory: classify the target's VMAs, then save the contents of the
 //! pages that restore cannot get elsewhere. Anonymous memory (private or
 //! shared): present or swapped pages. Private file mappings: only pages that
-//! were written (anonymous copies, pagemap bit 61 clear). Shared file
-//! mappings and the vDSO areas: nothing (the file has the data). Pages that
-//! are all zero are never stored. SysV shared memory attachments: nothing
-//! (the segment is saved once in `ipc.img`, see [`crate::ipc`]). Pages are read with large
+//! were written (anonymous copies, pagemap bit 61 clear); the same for
+//! private mappings of a memfd. Shared file mappings, shared memfd
+//! mappings (the memfd's contents are stored once, see `dump::memfd`) and
+//! the vDSO areas: nothing (the file has the data). SysV shared memory
+//! attachments: nothing (the segment is saved once in `ipc.img`, see
+//! [`crate::ipc`]). Pages that are all zero are never stored. Pages are read with large
 //! `process_vm_readv` calls into a fixed buffer and streamed to the pages
 //! file, so the dumper's memory does not grow with the target's.
 use super::DumpError;
@@ -81,6 +83,7 @@ pub fn classify(pid: i32, maps: &[MapEntry]) -> Result<Vec<Vma>, DumpError> {
             what: what.to_string(),
         };
         let mut file = None;
+        let mut memfd = None;
         let mut shmem_ino = 0;
         let mut sysv_shmid = 0;
         let kind = match m.name.as_str() {
@@ -103,7 +106,29 @@ pub fn classify(pid: i32, maps: &[MapEntry]) -> Result<Vec<Vma>, DumpError> {
                 VmaKind::SysvShm
             }
             n if n.starts_with("/SYSV") => return Err(unsupported("a SysV shared memory segment")),
-            n if n.starts_with("/memfd:") => return Err(unsupported("a memfd mapping")),
+            n if n.starts_with("/memfd:") => {
+                let link = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+                let o = match crate::files::memfd::object_at(&link, n) {
+                    Ok(o) => o,
+                    Err(crate::files::memfd::ObjectError::Hugetlb) => {
+                        return Err(unsupported("a hugetlb memfd mapping"))
+                    }
+                    Err(crate::files::memfd::ObjectError::Io(e)) => {
+                        return Err(DumpError::Io {
+                            pid,
+                            what: format!("open {link}"),
+                            source: e,
+                        })
+                    }
+                };
+                if m.shared && m.write && o.seals & libc::F_SEAL_FUTURE_WRITE as u32 != 0 {
+                    return Err(unsupported(
+                        "a writable shared mapping of a memfd sealed with F_SEAL_FUTURE_WRITE",
+                    ));
+                }
+                memfd = Some(o);
+                VmaKind::Memfd
+            }
             n if n.ends_with(" (deleted)") => {
                 return Err(unsupported("a mapping of a deleted file"))
             }
@@ -144,6 +169,7 @@ pub fn classify(pid: i32, maps: &[MapEntry]) -> Result<Vec<Vma>, DumpError> {
             vm_flags: m.vm_flags.join(" "),
             shmem_ino,
             sysv_shmid,
+            memfd,
         });
     }
     Ok(out)
@@ -155,7 +181,7 @@ fn wanted(vma: &Vma, entry: u64) -> bool {
         VmaKind::Anon | VmaKind::Heap | VmaKind::Stack => {
             vma.shared || entry & (PM_PRESENT | PM_SWAPPED) != 0
         }
-        VmaKind::File if !vma.shared => {
+        VmaKind::File | VmaKind::Memfd if !vma.shared => {
             entry & PM_SWAPPED != 0 || (entry & PM_PRESENT != 0 && entry & PM_FILE_OR_SHARED == 0)
         }
         _ => false,
@@ -164,7 +190,7 @@ fn wanted(vma: &Vma, entry: u64) -> bool {
 
 fn saves_anything(vma: &Vma) -> bool {
     matches!(vma.kind(), VmaKind::Anon | VmaKind::Heap | VmaKind::Stack)
-        || (vma.kind() == VmaKind::File && !vma.shared)
+        || (matches!(vma.kind(), VmaKind::File | VmaKind::Memfd) && !vma.shared)
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -534,7 +560,7 @@ fn read_fully(pid: i32, addr: u64, buf: &mut [u8]) -> Result<(), DumpError> {
 /// Splits `chunk` into runs of non-zero pages and appends them.
 /// `owned`: `chunk` itself as an owned buffer, whose slices are handed to
 /// a sink that keeps pages.
-fn write_nonzero(
+pub(super) fn write_nonzero(
     writer: &mut dyn PageSink,
     addr: u64,
     chunk: &[u8],

@@ -10,6 +10,7 @@
 //! write the inventory last (fsynced), and only
 //! then kill the tree (or resume it with `leave_running`). Any error resumes
 //! every task untouched: each [`FrozenProcess`] is released on drop.
+mod memfd;
 mod memory;
 mod posix_timers;
 mod task;
@@ -142,6 +143,36 @@ fn precheck_root(pid: i32, opts: &DumpOptions) -> Result<procfs::Stat, DumpError
     Ok(stat)
 }
 
+/// Refuses memfds and ptys for live migration, which carries neither the
+/// contents of memfds nor the ptys' other ends yet.
+fn refuse_objects(
+    pid: i32,
+    files: &crm_proto::image::FilesCore,
+    vmas: &[crm_proto::image::Vma],
+) -> Result<(), DumpError> {
+    use crm_proto::image::fd_entry::Kind;
+    let what = files
+        .fds
+        .iter()
+        .find_map(|f| match f.kind {
+            Some(Kind::Memfd(_)) => Some(format!("fd {} is a memfd", f.fd)),
+            Some(Kind::Tty(_)) => Some(format!("fd {} is a pseudo-terminal", f.fd)),
+            _ => None,
+        })
+        .or_else(|| {
+            vmas.iter()
+                .find(|v| v.kind() == VmaKind::Memfd)
+                .map(|v| format!("mapping {:#x}-{:#x} is a memfd", v.start, v.end))
+        });
+    match what {
+        Some(what) => Err(DumpError::Unsupported {
+            pid,
+            what: format!("{what}, which live migration does not carry yet (use dump and restore)"),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Refusals that need no freeze, for the tree below `root`: the root's,
 /// then in every live task fds and mappings that cannot be restored yet,
 /// and sessions or groups the restore could not rebuild.
@@ -181,7 +212,6 @@ pub fn precheck_tree(root: i32, opts: &DumpOptions) -> Result<(), DumpError> {
                 if !gone {
                     return Err(e);
                 }
-                continue;
             }
         }
         entries.push(crm_proto::image::TreeTask {
@@ -206,18 +236,24 @@ pub fn precheck_tree(root: i32, opts: &DumpOptions) -> Result<(), DumpError> {
             return Err(e.into());
         }
     }
+    crate::files::tty::check_tree(files.iter().map(|c| (c.pid, &c.files)))?;
     check_shape(root, &entries, opts)
 }
 
 /// [`precheck_tree`] for live migration, which also refuses what it does
-/// not move yet: SysV shared memory.
+/// not move yet: SysV shared memory, memfds and ptys.
 pub fn precheck_send(root: i32, opts: &DumpOptions) -> Result<(), DumpError> {
     precheck_tree(root, opts)?;
     for st in tree::discover(root)?.iter().filter(|s| s.state != 'Z') {
-        let vmas = match procfs::read_maps(st.pid)
+        let checked = procfs::read_maps(st.pid)
             .map_err(DumpError::from)
             .and_then(|m| classify(st.pid, &m))
-        {
+            .and_then(|vmas| {
+                let files = crate::files::collect(st.pid)?;
+                refuse_objects(st.pid, &files.files, &vmas)?;
+                Ok(vmas)
+            });
+        let vmas = match checked {
             Ok(v) => v,
             Err(_) if st.pid != root && exited(st.pid) => continue,
             Err(e) => return Err(e),
@@ -446,6 +482,8 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpStats, DumpE
         keys: opts.ipc_keys.clone(),
         ..Default::default()
     };
+    let mut memfds = memfd::MemfdStore::default();
+    let mut all_files = Vec::with_capacity(frozen.tasks.len());
     let pids: Vec<i32> = frozen.tasks.iter().map(|t| t.pid()).collect();
     let files = tree::dump_files(&pids)?;
     for (task, files) in frozen.tasks.iter().zip(files) {
@@ -464,9 +502,11 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpStats, DumpE
         }
         let mut pages = image.pages_writer(tpid)?;
         let own = shmem.not_yet_stored(&state.mm.vmas);
-        let mem = memory::dump_pages(tpid, Target::Frozen, &own, &mut pages)?;
+        let mut mem = memory::dump_pages(tpid, Target::Frozen, &own, &mut pages)?;
         pages.finish()?;
+        memfds.store(&image, &state, &mut mem)?;
         write_task_records(&image, &state)?;
+        all_files.push((tpid, state.files.clone()));
         stats.threads += state.core.threads.len();
         stats.vmas += state
             .mm
@@ -483,6 +523,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpStats, DumpE
     }
     let mut inventory = inventory.ok_or(FreezeError::NoSuchProcess { pid })?;
     complete_tree(pid, &mut frozen.entries, &subreapers, opts)?;
+    crate::files::tty::check_tree(all_files.iter().map(|(p, f)| (*p, f)))?;
     image.write_tree(&ProcessTree {
         tasks: frozen.entries.clone(),
     })?;
@@ -528,6 +569,40 @@ mod tests {
             pgoff,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn live_migration_refuses_memfds_and_ptys() {
+        use crm_proto::image::{fd_entry, FdEntry, FilesCore, MemfdFd, TtyFd};
+        let files = |kind| FilesCore {
+            fds: vec![FdEntry {
+                fd: 4,
+                kind: Some(kind),
+                ..Default::default()
+            }],
+        };
+        let err = refuse_objects(7, &files(fd_entry::Kind::Memfd(MemfdFd::default())), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("process 7") && err.contains("fd 4 is a memfd"),
+            "{err}"
+        );
+        let err = refuse_objects(7, &files(fd_entry::Kind::Tty(TtyFd::default())), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pseudo-terminal"), "{err}");
+        let vma = Vma {
+            start: 0x1000,
+            end: 0x2000,
+            kind: VmaKind::Memfd as i32,
+            ..Default::default()
+        };
+        let err = refuse_objects(7, &FilesCore::default(), &[vma])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("0x1000-0x2000 is a memfd"), "{err}");
+        assert!(refuse_objects(7, &FilesCore::default(), &[]).is_ok());
     }
 
     #[test]

@@ -10,6 +10,8 @@ pub mod inet;
 pub mod inotify;
 mod inotify_sys;
 pub mod locks;
+pub mod memfd;
+pub mod memfd_sys;
 pub mod pipe;
 mod pipe_buf;
 pub mod regular;
@@ -18,6 +20,8 @@ pub mod signalfd;
 mod sock_sys;
 pub mod socket;
 pub mod timerfd;
+pub mod tty;
+mod tty_sys;
 pub mod unix;
 
 use crate::procfs;
@@ -80,6 +84,15 @@ pub enum FilesError {
         #[source]
         source: std::io::Error,
     },
+    #[error("process {pid} cannot be checkpointed: {what}")]
+    Ctty { pid: i32, what: String },
+    #[error("pty {index} of the image: cannot {what}")]
+    Pty {
+        index: u32,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot reopen {path} as fd {fd}")]
     Reopen {
         fd: i32,
@@ -100,6 +113,8 @@ enum Kind {
     Fifo,
     Socket,
     Inotify,
+    Memfd,
+    Tty,
 }
 
 /// Names the kind of a descriptor from its `/proc/PID/fd` link and type;
@@ -144,14 +159,17 @@ fn kind_of(link: &str, meta: &std::fs::Metadata) -> Result<Kind, &'static str> {
     if link.ends_with(" (deleted)") && !regular::is_ghost(link, meta) {
         return Err("an unlinked file that is not a regular file");
     }
-    if link.starts_with("/memfd:") {
-        return Err("a memfd");
+    if link.starts_with("/memfd:") && ft.is_file() {
+        return Ok(Kind::Memfd);
     }
     if ft.is_char_device() {
         let major = libc::major(meta.rdev());
-        // 4, 5: virtual consoles and /dev/tty; 136-143: pty slaves; 5:2 ptmx.
-        if major == 4 || major == 5 || (136..=143).contains(&major) {
-            return Err("a terminal");
+        if tty::is_master(meta) || tty::is_slave_dev(meta.rdev()) {
+            return Ok(Kind::Tty);
+        }
+        // 4, 5: virtual consoles, /dev/tty, /dev/console.
+        if major == 4 || major == 5 {
+            return Err("a terminal that is not a pseudo-terminal (pty)");
         }
     }
     if !link.starts_with('/') {
@@ -196,6 +214,9 @@ pub fn collect(pid: i32) -> Result<Collected, FilesError> {
     let mut fifo_fds = Vec::new();
     let mut ghost_budget = regular::GHOST_LIMIT;
     let mut sockets = unix::Seen::default();
+    let mut object_fds = Vec::new();
+    let mut pidfd = None;
+    let mut ctty = tty::session_ctty(pid)?;
     for fd in procfs::list_fds(pid)? {
         let link_path = PathBuf::from(format!("/proc/{pid}/fd/{fd}"));
         let link = std::fs::read_link(&link_path)
@@ -243,6 +264,17 @@ pub fn collect(pid: i32) -> Result<Collected, FilesError> {
             }
             Kind::Socket => socket::dump(pid, fd, &link, &info, &mut sockets)?,
             Kind::Inotify => fd_entry::Kind::Inotify(inotify::dump(pid, fd, &info)?),
+            Kind::Memfd | Kind::Tty => {
+                let id = (meta.dev(), meta.ino());
+                let dup_of = regular::dup_of(pid, fd, id, &object_fds);
+                object_fds.push((fd, id));
+                if matches!(kind, Kind::Memfd) {
+                    fd_entry::Kind::Memfd(memfd::dump(pid, fd, &link, &info, dup_of)?)
+                } else {
+                    let t = tty::dump(pid, fd, &link, &meta, &info, &mut pidfd, &mut ctty, dup_of)?;
+                    fd_entry::Kind::Tty(t)
+                }
+            }
         };
         fds.push(FdEntry {
             fd,
@@ -252,6 +284,7 @@ pub fn collect(pid: i32) -> Result<Collected, FilesError> {
         });
     }
     epoll::check_targets(pid, &fds)?;
+    tty::check_ctty(pid, &ctty)?;
     Ok(Collected {
         pid,
         files: FilesCore { fds },
@@ -273,6 +306,34 @@ pub struct Restoring {
     regular: std::collections::HashSet<i32>,
     /// The image's FIFO descriptors (what a FIFO's `dup_of` may name).
     fifo_fds: std::collections::HashSet<i32>,
+    /// The image's memfd and pty descriptors (what their `dup_of` may name).
+    object_fds: std::collections::HashSet<i32>,
+    /// The memfds and ptys made before the tasks (see [`Objects`]).
+    objects: Objects,
+}
+
+/// The memfds and ptys of a restore, created once by the restoring process
+/// before any task and inherited by every task at numbers above its image's
+/// descriptors: `(inode, descriptor)` per memfd, and the new ptys.
+#[derive(Debug, Default, Clone)]
+pub struct Objects {
+    pub memfds: Vec<(u64, std::os::fd::RawFd)>,
+    pub ptys: Vec<tty::PtyFds>,
+}
+
+/// `F_DUPFD_CLOEXEC`: a duplicate of `fd` numbered `min` or above.
+pub fn dup_at_least(
+    fd: std::os::fd::BorrowedFd<'_>,
+    min: i32,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: F_DUPFD_CLOEXEC on a live descriptor; returns a new one.
+    let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `n` was just made and nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(n) })
 }
 
 impl Restoring {
@@ -294,7 +355,18 @@ impl Restoring {
                 .filter(|(_, _, k)| matches!(k, fd_entry::Kind::Fifo(_)))
                 .map(|(fd, _, _)| *fd)
                 .collect(),
+            object_fds: fds
+                .iter()
+                .filter(|(_, _, k)| matches!(k, fd_entry::Kind::Memfd(_) | fd_entry::Kind::Tty(_)))
+                .map(|(fd, _, _)| *fd)
+                .collect(),
+            objects: Objects::default(),
         }
+    }
+
+    /// The memfds and ptys made for this restore.
+    pub fn set_objects(&mut self, objects: &Objects) {
+        self.objects = objects.clone();
     }
 }
 
@@ -321,6 +393,14 @@ pub fn restore(
         fd_entry::Kind::Signalfd(s) => signalfd::restore(fd, s),
         fd_entry::Kind::Timerfd(t) => timerfd::restore(fd, t),
         fd_entry::Kind::Epoll(e) => epoll::restore(fd, e),
+        fd_entry::Kind::Memfd(m) => match m.dup_of {
+            Some(n) => regular::dup_lower(fd, n, "a memfd", &made.object_fds),
+            None => memfd::restore(fd, m, &made.objects.memfds),
+        },
+        fd_entry::Kind::Tty(t) => match t.dup_of {
+            Some(n) => regular::dup_lower(fd, n, "a pty", &made.object_fds),
+            None => tty::restore(fd, t, &made.objects.ptys),
+        },
     }
 }
 
@@ -337,6 +417,11 @@ pub fn too_large(kind: &fd_entry::Kind) -> Option<String> {
         fd_entry::Kind::Regular(r) if r.locks.len() > locks::MAX_LOCKS => {
             Some(format!("{} locks on one descriptor", r.locks.len()))
         }
+        fd_entry::Kind::Memfd(m) => match &m.object {
+            Some(o) => memfd::check_object(o).err(),
+            None => Some("a memfd without its description".into()),
+        },
+        fd_entry::Kind::Tty(t) if t.pty.is_none() => Some("a pty without its description".into()),
         _ => None,
     }
 }
@@ -357,4 +442,33 @@ pub fn chain(e: &FilesError) -> String {
 /// Highest fd number in an image (or -1).
 pub fn max_fd(files: &FilesCore) -> i32 {
     files.fds.iter().map(|f| f.fd).max().unwrap_or(-1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crm_proto::image::{MemfdFd, MemfdObject, TtyFd};
+
+    #[test]
+    fn malformed_memfds_and_ptys_are_refused() {
+        let memfd = |o: Option<MemfdObject>| {
+            fd_entry::Kind::Memfd(MemfdFd {
+                object: o,
+                ..Default::default()
+            })
+        };
+        assert!(too_large(&memfd(None)).is_some());
+        let big = MemfdObject {
+            size: memfd::MAX_SIZE + 1,
+            ..Default::default()
+        };
+        assert!(too_large(&memfd(Some(big))).is_some());
+        let named = MemfdObject {
+            name: "x".repeat(memfd::MAX_NAME + 1),
+            ..Default::default()
+        };
+        assert!(too_large(&memfd(Some(named))).is_some());
+        assert!(too_large(&memfd(Some(MemfdObject::default()))).is_none());
+        assert!(too_large(&fd_entry::Kind::Tty(TtyFd::default())).is_some());
+    }
 }

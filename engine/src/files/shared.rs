@@ -48,7 +48,9 @@ fn key(k: &Kind) -> Option<Key> {
         Kind::Signalfd(_) => Some(Key::Anon(1)),
         Kind::Timerfd(_) => Some(Key::Anon(2)),
         Kind::Inotify(_) => Some(Key::Anon(3)),
-        Kind::Epoll(_) => None,
+        // Restored per descriptor (each its own open file description; the
+        // memfd or pty behind them is one object, see `files::Objects`).
+        Kind::Epoll(_) | Kind::Memfd(_) | Kind::Tty(_) => None,
     }
 }
 

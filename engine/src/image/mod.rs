@@ -10,6 +10,9 @@
 //! (`TaskCore`), `mm-PID.img` (`MmCore`), `files-PID.img` (`FilesCore`),
 //! `pages-PID.img` (raw pages) and `pagemap-PID.img` (the `PageRun`s indexing
 //! the pages file). The messages are the prost types of `crm_proto::image`.
+//! The contents of each memfd of a dump are stored once, as a pages file
+//! whose runs are at their offset in the memfd (`memfd-pages-INO.img`,
+//! `memfd-pagemap-INO.img`).
 //!
 //! Every `.img` file but the pages file is a record file ([`framing`]): magic,
 //! format version ([`crm_proto::IMAGE_FORMAT_VERSION`], independent of the
@@ -287,6 +290,24 @@ impl ImageDir {
         PagesReader::open(
             &self.task_file("pages", pid)?,
             &self.task_file("pagemap", pid)?,
+        )
+    }
+
+    /// Starts writing the contents of memfd `ino` (`memfd-pages-INO.img`,
+    /// page runs at their offset in the file, and `memfd-pagemap-INO.img`).
+    pub fn memfd_pages_writer(&self, ino: u64) -> Result<PagesWriter, ImageError> {
+        PagesWriter::create(
+            &self.path.join(format!("memfd-pages-{ino}.img")),
+            &self.path.join(format!("memfd-pagemap-{ino}.img")),
+            self.durability,
+        )
+    }
+
+    /// Opens the contents of memfd `ino` (see [`ImageDir::memfd_pages_writer`]).
+    pub fn memfd_pages_reader(&self, ino: u64) -> Result<PagesReader, ImageError> {
+        PagesReader::open(
+            &self.path.join(format!("memfd-pages-{ino}.img")),
+            &self.path.join(format!("memfd-pagemap-{ino}.img")),
         )
     }
 

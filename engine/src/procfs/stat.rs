@@ -13,6 +13,9 @@ pub struct Stat {
     pub pgrp: i32,
     pub session: i32,
     pub tty_nr: i32,
+    /// Field 8: the foreground process group of the controlling terminal
+    /// (-1 without one).
+    pub tpgid: i32,
     pub flags: u32,
     pub num_threads: i64,
     pub start_code: u64,
@@ -68,6 +71,7 @@ impl Stat {
             pgrp: i(5)? as i32,
             session: i(6)? as i32,
             tty_nr: i(7)? as i32,
+            tpgid: i(8)? as i32,
             flags: u(9)? as u32,
             num_threads: i(20)?,
             start_code: u(26)?,

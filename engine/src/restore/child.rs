@@ -148,8 +148,12 @@ fn prepare(
             }
             (None, None) => -1,
         };
-        let (off, flags) = match (p.shm_fd, p.shmem) {
-            (Some(_), Some((_, off))) => (off, p.flags & !libc::MAP_ANONYMOUS),
+        if p.memfd.is_some() && p.shm_fd.is_none() {
+            return Err(fail(format!("no memfd to map at {:#x}", p.target), err_fd));
+        }
+        let (off, flags) = match (p.shm_fd, p.shmem, &p.memfd) {
+            (Some(_), Some((_, off)), _) => (off, p.flags & !libc::MAP_ANONYMOUS),
+            (Some(_), None, Some((_, off))) => (*off, p.flags),
             _ => (p.file.as_ref().map_or(0, |f| f.2), p.flags),
         };
         let mapped = sys::mmap_fixed(p.at, p.len, p.fill_prot, flags, fd, off);
@@ -163,7 +167,9 @@ fn prepare(
                 err_fd,
             )
         })?;
-        let fill = if p.lazy || p.shm_fd.is_some() {
+        // A shared object is filled already; a private memfd mapping gets
+        // its written pages.
+        let fill = if p.lazy || (p.shm_fd.is_some() && p.memfd.is_none()) {
             0..0
         } else {
             p.runs.clone()
@@ -301,6 +307,7 @@ fn prepare(
         &own
     };
     let mut made = files::Restoring::new(plan.close_from, own);
+    made.set_objects(&plan.objects);
     for (fd, cloexec, kind) in &plan.fds {
         let raw = match inherited(*fd) {
             Some(src) => {

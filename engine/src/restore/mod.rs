@@ -22,6 +22,7 @@ mod blob;
 mod child;
 mod control;
 pub mod lazy;
+mod memfd;
 mod plan;
 pub use plan::lazy_eligible;
 mod shmem;
@@ -285,6 +286,8 @@ struct Prepared {
     core: crm_proto::image::TaskCore,
     pages: crate::image::PagesReader,
     plan: plan::Plan,
+    /// The memfds and ptys of the plan, open until the restore is over.
+    _objects: Vec<OwnedFd>,
 }
 
 /// Reads `dir` and runs every check a restore makes before it creates the
@@ -329,7 +332,14 @@ fn prepare(dir: &Path, opts: &RestoreOptions) -> Result<Prepared, RestoreError> 
         },
         &host,
     )?;
-    Ok(Prepared { core, pages, plan })
+    let mut plan = plan;
+    let objects = memfd::create(&image, &mut [&mut plan])?;
+    Ok(Prepared {
+        core,
+        pages,
+        plan,
+        _objects: objects,
+    })
 }
 
 /// Checks that the image in `dir` can be restored on this host (files,
@@ -368,7 +378,12 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
     if let Some((image, inv, t)) = open_tree(dir)? {
         return tree::restore(&image, &inv, &t, opts, started);
     }
-    let Prepared { core, pages, plan } = prepare(dir, opts)?;
+    let Prepared {
+        core,
+        pages,
+        plan,
+        _objects,
+    } = prepare(dir, opts)?;
     let pid = plan.pid;
     for t in &core.threads {
         check_pid_free(t.tid)?;

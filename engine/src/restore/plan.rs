@@ -35,11 +35,15 @@ pub struct Premap {
     pub shmem: Option<(u64, u64)>,
     /// In a tree restore: a descriptor of the already filled shmem object
     /// to map (at the `shmem` offset) instead of fresh memory; the child
-    /// then fills nothing.
+    /// then fills nothing. For a memfd mapping: the memfd (see `memfd`).
     pub shm_fd: Option<i32>,
     /// A SysV shared memory attachment: attached by the child instead of
     /// mapped (see [`SysvAttach`]); nothing to fill.
     pub sysv: Option<SysvAttach>,
+    /// A mapping of a memfd: the memfd and this VMA's offset in it. The
+    /// child maps `shm_fd` (set by [`super::memfd`]) there, and fills the
+    /// written pages of a private mapping.
+    pub memfd: Option<(crm_proto::image::MemfdObject, u64)>,
 }
 
 /// A SysV segment attached at `Premap::target`: the child attaches segment
@@ -98,6 +102,9 @@ pub struct Plan {
     pub session: SessionAction,
     /// `prctl(PR_SET_CHILD_SUBREAPER, 1)` before the blob runs.
     pub child_subreaper: bool,
+    /// The memfds and ptys the restoring process made (see
+    /// [`super::memfd`]); their descriptors are at or above `close_from`.
+    pub objects: crate::files::Objects,
 }
 
 impl Plan {
@@ -226,6 +233,7 @@ pub fn build(input: &Inputs<'_>, host: &Host) -> Result<Plan, RestoreError> {
             matches!(
                 v.kind(),
                 VmaKind::Anon | VmaKind::Heap | VmaKind::Stack | VmaKind::File | VmaKind::SysvShm
+                    | VmaKind::Memfd
             )
         })
         .collect();
@@ -313,9 +321,21 @@ pub fn build(input: &Inputs<'_>, host: &Host) -> Result<Plan, RestoreError> {
                 libc::O_RDONLY
             };
             Some((cstring(&f.path, "file path")?, mode, v.pgoff))
+        } else if v.kind() == VmaKind::Memfd {
+            None
         } else {
             flags |= libc::MAP_ANONYMOUS;
             None
+        };
+        let memfd = match (v.kind(), &v.memfd) {
+            (VmaKind::Memfd, Some(o)) => {
+                crate::files::memfd::check_object(o).map_err(invalid)?;
+                Some((o.clone(), v.pgoff))
+            }
+            (VmaKind::Memfd, None) => {
+                return Err(invalid(format!("memfd VMA {:#x} has no memfd", v.start)))
+            }
+            _ => None,
         };
         let mut advice = Vec::new();
         for (code, adv) in [
@@ -344,6 +364,7 @@ pub fn build(input: &Inputs<'_>, host: &Host) -> Result<Plan, RestoreError> {
                 .then_some((v.shmem_ino, v.pgoff)),
             shm_fd: None,
             sysv,
+            memfd,
         });
     }
     if run_idx != input.runs.len() {
@@ -705,6 +726,7 @@ pub fn build(input: &Inputs<'_>, host: &Host) -> Result<Plan, RestoreError> {
         },
         session,
         child_subreaper: core.child_subreaper,
+        objects: Default::default(),
     })
 }
 

@@ -29,6 +29,11 @@ impl Objects {
     pub fn len(&self) -> usize {
         self.fds.len()
     }
+
+    /// Keeps other objects' descriptors (memfds, ptys) open as long.
+    pub fn keep(&mut self, fds: Vec<OwnedFd>) {
+        self.fds.extend(fds);
+    }
 }
 
 fn io(what: String) -> impl FnOnce(std::io::Error) -> RestoreError {

@@ -154,7 +154,9 @@ pub(super) fn prepare(
         )?;
         preps.push(Some(TaskPrep { plan, pages, core }));
     }
-    let shm = super::shmem::create(&mut preps)?;
+    let mut shm = super::shmem::create(&mut preps)?;
+    let mut plans: Vec<&mut Plan> = preps.iter_mut().flatten().map(|p| &mut p.plan).collect();
+    shm.keep(super::memfd::create(image, &mut plans)?);
     Ok((shape, preps, shm, shared))
 }
 

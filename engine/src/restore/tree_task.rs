@@ -84,6 +84,11 @@ fn body(ctx: &TreeCtx, i: usize) -> Result<Infallible, Quit> {
     }
     if t.new_session {
         nix::unistd::setsid().map_err(|e| failed(format!("setsid: {e}")))?;
+        if let Some(prep) = &ctx.preps[i] {
+            // Before the children: they inherit the controlling terminal.
+            crate::files::tty::take_ctty(&prep.plan.fds, &prep.plan.objects)
+                .map_err(|e| failed(crate::files::chain(&e)))?;
+        }
     } else if t.group == Group::Lead {
         let me = nix::unistd::Pid::from_raw(0);
         nix::unistd::setpgid(me, me).map_err(|e| failed(format!("setpgid(0, 0): {e}")))?;
