@@ -1,8 +1,8 @@
 //! Iterative pre-copy of a process tree: one [`PreCopy`] per task, run in
 //! lockstep, then one freeze of the whole tree.
 //!
-//! - [`TreePreCopy::start`] makes the tree checks of a dump and those of
-//!   live migration ([`dump::precheck_send`]), then sets up a tracker in each live task.
+//! - [`TreePreCopy::start`] makes the tree checks of a dump
+//!   ([`dump::precheck_tree`]), then sets up a tracker in each live task.
 //! - Each [`TreePreCopy::round`] first takes in the tasks forked since the
 //!   last one (their first round copies all their memory) and drops the
 //!   tasks that exited, then runs a round in every task.
@@ -14,9 +14,15 @@
 //! lives in each task's page tables, so a task's tracker misses the writes
 //! its siblings make to memory they share. It is copied once per object in
 //! the frozen phase ([`dump::SharedObjects`]), like a tree dump stores it.
+//!
+//! The objects a dump stores beside the tasks (memfd contents, SysV IPC
+//! objects the tree attached) are written, frozen, into a side image
+//! directory that the caller sends along ([`dump::TreeObjects`]).
+//!
 //! A single process is a tree of one task: nothing differs from [`PreCopy`].
 use crate::dump::tree::FrozenTree;
 use crate::dump::{self, exited, DumpError, DumpOptions, MemStats, PageSink, Target, TaskState};
+use crate::image::ImageDir;
 use crate::precopy::{PreCopy, PreCopyError, RoundStats, Tracking};
 use crm_proto::image::ProcessTree;
 use std::collections::BTreeMap;
@@ -50,6 +56,9 @@ pub struct TreeFinal {
     /// The trackers, still armed: drop them after killing or thawing
     /// `frozen` (see [`crate::precopy::Final::tracking`]).
     pub tracking: Vec<Tracking>,
+    /// The SysV objects saved into the side directory: removed here once
+    /// the tree is killed (they move with it), as a dump does.
+    pub ipc: crate::ipc::Saved,
 }
 
 pub struct TreePreCopy {
@@ -69,7 +78,7 @@ impl TreePreCopy {
     /// Checks that the tree below `root` can be migrated and sets up dirty
     /// tracking in each of its live tasks.
     pub fn start(root: i32, opts: &DumpOptions) -> Result<TreePreCopy, PreCopyError> {
-        dump::precheck_send(root, opts)?;
+        dump::precheck_tree(root, opts)?;
         let mut t = TreePreCopy {
             root,
             opts: opts.clone(),
@@ -160,7 +169,14 @@ impl TreePreCopy {
     /// pages of tasks forked since the last round, and the shared
     /// anonymous memory, once) and collects everything else. On error
     /// every task is resumed and tracking removed.
-    pub fn finish(mut self, sink: &mut dyn TreeSink) -> Result<TreeFinal, PreCopyError> {
+    ///
+    /// `side`: where the objects stored beside the tasks go (see the
+    /// module docs).
+    pub fn finish(
+        mut self,
+        sink: &mut dyn TreeSink,
+        side: &ImageDir,
+    ) -> Result<TreeFinal, PreCopyError> {
         let started = Instant::now();
         let frozen = FrozenTree::freeze(self.root)?;
         let frozen_at = Instant::now();
@@ -186,7 +202,9 @@ impl TreePreCopy {
             },
             frozen_for: Duration::ZERO,
             tracking: Vec::new(),
+            ipc: Default::default(),
         };
+        let mut objects = dump::TreeObjects::default();
         let mut shared = dump::SharedObjects::default();
         let mut subreapers = Vec::new();
         // On any error below, `frozen_tasks`, `out.frozen` and the
@@ -219,6 +237,7 @@ impl TreePreCopy {
                 }
             };
             add(&mut out.last_round, &round);
+            objects.add_task(side, &state, &mut out.last_round.mem)?;
             if !single {
                 let shm: Vec<_> = state
                     .mm
@@ -244,6 +263,9 @@ impl TreePreCopy {
             let _ = pre.abort();
         }
         dump::complete_tree(self.root, &mut entries, &subreapers, &self.opts)?;
+        crate::files::tty::check_tree(out.tasks.iter().map(|t| (t.state.core.pid, &t.state.files)))
+            .map_err(DumpError::from)?;
+        out.ipc = objects.finish(side, self.root)?;
         let pids: Vec<i32> = entries.iter().map(|e| e.pid).collect();
         if let Some(root) = out.tasks.first_mut() {
             root.state.inventory.pids = pids;

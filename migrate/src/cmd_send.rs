@@ -42,7 +42,7 @@ pub fn run(a: Args) -> Result<i32> {
         shell_job: a.shell_job,
         ..Default::default()
     };
-    crm_engine::dump::precheck_send(a.pid, &check)
+    crm_engine::dump::precheck_tree(a.pid, &check)
         .with_context(|| format!("cannot migrate process {}", a.pid))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

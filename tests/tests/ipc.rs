@@ -350,40 +350,6 @@ fn ipcshm() {
     println!("checked: {pass}");
 }
 
-/// `send` refuses a process attaching SysV shared memory before it
-/// connects anywhere, naming the segment; the process runs on untouched.
-#[test]
-fn send_refuses_sysv_shared_memory() {
-    h::init();
-    let _serial = h::serial();
-    let key = test_key(7);
-    let mut guard = IpcGuard::new(key);
-    let tmp = TempDir::new("ipcshm-send");
-    let hex = format!("{:#x}", key as u32);
-    let wl = Workload::start(workload_bin!(wl_ipc), &["shm", &hex], tmp.path());
-    let id = ready_id(&wl);
-    guard.ids.push((Kind::Shm, id));
-    let token = tmp.path().join("token");
-    std::fs::write(&token, "ipc-token-0123456789abcdef0123456789\n").expect("token");
-    let pid = wl.pid().to_string();
-    // Nothing listens on port 9: the refusal must come before any connection.
-    let out = run_crm(&[
-        "send",
-        &pid,
-        "127.0.0.1:9",
-        "--token-file",
-        path_str(&token),
-    ]);
-    let err = stderr(&out);
-    assert!(
-        !out.status.success() && err.contains(&format!("SysV shared memory segment {id}")),
-        "send should refuse the segment:\n{err}"
-    );
-    procs::assert_running_untraced(wl.pid(), "the refused send");
-    let pass = wl.expect_pass("after the refused send");
-    println!("checked: send refused segment {id}; the process runs on: {pass}");
-}
-
 /// A segment shared by a parent and two children (one inherited the
 /// attachment, one attached it elsewhere) and marked for deletion: saved
 /// once, attached again by all three, still marked, writes seen by all.

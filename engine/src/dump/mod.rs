@@ -143,36 +143,6 @@ fn precheck_root(pid: i32, opts: &DumpOptions) -> Result<procfs::Stat, DumpError
     Ok(stat)
 }
 
-/// Refuses memfds and ptys for live migration, which carries neither the
-/// contents of memfds nor the ptys' other ends yet.
-fn refuse_objects(
-    pid: i32,
-    files: &crm_proto::image::FilesCore,
-    vmas: &[crm_proto::image::Vma],
-) -> Result<(), DumpError> {
-    use crm_proto::image::fd_entry::Kind;
-    let what = files
-        .fds
-        .iter()
-        .find_map(|f| match f.kind {
-            Some(Kind::Memfd(_)) => Some(format!("fd {} is a memfd", f.fd)),
-            Some(Kind::Tty(_)) => Some(format!("fd {} is a pseudo-terminal", f.fd)),
-            _ => None,
-        })
-        .or_else(|| {
-            vmas.iter()
-                .find(|v| v.kind() == VmaKind::Memfd)
-                .map(|v| format!("mapping {:#x}-{:#x} is a memfd", v.start, v.end))
-        });
-    match what {
-        Some(what) => Err(DumpError::Unsupported {
-            pid,
-            what: format!("{what}, which live migration does not carry yet (use dump and restore)"),
-        }),
-        None => Ok(()),
-    }
-}
-
 /// Refusals that need no freeze, for the tree below `root`: the root's,
 /// then in every live task fds and mappings that cannot be restored yet,
 /// and sessions or groups the restore could not rebuild.
@@ -238,38 +208,6 @@ pub fn precheck_tree(root: i32, opts: &DumpOptions) -> Result<(), DumpError> {
     }
     crate::files::tty::check_tree(files.iter().map(|c| (c.pid, &c.files)))?;
     check_shape(root, &entries, opts)
-}
-
-/// [`precheck_tree`] for live migration, which also refuses what it does
-/// not move yet: SysV shared memory, memfds and ptys.
-pub fn precheck_send(root: i32, opts: &DumpOptions) -> Result<(), DumpError> {
-    precheck_tree(root, opts)?;
-    for st in tree::discover(root)?.iter().filter(|s| s.state != 'Z') {
-        let checked = procfs::read_maps(st.pid)
-            .map_err(DumpError::from)
-            .and_then(|m| classify(st.pid, &m))
-            .and_then(|vmas| {
-                let files = crate::files::collect(st.pid)?;
-                refuse_objects(st.pid, &files.files, &vmas)?;
-                Ok(vmas)
-            });
-        let vmas = match checked {
-            Ok(v) => v,
-            Err(_) if st.pid != root && exited(st.pid) => continue,
-            Err(e) => return Err(e),
-        };
-        if let Some(v) = vmas.iter().find(|v| v.kind() == VmaKind::SysvShm) {
-            return Err(DumpError::Unsupported {
-                pid: st.pid,
-                what: format!(
-                    "it attaches SysV shared memory segment {} at {:#x}, which live migration \
-                     does not move yet (use dump and restore)",
-                    v.sysv_shmid, v.start
-                ),
-            });
-        }
-    }
-    Ok(())
 }
 
 /// Whether `pid` exited (gone, or a zombie): in a running tree, a task
@@ -416,6 +354,55 @@ pub fn write_task_records(image: &ImageDir, state: &TaskState) -> Result<(), Dum
     Ok(())
 }
 
+/// The objects of a frozen tree that are stored beside its tasks, once
+/// each: the contents of its memfds, and the SysV IPC objects it attached
+/// (or that `keys` name).
+#[derive(Default)]
+pub struct TreeObjects {
+    memfds: memfd::MemfdStore,
+    ipc: crate::ipc::Selection,
+}
+
+impl TreeObjects {
+    pub fn new(ipc_keys: Vec<i32>) -> TreeObjects {
+        TreeObjects {
+            memfds: memfd::MemfdStore::default(),
+            ipc: crate::ipc::Selection {
+                keys: ipc_keys,
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Stores the memfds of a task (those no earlier task had) into
+    /// `image` and notes the SysV segments it attached.
+    pub fn add_task(
+        &mut self,
+        image: &ImageDir,
+        state: &TaskState,
+        mem: &mut MemStats,
+    ) -> Result<(), DumpError> {
+        let tpid = state.core.pid;
+        for v in state
+            .mm
+            .vmas
+            .iter()
+            .filter(|v| v.kind() == VmaKind::SysvShm)
+        {
+            self.ipc.shm_ids.insert(v.sysv_shmid);
+            if self.ipc.attachers.last() != Some(&tpid) {
+                self.ipc.attachers.push(tpid);
+            }
+        }
+        self.memfds.store(image, state, mem)
+    }
+
+    /// Saves the SysV objects (`ipc.img`) of the tree of `root`.
+    pub fn finish(self, image: &ImageDir, root: i32) -> Result<crate::ipc::Saved, DumpError> {
+        Ok(crate::ipc::dump(image, root, &self.ipc)?)
+    }
+}
+
 /// Shared anonymous memory (a shmem object, maybe mapped by several tasks).
 pub fn is_shared_anon(v: &crm_proto::image::Vma) -> bool {
     v.kind() == VmaKind::Anon && v.shared
@@ -478,33 +465,18 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpStats, DumpE
     let mut inventory = None;
     let mut subreapers = Vec::new();
     let mut shmem = SharedObjects::default();
-    let mut ipc = crate::ipc::Selection {
-        keys: opts.ipc_keys.clone(),
-        ..Default::default()
-    };
-    let mut memfds = memfd::MemfdStore::default();
+    let mut objects = TreeObjects::new(opts.ipc_keys.clone());
     let mut all_files = Vec::with_capacity(frozen.tasks.len());
     let pids: Vec<i32> = frozen.tasks.iter().map(|t| t.pid()).collect();
     let files = tree::dump_files(&pids)?;
     for (task, files) in frozen.tasks.iter().zip(files) {
         let tpid = task.pid();
         let state = collect_state_with(task, files)?;
-        for v in state
-            .mm
-            .vmas
-            .iter()
-            .filter(|v| v.kind() == VmaKind::SysvShm)
-        {
-            ipc.shm_ids.insert(v.sysv_shmid);
-            if ipc.attachers.last() != Some(&tpid) {
-                ipc.attachers.push(tpid);
-            }
-        }
         let mut pages = image.pages_writer(tpid)?;
         let own = shmem.not_yet_stored(&state.mm.vmas);
         let mut mem = memory::dump_pages(tpid, Target::Frozen, &own, &mut pages)?;
         pages.finish()?;
-        memfds.store(&image, &state, &mut mem)?;
+        objects.add_task(&image, &state, &mut mem)?;
         write_task_records(&image, &state)?;
         all_files.push((tpid, state.files.clone()));
         stats.threads += state.core.threads.len();
@@ -527,7 +499,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpStats, DumpE
     image.write_tree(&ProcessTree {
         tasks: frozen.entries.clone(),
     })?;
-    let ipc = crate::ipc::dump(&image, pid, &ipc)?;
+    let ipc = objects.finish(&image, pid)?;
     stats.ipc_objects = ipc.len();
     inventory.pids = frozen.entries.iter().map(|e| e.pid).collect();
     durable.sync_all()?;
@@ -569,40 +541,6 @@ mod tests {
             pgoff,
             ..Default::default()
         }
-    }
-
-    #[test]
-    fn live_migration_refuses_memfds_and_ptys() {
-        use crm_proto::image::{fd_entry, FdEntry, FilesCore, MemfdFd, TtyFd};
-        let files = |kind| FilesCore {
-            fds: vec![FdEntry {
-                fd: 4,
-                kind: Some(kind),
-                ..Default::default()
-            }],
-        };
-        let err = refuse_objects(7, &files(fd_entry::Kind::Memfd(MemfdFd::default())), &[])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("process 7") && err.contains("fd 4 is a memfd"),
-            "{err}"
-        );
-        let err = refuse_objects(7, &files(fd_entry::Kind::Tty(TtyFd::default())), &[])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("pseudo-terminal"), "{err}");
-        let vma = Vma {
-            start: 0x1000,
-            end: 0x2000,
-            kind: VmaKind::Memfd as i32,
-            ..Default::default()
-        };
-        let err = refuse_objects(7, &FilesCore::default(), &[vma])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("0x1000-0x2000 is a memfd"), "{err}");
-        assert!(refuse_objects(7, &FilesCore::default(), &[]).is_ok());
     }
 
     #[test]

@@ -232,7 +232,11 @@ pub fn build(input: &Inputs<'_>, host: &Host) -> Result<Plan, RestoreError> {
         .filter(|v| {
             matches!(
                 v.kind(),
-                VmaKind::Anon | VmaKind::Heap | VmaKind::Stack | VmaKind::File | VmaKind::SysvShm
+                VmaKind::Anon
+                    | VmaKind::Heap
+                    | VmaKind::Stack
+                    | VmaKind::File
+                    | VmaKind::SysvShm
                     | VmaKind::Memfd
             )
         })

@@ -52,6 +52,8 @@ struct Incoming {
     /// Rounds whose `RoundStored` was sent.
     acked: std::collections::HashSet<u32>,
     final_state: Option<crm_proto::migrate::FinalState>,
+    /// The image files of no task (memfds, SysV IPC objects).
+    side: super::side_files::Receiver,
 }
 
 /// Most tasks whose pages one migration may send.
@@ -142,6 +144,7 @@ async fn serve(session: &Session, dir_path: &Path, memory_limit: u64) -> Result<
         received: HashMap::new(),
         acked: Default::default(),
         final_state: None,
+        side: Default::default(),
     };
     let mut receiver = session.page_receiver()?;
     let mut streams_open = true;
@@ -170,6 +173,10 @@ async fn serve(session: &Session, dir_path: &Path, memory_limit: u64) -> Result<
                         .store(z.pid)?
                         .insert_zero(z.pid, z.vaddr, z.nr_pages, z.round)
                         .with_context(|| format!("zero pages of process {}", z.pid))?,
+                    Some(control::Msg::ImageFile(f)) => inc
+                        .side
+                        .piece(dir_path, f)
+                        .context("receiving the memfds and SysV IPC objects")?,
                     Some(control::Msg::FinalState(f)) => inc.final_state = Some(f),
                     Some(control::Msg::Abort(a)) => bail!("the source aborted: {}", a.reason),
                     _ => {}
@@ -178,6 +185,7 @@ async fn serve(session: &Session, dir_path: &Path, memory_limit: u64) -> Result<
         }
     }
     let f = inc.final_state.take().expect("complete() checked it");
+    inc.side.check_complete()?;
     let state = decode_state(&f)?;
     let pid = state.core.pid;
     if state.inventory.root_pid != pid {

@@ -7,6 +7,7 @@ pub mod destination;
 pub mod policy;
 pub mod report;
 mod restorer;
+mod side_files;
 pub mod source;
 
 use std::io::{IsTerminal, Write};

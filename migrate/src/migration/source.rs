@@ -19,6 +19,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use crm_engine::dump::tree::FrozenTree;
 use crm_engine::dump::{DumpError, DumpOptions, PageSink};
+use crm_engine::image::ImageDir;
 use crm_engine::mm_holder::MemoryHolder;
 use crm_engine::precopy::RoundStats;
 use crm_engine::precopy_tree::{TaskFinal, TreeFinal, TreePreCopy, TreeSink};
@@ -156,6 +157,7 @@ fn kill_tree(frozen: FrozenTree, tx: &mpsc::Sender<Event>) {
 fn engine_thread(
     pid: i32,
     opts: DumpOptions,
+    side: ImageDir,
     cmds: std_mpsc::Receiver<Cmd>,
     tx: mpsc::Sender<Event>,
 ) {
@@ -190,7 +192,7 @@ fn engine_thread(
             },
             Ok(Cmd::Finish) => {
                 let frozen_at_us = now_unix_us();
-                let fin = match pre.finish(&mut sink) {
+                let fin = match pre.finish(&mut sink, &side) {
                     Ok(f) => f,
                     Err(e) => {
                         send(Event::Error(chain(&e)));
@@ -203,6 +205,7 @@ fn engine_thread(
                     tree,
                     last_round,
                     tracking,
+                    ipc,
                     ..
                 } = fin;
                 send(Event::Final {
@@ -213,7 +216,12 @@ fn engine_thread(
                 });
                 // Only an explicit Kill ends the tree; anything else resumes it.
                 match cmds.recv() {
-                    Ok(Cmd::Kill) => kill_tree(frozen, &tx),
+                    Ok(Cmd::Kill) => {
+                        kill_tree(frozen, &tx);
+                        // The SysV objects moved with the tree, as a dump
+                        // that kills its tree removes them.
+                        ipc.remove();
+                    }
                     _ => {
                         send(match frozen.thaw() {
                             Ok(()) => Event::Resumed,
@@ -260,6 +268,17 @@ struct Driver<'a> {
     report: Report,
     /// The engine thread reported the process resumed or killed.
     settled: bool,
+    /// The side image directory (see [`super::side_files`]).
+    side: std::path::PathBuf,
+}
+
+/// Removes a scratch directory when dropped.
+struct RemoveDir(std::path::PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 impl Driver<'_> {
@@ -454,6 +473,15 @@ impl Driver<'_> {
         self.end_round(round, &stats, batches_before, started, false)
             .await?;
         self.report.frozen_at_unix_us = frozen_at_us;
+        let side_bytes = super::side_files::send(self.session, &self.side)
+            .await
+            .context("sending the memfds and SysV IPC objects")?;
+        if side_bytes > 0 {
+            tracing::info!(
+                "memfd and SysV IPC objects sent ({:.1} MiB)",
+                side_bytes as f64 / (1 << 20) as f64
+            );
+        }
         let final_state = final_state(&tasks, &tree, round, frozen_at_us)?;
         // Every thread of the tree: what a same-host destination may find busy.
         let our_tids: Vec<i32> = tasks
@@ -583,9 +611,14 @@ pub async fn send(session: Session, opts: &SendOptions, progress: Progress) -> R
         shell_job: opts.shell_job,
         ..Default::default()
     };
+    // Where the frozen phase writes the objects stored beside the tasks.
+    let side_path = std::env::temp_dir().join(format!("cr-migrate-send-{pid}-{}", now_unix_us()));
+    let side = ImageDir::create_scratch(&side_path)
+        .with_context(|| format!("creating {}", side_path.display()))?;
+    let _side_guard = RemoveDir(side_path.clone());
     let engine = std::thread::Builder::new()
         .name(format!("ptrace-{pid}"))
-        .spawn(move || engine_thread(pid, dump_opts, cmd_rx, ev_tx))
+        .spawn(move || engine_thread(pid, dump_opts, side, cmd_rx, ev_tx))
         .context("starting the engine thread")?;
     let pages = session
         .page_sender(opts.streams, opts.compress, opts.page_transport)
@@ -613,6 +646,7 @@ pub async fn send(session: Session, opts: &SendOptions, progress: Progress) -> R
             ..Report::default()
         },
         settled: false,
+        side: side_path,
     };
     let outcome = tokio::select! {
         r = d.run(&opts.policy) => r,

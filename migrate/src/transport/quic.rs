@@ -198,6 +198,7 @@ pub fn control_kind(c: &Control) -> &'static str {
         Some(control::Msg::ZeroPages(_)) => "ZeroPages",
         Some(control::Msg::PidsBusy(_)) => "PidsBusy",
         Some(control::Msg::PidsReleased(_)) => "PidsReleased",
+        Some(control::Msg::ImageFile(_)) => "ImageFile",
         None => "an empty Control",
     }
 }
