@@ -281,3 +281,18 @@ pub fn assert_success(out: &Output, what: &str) {
 pub fn path_str(p: &std::path::Path) -> &str {
     p.to_str().expect("temp paths are UTF-8")
 }
+
+/// `cr-migrate dump --pid PID --images-dir IMAGES --leave-running`, asserted
+/// to succeed.
+pub fn dump_leave_running(pid: &str, images: &std::path::Path) -> Output {
+    let out = run_crm(&[
+        "dump",
+        "--pid",
+        pid,
+        "--images-dir",
+        path_str(images),
+        "--leave-running",
+    ]);
+    assert_success(&out, "dump --leave-running");
+    out
+}

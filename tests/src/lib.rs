@@ -35,7 +35,10 @@ pub mod tree;
 pub mod wl;
 pub mod workload;
 
-pub use crm::{assert_success, crm_bin, path_str, run_crm, run_crm_timeout, stderr, workload_path};
+pub use crm::{
+    assert_success, crm_bin, dump_leave_running, path_str, run_crm, run_crm_timeout, stderr,
+    workload_path,
+};
 pub use tmp::TempDir;
 pub use workload::{Spawn, Workload};
 

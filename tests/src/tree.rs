@@ -114,6 +114,45 @@ impl Tree {
         Ok(how)
     }
 
+    /// `cr-migrate dump --pid ROOT --images-dir IMAGES` (killing the tree),
+    /// asserted to succeed, then reaps what it killed: every PID is free
+    /// afterwards. Not through `run_crm`, which reaps our zombie children
+    /// after the command: here nothing but the dumper may reap the killed
+    /// tasks. Returns the dump's output.
+    pub fn dump_and_reap(&mut self, images: &Path) -> std::process::Output {
+        let pid = self.wl.pid().to_string();
+        let out = std::process::Command::new(crate::crm_bin())
+            .args([
+                "dump",
+                "--pid",
+                &pid,
+                "--images-dir",
+                crate::path_str(images),
+            ])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("running cr-migrate dump");
+        crate::assert_success(&out, "dump");
+        self.reap_dumped()
+            .unwrap_or_else(|e| panic!("after `cr-migrate dump`: {e}"));
+        out
+    }
+
+    /// `cr-migrate restore --detach` of `images`, asserted to succeed, and
+    /// the restored root taken under the guard. Returns the output.
+    pub fn restore_detached(&mut self, images: &Path) -> std::process::Output {
+        let out = crate::run_crm(&[
+            "restore",
+            "--images-dir",
+            crate::path_str(images),
+            "--detach",
+        ]);
+        let adopted = self.wl.adopt_restored();
+        crate::assert_success(&out, "restore --detach");
+        adopted.unwrap_or_else(|e| panic!("after `cr-migrate restore --detach`: {e}"));
+        out
+    }
+
     /// Kills every task and waits until every PID is free.
     pub fn kill_all(&mut self) -> Result<(), String> {
         for &p in self.members.iter().rev() {

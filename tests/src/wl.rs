@@ -137,3 +137,59 @@ pub fn fail_setup(what: &str) -> ! {
     say(&format!("SETUP-ERROR {what}: {err}"));
     std::process::exit(2);
 }
+
+/// Queues `sig` with the integer `value` to `pid` (`sigqueue`); a lost
+/// signal shows as a missing answer on the other side.
+pub fn sigqueue(pid: i32, sig: i32, value: i64) {
+    let v = libc::sigval {
+        sival_ptr: value as usize as *mut libc::c_void,
+    };
+    // SAFETY: sigqueue takes the value by copy.
+    unsafe { libc::sigqueue(pid, sig, v) };
+}
+
+/// Blocks `sigs` (to take them with [`wait_value`]); returns their set.
+pub fn block(sigs: &[i32]) -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset/sigaddset.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for &s in sigs {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// One queued signal of `set` (blocked) within `timeout`: its value.
+pub fn wait_value(set: &libc::sigset_t, timeout: std::time::Duration) -> Option<i64> {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    loop {
+        // SAFETY: siginfo_t is plain data; sigtimedwait fills it.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: all pointers are live locals.
+        let r = unsafe { libc::sigtimedwait(set, &mut info, &ts) };
+        if r > 0 {
+            // SAFETY: a queued signal carries a sigval.
+            return Some(unsafe { info.si_value().sival_ptr } as usize as i64);
+        }
+        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return None;
+        }
+    }
+}
+
+/// `fork()`, failing the setup if it fails. Call it while the workload
+/// has a single thread.
+pub fn fork() -> i32 {
+    // SAFETY: the caller forks while single-threaded.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        fail_setup("fork");
+    }
+    pid
+}

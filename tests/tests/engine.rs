@@ -348,15 +348,7 @@ fn leave_running_then_restore() {
 
     let pid = wl.pid().to_string();
     let before = Snapshot::take(wl.pid());
-    let out = run_crm(&[
-        "dump",
-        "--pid",
-        &pid,
-        "--images-dir",
-        path_str(&images),
-        "--leave-running",
-    ]);
-    assert_success(&out, "dump --leave-running");
+    h::dump_leave_running(&pid, &images);
     println!("images: {}", list_images(&images));
     // The original keeps running: it prints a new count and PASSes.
     let mark = wl.mark();
@@ -667,15 +659,7 @@ fn restore_refuses_a_busy_pid_and_names_the_holder() {
     let images = tmp.subdir("images");
     let wl = Workload::start(workload_bin!(wl_sleeper), &[], tmp.path());
     let pid = wl.pid().to_string();
-    let out = run_crm(&[
-        "dump",
-        "--pid",
-        &pid,
-        "--images-dir",
-        path_str(&images),
-        "--leave-running",
-    ]);
-    assert_success(&out, "dump --leave-running");
+    h::dump_leave_running(&pid, &images);
     // The original still holds the PID: restore must refuse and say who holds it.
     let out = run_crm(&["restore", "--images-dir", path_str(&images), "--detach"]);
     assert_refused(&out, "restore while the original still runs");

@@ -70,15 +70,7 @@ fn fifo_data_sizes_and_ends() {
     wl.expect_pass("before the dump");
     let pid = wl.pid().to_string();
     let first = tmp.subdir("images-running");
-    let out = run_crm(&[
-        "dump",
-        "--pid",
-        &pid,
-        "--images-dir",
-        path_str(&first),
-        "--leave-running",
-    ]);
-    assert_success(&out, "dump --leave-running");
+    h::dump_leave_running(&pid, &first);
     let pass = wl.expect_pass("after dump --leave-running (nothing consumed)");
     println!("checked: after dump --leave-running: {pass}");
 
@@ -211,15 +203,7 @@ fn locks_held_after_restore_and_o_direct() {
     // A dump that leaves the process running leaves its locks alone.
     let pid = wl.pid().to_string();
     let running = tmp.subdir("images-running");
-    let out = run_crm(&[
-        "dump",
-        "--pid",
-        &pid,
-        "--images-dir",
-        path_str(&running),
-        "--leave-running",
-    ]);
-    assert_success(&out, "dump --leave-running");
+    h::dump_leave_running(&pid, &running);
     let problems = locks_seen_from_test(tmp.path(), wl.pid());
     assert!(
         problems.is_empty(),
@@ -354,23 +338,6 @@ fn fifo_read_by_another_process_is_refused() {
     println!("checked: refused with {}; then {pass}", err.trim());
 }
 
-/// Dumps the tree (killing it) and reaps what the dump killed.
-fn dump_tree(tree: &mut Tree, images: &Path) {
-    let root = tree.wl.pid().to_string();
-    let out = run_crm(&["dump", "--pid", &root, "--images-dir", path_str(images)]);
-    assert_success(&out, "dump");
-    tree.reap_dumped()
-        .unwrap_or_else(|e| panic!("after `cr-migrate dump`: {e}"));
-}
-
-/// Restores the tree detached and adopts its root again.
-fn restore_tree(tree: &mut Tree, images: &Path) {
-    let out = run_crm(&["restore", "--images-dir", path_str(images), "--detach"]);
-    let adopted = tree.wl.adopt_restored();
-    assert_success(&out, "restore --detach");
-    adopted.unwrap_or_else(|e| panic!("after `cr-migrate restore --detach`: {e}"));
-}
-
 /// A child forked after the locks were taken shares the open file
 /// descriptions of the locked files: their flock and OFD locks are saved
 /// once (with the parent, the lowest PID sharing them), the tree comes
@@ -389,7 +356,7 @@ fn locks_shared_with_a_child_are_taken_once() {
     );
     assert_eq!(tree.members.len(), 1, "wl_locks --fork has one child");
     tree.wl.expect_pass("before the dump");
-    dump_tree(&mut tree, &images);
+    tree.dump_and_reap(&images);
     let text = show(&images, &[]);
     for lock in [
         "locks: flock 0-EOF write",
@@ -402,7 +369,7 @@ fn locks_shared_with_a_child_are_taken_once() {
             "{lock:?} should be saved once, with the parent:\n{text}"
         );
     }
-    restore_tree(&mut tree, &images);
+    tree.restore_detached(&images);
     let child = tree.members[0];
     assert!(procs::alive(child), "the child {child} was not restored");
     let problems = locks_seen_from_test(tmp.path(), tree.wl.pid());
@@ -428,9 +395,9 @@ fn fifo_shared_with_a_child_refilled_once() {
     );
     assert_eq!(tree.members.len(), 1, "wl_fifo --fork has one child");
     tree.wl.expect_pass("before the dump");
-    dump_tree(&mut tree, &images);
+    tree.dump_and_reap(&images);
     show(&images, &["80000 bytes buffered"]);
-    restore_tree(&mut tree, &images);
+    tree.restore_detached(&images);
     let child = tree.members[0];
     assert!(procs::alive(child), "the child {child} was not restored");
     let pass = tree.wl.expect_pass("after restore");

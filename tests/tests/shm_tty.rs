@@ -47,20 +47,8 @@ fn restore(wl: &mut Workload, images: &Path) {
 
 /// Dumps a tree (the dumper reaps the members), reaps the root, restores.
 fn tree_cycle(tree: &mut Tree, images: &Path) -> String {
-    let pid = tree.wl.pid().to_string();
-    // Not through run_crm, which reaps our zombie children after the command.
-    let out = std::process::Command::new(h::crm_bin())
-        .args(["dump", "--pid", &pid, "--images-dir", path_str(images)])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("running cr-migrate dump");
-    assert_success(&out, "dump");
-    tree.reap_dumped()
-        .unwrap_or_else(|e| panic!("after `cr-migrate dump`: {e}"));
-    let out = run_crm(&["restore", "--images-dir", path_str(images), "--detach"]);
-    let adopted = tree.wl.adopt_restored();
-    assert_success(&out, "restore --detach");
-    adopted.unwrap_or_else(|e| panic!("after restore: {e}"));
+    tree.dump_and_reap(images);
+    let out = tree.restore_detached(images);
     for &m in &tree.members {
         assert!(procs::stat(m).is_some(), "member {m} was not restored");
     }

@@ -48,21 +48,8 @@ fn dump_and_restore(mode: &str) -> (TempDir, Tree) {
     let images = tmp.subdir("images");
     let mut tree = start(mode, tmp.path());
     let before = tree.links();
-    let pid = tree.wl.pid().to_string();
-    // Not through run_crm, which reaps our zombie children after the
-    // command: here nothing but the dumper may reap the killed tasks.
-    let out = std::process::Command::new(h::crm_bin())
-        .args(["dump", "--pid", &pid, "--images-dir", path_str(&images)])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("running cr-migrate dump");
-    assert_success(&out, "dump");
-    tree.reap_dumped()
-        .unwrap_or_else(|e| panic!("after `cr-migrate dump`: {e}"));
-    let out = run_crm(&["restore", "--images-dir", path_str(&images), "--detach"]);
-    let adopted = tree.wl.adopt_restored();
-    assert_success(&out, "restore --detach");
-    adopted.unwrap_or_else(|e| panic!("after restore: {e}"));
+    tree.dump_and_reap(&images);
+    tree.restore_detached(&images);
     assert_eq!(
         tree.links(),
         before,
@@ -136,15 +123,7 @@ fn dump_leave_running_consumes_no_data() {
         let images = tmp.subdir("images");
         let tree = start(mode, tmp.path());
         let pid = tree.wl.pid().to_string();
-        let out = run_crm(&[
-            "dump",
-            "--pid",
-            &pid,
-            "--images-dir",
-            path_str(&images),
-            "--leave-running",
-        ]);
-        assert_success(&out, "dump --leave-running");
+        h::dump_leave_running(&pid, &images);
         for p in tree.all() {
             procs::assert_running_untraced(p, "dump --leave-running");
         }

@@ -36,6 +36,23 @@ struct Ends {
 }
 
 impl Ends {
+    /// `send` in one of two new network namespaces, `receive` in the other
+    /// (the pair is deleted when dropped); `Err` says why there are none.
+    fn netns() -> Result<(NetnsPair, Ends), String> {
+        if netns::ip_bin().is_none() {
+            return Err("`ip` (iproute2) is not installed".into());
+        }
+        let ns =
+            NetnsPair::create().map_err(|e| format!("cannot create network namespaces: {e}"))?;
+        let port = crm_tests::port::free_port().expect("a free port");
+        let ends = Ends {
+            recv_prefix: ns.exec_prefix(&ns.b),
+            send_prefix: ns.exec_prefix(&ns.a),
+            listen: format!("{}:{port}", ns.addr_b),
+        };
+        Ok((ns, ends))
+    }
+
     fn local() -> Ends {
         Ends {
             recv_prefix: Vec::new(),
@@ -262,18 +279,9 @@ fn migrate_tree_with_shared_memory_across_network_namespaces() {
     const TEST: &str = "migrate_tree_with_shared_memory_across_network_namespaces";
     h::init();
     let _serial = h::serial();
-    if netns::ip_bin().is_none() {
-        h::skip_test!(TEST, "`ip` (iproute2) is not installed");
-    }
-    let ns = match NetnsPair::create() {
-        Ok(ns) => ns,
-        Err(e) => h::skip_test!(TEST, "cannot create network namespaces: {e}"),
-    };
-    let port = crm_tests::port::free_port().expect("a free port");
-    let ends = Ends {
-        recv_prefix: ns.exec_prefix(&ns.b),
-        send_prefix: ns.exec_prefix(&ns.a),
-        listen: format!("{}:{port}", ns.addr_b),
+    let (ns, ends) = match Ends::netns() {
+        Ok(x) => x,
+        Err(why) => h::skip_test!(TEST, "{why}"),
     };
     let (_tmp, tree) = migrate_mode("shmem", &ends, "tree-mig-shmem-netns", true);
     let in_b = NetnsPair::pids(&ns.b);
@@ -313,18 +321,9 @@ fn migrate_tree_with_pipes_across_network_namespaces() {
     const TEST: &str = "migrate_tree_with_pipes_across_network_namespaces";
     h::init();
     let _serial = h::serial();
-    if netns::ip_bin().is_none() {
-        h::skip_test!(TEST, "`ip` (iproute2) is not installed");
-    }
-    let ns = match NetnsPair::create() {
-        Ok(ns) => ns,
-        Err(e) => h::skip_test!(TEST, "cannot create network namespaces: {e}"),
-    };
-    let port = crm_tests::port::free_port().expect("a free port");
-    let ends = Ends {
-        recv_prefix: ns.exec_prefix(&ns.b),
-        send_prefix: ns.exec_prefix(&ns.a),
-        listen: format!("{}:{port}", ns.addr_b),
+    let (_ns, ends) = match Ends::netns() {
+        Ok(x) => x,
+        Err(why) => h::skip_test!(TEST, "{why}"),
     };
     let (_tmp, tree) = migrate_args(
         workload_bin!(wl_tree_files),

@@ -52,10 +52,7 @@ fn reap_dumped(tree: &mut Tree) {
 
 /// `restore --detach` of `images`; the root is taken under the guard.
 fn restore(tree: &mut Tree, images: &Path) {
-    let out = run_crm(&["restore", "--images-dir", path_str(images), "--detach"]);
-    let adopted = tree.wl.adopt_restored();
-    assert_success(&out, "restore --detach");
-    adopted.unwrap_or_else(|e| panic!("after restore: {e}"));
+    tree.restore_detached(images);
 }
 
 /// Every task has its parent, group, session and zombie state back.
@@ -256,15 +253,7 @@ fn leave_running_keeps_the_whole_tree() {
     let tree = start("multitask", tmp.path());
     let before = tree.links();
     let pid = tree.wl.pid().to_string();
-    let out = run_crm(&[
-        "dump",
-        "--pid",
-        &pid,
-        "--images-dir",
-        path_str(&images),
-        "--leave-running",
-    ]);
-    assert_success(&out, "dump --leave-running");
+    h::dump_leave_running(&pid, &images);
     assert_untouched(&tree, &before, "dump --leave-running");
 }
 

@@ -95,60 +95,6 @@ fn ids() -> (i32, i32, i32, i32) {
     unsafe { (getpid(), libc::getppid(), libc::getpgrp(), libc::getsid(0)) }
 }
 
-fn sigqueue(pid: i32, sig: i32, value: i64) {
-    // SAFETY: sigval is a plain union; we pass an integer in its pointer slot.
-    let v = libc::sigval {
-        sival_ptr: value as usize as *mut libc::c_void,
-    };
-    // SAFETY: sigqueue takes the value by copy; failure is reported by the
-    // missing answer at the root.
-    unsafe { libc::sigqueue(pid, sig, v) };
-}
-
-fn block(sigs: &[i32]) -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data, initialised by sigemptyset/sigaddset.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for &s in sigs {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
-
-/// Waits for one queued `sig` (blocked) up to `timeout`: its integer value.
-fn wait_value(set: &libc::sigset_t, timeout: Duration) -> Option<i64> {
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
-    };
-    loop {
-        // SAFETY: siginfo_t is plain data; sigtimedwait fills it.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: all pointers are live locals.
-        let r = unsafe { libc::sigtimedwait(set, &mut info, &ts) };
-        if r > 0 {
-            // SAFETY: a queued signal carries a sigval.
-            return Some(unsafe { info.si_value().sival_ptr } as usize as i64);
-        }
-        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            return None;
-        }
-    }
-}
-
-fn fork() -> i32 {
-    // SAFETY: the workload is single-threaded when it forks (threads are
-    // started only in members, after their own forks).
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        wl::fail_setup("fork");
-    }
-    pid
-}
-
 /// Memory every task inherits from the root.
 struct Inherited {
     kept: Vec<u8>,
@@ -163,7 +109,7 @@ fn member(inh: &mut Inherited, extra: impl FnOnce() -> Option<MemberCheck>) -> !
     let mut own = vec![0u8; BUF];
     pattern(me as u64 ^ 0x55, &mut own);
     let extra_check = extra();
-    sigqueue(inh.root, sig_hello(), me as i64);
+    wl::sigqueue(inh.root, sig_hello(), me as i64);
     let mut recorded: Option<(i32, i32, i32, i32)> = None;
     loop {
         // A root that is gone for good (a failed setup, a killed tree):
@@ -175,7 +121,7 @@ fn member(inh: &mut Inherited, extra: impl FnOnce() -> Option<MemberCheck>) -> !
         }
         if wl::take(libc::SIGUSR1) {
             recorded = Some(ids());
-            sigqueue(inh.root, sig_reply(), me as i64 * 2 + 1);
+            wl::sigqueue(inh.root, sig_reply(), me as i64 * 2 + 1);
         }
         if wl::take(libc::SIGUSR2) {
             if wl::corrupt_requested() {
@@ -207,7 +153,7 @@ fn member(inh: &mut Inherited, extra: impl FnOnce() -> Option<MemberCheck>) -> !
             }
             // A reply to the wrong parent would never arrive: the root
             // knows it by pid.
-            sigqueue(
+            wl::sigqueue(
                 inh.root,
                 sig_reply(),
                 me as i64 * 2 + problems.is_empty() as i64,
@@ -332,7 +278,7 @@ fn shared_bulk_ok(base: usize, root: i32) -> bool {
 
 /// A zombie child of the calling task, exiting with `code` or killed by `sig`.
 fn zombie_child(code: i32, sig: i32) -> i32 {
-    let pid = fork();
+    let pid = wl::fork();
     if pid == 0 {
         if sig != 0 {
             // SAFETY: default action for `sig`, unblocked, then raised.
@@ -417,8 +363,8 @@ fn main() {
         .unwrap_or_else(|| "multitask".into());
     wl::catch(libc::SIGUSR1);
     wl::catch(libc::SIGUSR2);
-    let hello = block(&[sig_hello()]);
-    let reply = block(&[sig_reply()]);
+    let hello = wl::block(&[sig_hello()]);
+    let reply = wl::block(&[sig_reply()]);
     let root = getpid();
     let mut inh = Inherited {
         kept: vec![0u8; BUF],
@@ -442,7 +388,7 @@ fn main() {
             if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
                 wl::fail_setup("pipe");
             }
-            if fork() == 0 {
+            if wl::fork() == 0 {
                 // SAFETY: closing our copy of the write end.
                 unsafe { libc::close(fds[1]) };
                 member(&mut inh, || None);
@@ -453,11 +399,11 @@ fn main() {
         }
         "multitask" | "child-socket" | "child-cwd" => {
             for i in 0..4 {
-                if fork() == 0 {
+                if wl::fork() == 0 {
                     match i {
                         0 => member(&mut inh, counting_thread),
                         1 => {
-                            if fork() == 0 {
+                            if wl::fork() == 0 {
                                 member(&mut inh, || None);
                             }
                             member(&mut inh, || None)
@@ -493,8 +439,8 @@ fn main() {
             }));
         }
         "session-left" => {
-            if fork() == 0 {
-                if fork() == 0 {
+            if wl::fork() == 0 {
+                if wl::fork() == 0 {
                     member(&mut inh, || None);
                 }
                 // SAFETY: plain syscall in a child that leads no group.
@@ -510,34 +456,34 @@ fn main() {
             // thread), so the dump meets tasks appearing, exiting and being
             // reaped while it freezes the tree.
             for _ in 0..2 {
-                if fork() == 0 {
+                if wl::fork() == 0 {
                     member(&mut inh, || Some(forking()));
                 }
             }
             expected_members = 2;
         }
         "pgrp" => {
-            let b = fork();
+            let b = wl::fork();
             if b == 0 {
                 member(&mut inh, || None);
             }
-            let a = fork();
+            let a = wl::fork();
             if a == 0 {
                 setpgid(0, 0);
                 member(&mut inh, || None);
             }
             setpgid(a, a);
             setpgid(b, a);
-            let c = fork();
+            let c = wl::fork();
             if c == 0 {
                 // SAFETY: plain syscall in a fresh child (not a group leader).
                 if unsafe { libc::setsid() } < 0 {
                     wl::fail_setup("setsid");
                 }
-                if fork() == 0 {
+                if wl::fork() == 0 {
                     member(&mut inh, || None); // D
                 }
-                if fork() == 0 {
+                if wl::fork() == 0 {
                     setpgid(0, 0);
                     member(&mut inh, || None); // E
                 }
@@ -591,7 +537,7 @@ fn main() {
             let region = unsafe { std::slice::from_raw_parts_mut(base as *mut u8, shared_len) };
             pattern(root as u64 ^ 0xbe, region);
             for _ in 1..tasks {
-                if fork() == 0 {
+                if wl::fork() == 0 {
                     member(&mut inh, move || {
                         let me = getpid() as u64;
                         let mut private = vec![0u8; priv_mib << 20];
@@ -634,7 +580,7 @@ fn main() {
             }
             shared_region = Some(base);
             for slot in 1..4 {
-                if fork() == 0 {
+                if wl::fork() == 0 {
                     member(&mut inh, move || {
                         Some(Box::new(move || {
                             let mut p = Vec::new();
@@ -659,7 +605,7 @@ fn main() {
         "zombie" => {
             zombies.push((zombie_child(7, 0), 7, 0));
             zombies.push((zombie_child(0, libc::SIGTERM), 0, libc::SIGTERM));
-            if fork() == 0 {
+            if wl::fork() == 0 {
                 let z = zombie_child(5, 0);
                 member(&mut inh, move || {
                     Some(Box::new(move || {
@@ -678,7 +624,7 @@ fn main() {
             {
                 wl::fail_setup("PR_SET_CHILD_SUBREAPER");
             }
-            let m = fork();
+            let m = wl::fork();
             if m == 0 {
                 if mode == "orphan-group" {
                     setpgid(0, 0);
@@ -687,7 +633,7 @@ fn main() {
                 if mode == "orphan-session" && unsafe { libc::setsid() } < 0 {
                     wl::fail_setup("setsid");
                 }
-                if fork() == 0 {
+                if wl::fork() == 0 {
                     // Wait to be adopted by the root.
                     // SAFETY: getppid has no arguments.
                     while unsafe { libc::getppid() } != root {
@@ -725,7 +671,7 @@ fn main() {
     // Members say hello; then they record their ids.
     let mut members = Vec::new();
     while members.len() < expected_members {
-        match wait_value(&hello, Duration::from_secs(20)) {
+        match wl::wait_value(&hello, Duration::from_secs(20)) {
             Some(v) => members.push(v as i32),
             None => wl::fail_setup("a member did not say hello"),
         }
@@ -753,7 +699,7 @@ fn main() {
     }
     let mut acks = 0;
     while acks < members.len() {
-        if wait_value(&reply, Duration::from_secs(20)).is_none() {
+        if wl::wait_value(&reply, Duration::from_secs(20)).is_none() {
             wl::fail_setup("a member did not record its ids");
         }
         acks += 1;
@@ -823,7 +769,7 @@ fn main() {
             let mut answered = std::collections::BTreeSet::new();
             let deadline = Instant::now() + Duration::from_secs(15);
             while answered.len() < members.len() && Instant::now() < deadline {
-                if let Some(v) = wait_value(&reply, Duration::from_millis(500)) {
+                if let Some(v) = wl::wait_value(&reply, Duration::from_millis(500)) {
                     let (pid, ok) = ((v / 2) as i32, v % 2 == 1);
                     if !ok {
                         problems.push(format!("member {pid} failed its checks (see MEMBER-FAIL)"));

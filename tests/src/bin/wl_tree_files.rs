@@ -77,56 +77,6 @@ fn getpid() -> i32 {
     std::process::id() as i32
 }
 
-fn sigqueue(pid: i32, sig: i32, value: i64) {
-    let v = libc::sigval {
-        sival_ptr: value as usize as *mut libc::c_void,
-    };
-    // SAFETY: sigqueue takes the value by copy; a lost signal shows as a
-    // missing answer at the root.
-    unsafe { libc::sigqueue(pid, sig, v) };
-}
-
-fn block(sig: i32) -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data, initialised by sigemptyset/sigaddset.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, sig);
-        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
-
-/// One queued signal of `set` (blocked) within `timeout`: its value.
-fn wait_value(set: &libc::sigset_t, timeout: Duration) -> Option<i64> {
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
-    };
-    loop {
-        // SAFETY: siginfo_t is plain data; sigtimedwait fills it.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: all pointers are live locals.
-        let r = unsafe { libc::sigtimedwait(set, &mut info, &ts) };
-        if r > 0 {
-            // SAFETY: a queued signal carries a sigval.
-            return Some(unsafe { info.si_value().sival_ptr } as usize as i64);
-        }
-        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            return None;
-        }
-    }
-}
-
-fn fork() -> i32 {
-    // SAFETY: the workload is single-threaded.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        wl::fail_setup("fork");
-    }
-    pid
-}
-
 fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
@@ -356,7 +306,7 @@ fn send(fd: i32, data: &[u8]) -> Result<(), String> {
 /// verdict and answers the root. Exits once the root is gone.
 fn member(root: i32, what: &str, mut check: Check) -> ! {
     let me = getpid();
-    sigqueue(root, sig_hello(), me as i64);
+    wl::sigqueue(root, sig_hello(), me as i64);
     loop {
         // SAFETY: kill with signal 0 only checks that the root exists.
         if unsafe { libc::kill(root, 0) } != 0 {
@@ -369,7 +319,7 @@ fn member(root: i32, what: &str, mut check: Check) -> ! {
             } else {
                 wl::say(&format!("MEMBER-FAIL pid={me} {}", problems.join("; ")));
             }
-            sigqueue(
+            wl::sigqueue(
                 root,
                 sig_reply(),
                 me as i64 * 2 + problems.is_empty() as i64,
@@ -399,7 +349,7 @@ fn pipes(root: i32) -> Root {
     const P_SIZE: i32 = 256 << 10;
     pipe_at(50, 51, P_SIZE);
     pipe_at(52, 53, 0);
-    if fork() == 0 {
+    if wl::fork() == 0 {
         close(51);
         close(52);
         setup_write(53, &pattern(2, Q_DATA));
@@ -447,11 +397,11 @@ fn pipes2(root: i32) -> Root {
     pipe_at(64, 65, 128 << 10);
     fcntl(64, libc::F_SETFL, libc::O_NONBLOCK);
     setup_write(65, &pattern(20, S));
-    if fork() == 0 {
+    if wl::fork() == 0 {
         // A: reads pipe 1, writes pipe 2, forks B.
         close(61);
         pipe_at(62, 63, 16 << 10);
-        if fork() == 0 {
+        if wl::fork() == 0 {
             close(60);
             close(63);
             member(
@@ -540,7 +490,7 @@ fn shared_offset(root: i32) -> Root {
     if std::fs::remove_file("ghost.txt").is_err() {
         wl::fail_setup("unlink ghost.txt");
     }
-    if fork() == 0 {
+    if wl::fork() == 0 {
         member(
             root,
             "C: offset 10 seen, written to 15, eventfd 5 read, 3 added",
@@ -619,7 +569,7 @@ fn socketpairs(root: i32) -> Root {
     socketpair_at(libc::SOCK_SEQPACKET, 34, 35);
     let root_dgrams = || vec![b"ab".to_vec(), b"cde".to_vec(), b"fghi".to_vec()];
     let root_seqs = || vec![pattern(40, 1000), b"seven!!".to_vec()];
-    if fork() == 0 {
+    if wl::fork() == 0 {
         for fd in [30, 32, 34] {
             close(fd);
         }
@@ -709,7 +659,7 @@ fn fifos(root: i32) -> Root {
     open_at(c"fifo1", libc::O_RDONLY | libc::O_NONBLOCK, 70);
     open_at(c"fifo2", libc::O_RDWR, 72);
     setup_write(72, &pattern(52, 300));
-    if fork() == 0 {
+    if wl::fork() == 0 {
         open_at(c"fifo1", libc::O_WRONLY, 71);
         setup_write(71, &pattern(50, 500));
         member(
@@ -784,7 +734,7 @@ fn inet_listener(root: i32) -> Root {
     }
     fcntl(80, libc::F_SETFL, libc::O_NONBLOCK);
     let port = local_port(80);
-    if fork() == 0 {
+    if wl::fork() == 0 {
         member(
             root,
             "G: accepted the root's connection on the shared listener",
@@ -871,7 +821,7 @@ fn unix_listener(root: i32) -> Root {
     {
         wl::fail_setup("bind/listen");
     }
-    if fork() == 0 {
+    if wl::fork() == 0 {
         close(90);
         for fd in [93, 91] {
             unix_at(fd);
@@ -914,7 +864,7 @@ fn unix_listener(root: i32) -> Root {
 
 fn outside_pipe(root: i32) -> Root {
     pipe_at(60, 61, 0);
-    if fork() == 0 {
+    if wl::fork() == 0 {
         close(61);
         member(
             root,
@@ -943,8 +893,8 @@ fn outside_pipe(root: i32) -> Root {
 fn main() {
     let mode = std::env::args().nth(1).unwrap_or_default();
     wl::catch(libc::SIGUSR2);
-    let hello = block(sig_hello());
-    let reply = block(sig_reply());
+    let hello = wl::block(&[sig_hello()]);
+    let reply = wl::block(&[sig_reply()]);
     let root = getpid();
     let mut r = match mode.as_str() {
         "pipes" => pipes(root),
@@ -962,7 +912,7 @@ fn main() {
     };
     let mut members = Vec::new();
     while members.len() < r.members {
-        match wait_value(&hello, Duration::from_secs(20)) {
+        match wl::wait_value(&hello, Duration::from_secs(20)) {
             Some(v) => members.push(v as i32),
             None => wl::fail_setup("a member did not say hello"),
         }
@@ -987,7 +937,7 @@ fn main() {
             for &m in &members {
                 // SAFETY: plain kill of one of our members.
                 unsafe { libc::kill(m, libc::SIGUSR2) };
-                match wait_value(&reply, Duration::from_secs(15)) {
+                match wl::wait_value(&reply, Duration::from_secs(15)) {
                     Some(v) if v == m as i64 * 2 + 1 => {}
                     Some(v) if v == m as i64 * 2 => {
                         problems.push(format!("member {m} failed (see MEMBER-FAIL)"))
