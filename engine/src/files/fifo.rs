@@ -372,6 +372,14 @@ mod tests {
         buf
     }
 
+    /// Removes a test's node, and the directory once no test uses it.
+    fn cleanup(path: &str) {
+        let _ = std::fs::remove_file(path);
+        if let Some(dir) = std::path::Path::new(path).parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+
     fn tmp(name: &str) -> String {
         let d = std::env::temp_dir().join(format!("crm-fifo-unit-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
@@ -409,7 +417,7 @@ mod tests {
         .unwrap();
         assert_eq!(read_all(&r2), b"xyz");
         assert!(read_all(&r2).is_empty());
-        let _ = std::fs::remove_file(&path);
+        cleanup(&path);
     }
 
     #[test]
@@ -428,7 +436,7 @@ mod tests {
         assert!(pre.contains("regular file"), "{pre}");
         assert!(preflight(7, &image("/nonexistent-dir/f", 0, true, b"")).is_err());
         assert_eq!(std::fs::read(&path).unwrap(), b"data");
-        let _ = std::fs::remove_file(&path);
+        cleanup(&path);
     }
 
     #[test]
