@@ -110,6 +110,30 @@ pub unsafe fn mapped_slice<'a>(at: u64, len: u64) -> &'a mut [u8] {
 
 /// `clone3` with `set_tid = [pid]` and `exit_signal = SIGCHLD`: a new
 /// process with exactly this PID. Returns 0 in the child.
+/// Reads exactly `buf.len()` bytes at `offset` of the open descriptor
+/// `fd` (`pread`, retried on short reads and EINTR).
+pub fn pread_exact(fd: std::os::fd::RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let off = i64::try_from(offset + done as u64)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: writes at most the rest of `buf`, which is ours; `fd` is a
+        // plain descriptor number (a closed one makes pread fail).
+        let n = unsafe { libc::pread(fd, buf[done..].as_mut_ptr().cast(), buf.len() - done, off) };
+        match n {
+            n if n > 0 => done += n as usize,
+            0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 pub fn clone3_with_pid(pid: i32) -> io::Result<i32> {
     clone3_with_pid_signal(pid, libc::SIGCHLD)
 }

@@ -621,3 +621,48 @@ fn pipe_between_tasks_restored() {
     );
     tree.wl.expect_pass("after restore");
 }
+
+/// Bytes of task pages in an image (`pages-PID.img`, not shared memory's).
+fn task_page_bytes(images: &Path) -> u64 {
+    std::fs::read_dir(images)
+        .expect("read the image dir")
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.starts_with("pages-") && !n.starts_with("pages-shm-")
+        })
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// 16 MiB of private memory the root filled before forking 7 children
+/// that never write it: stored once (with the root), not 8 times, and
+/// every child has it back after restore.
+#[test]
+fn inherited_private_memory_is_stored_once() {
+    h::init();
+    let _serial = h::serial();
+    let tmp = TempDir::new("tree-inherit");
+    let images = tmp.subdir("images");
+    let mut tree = start("inherit", tmp.path());
+    assert_eq!(tree.members.len(), 7);
+    tree.wl.expect_pass("before the dump");
+    let before = tree.links();
+    let out = tree.dump_and_reap(&images);
+    let bytes = task_page_bytes(&images);
+    let mib = bytes as f64 / f64::from(1 << 20);
+    assert!(
+        (16.0..32.0).contains(&mib),
+        "the tasks' pages take {mib:.1} MiB: the 16 MiB the children inherited should be \
+         stored once (8 copies would be 128 MiB)\n{}",
+        stderr(&out)
+    );
+    println!(
+        "checked: 8 tasks sharing 16 MiB inherited over fork: {mib:.1} MiB of pages in the image"
+    );
+    restore(&mut tree, &images);
+    assert_same_links(&before, &tree.links());
+    let pass = tree.wl.expect_pass("after restore");
+    println!("checked: every child has the inherited memory back: {pass}");
+}

@@ -224,6 +224,92 @@ pub fn dump_pages(
     vmas: &[Vma],
     writer: &mut dyn PageSink,
 ) -> Result<MemStats, DumpError> {
+    dump_pages_of(pid, &[], target, vmas, writer)
+}
+
+/// [`dump_pages`] leaving out the pages of `skip` (sorted ranges: memory
+/// stored with another task, see [`shared_with_parent`]).
+pub fn dump_pages_skipping(
+    pid: i32,
+    vmas: &[Vma],
+    skip: &[(u64, u64)],
+    writer: &mut dyn PageSink,
+) -> Result<MemStats, DumpError> {
+    dump_pages_of(pid, skip, Target::Frozen, vmas, writer)
+}
+
+/// The physical frame number of a pagemap entry (0 when hidden).
+const PM_PFN: u64 = (1 << 55) - 1;
+
+/// Whether a page is the parent's: both present in memory (not swapped)
+/// with the same frame.
+fn same_frame(entry: u64, parent: u64) -> bool {
+    let present = |e: u64| e & PM_PRESENT != 0 && e & PM_SWAPPED == 0;
+    present(entry) && present(parent) && entry & PM_PFN != 0 && entry & PM_PFN == parent & PM_PFN
+}
+
+/// The private anonymous pages of the frozen task `pid` (its `vmas`) that
+/// are still its frozen parent's: the same physical page at the same
+/// address, inherited over fork and written by neither since. Sorted
+/// ranges.
+///
+/// Must run before either task's memory is read: `process_vm_readv` pins
+/// the pages it reads, and the kernel unshares a copy-on-write page it
+/// pins (the reader gets a private copy), so the frames differ afterwards.
+pub fn shared_with_parent(
+    pid: i32,
+    parent: i32,
+    vmas: &[Vma],
+) -> Result<Vec<(u64, u64)>, DumpError> {
+    let open = |p: i32| {
+        File::open(format!("/proc/{p}/pagemap")).map_err(|source| DumpError::Io {
+            pid,
+            what: format!("open /proc/{p}/pagemap"),
+            source,
+        })
+    };
+    let (mine, theirs) = (open(pid)?, open(parent)?);
+    let mut out = Vec::new();
+    let mut a = vec![0u8; PAGEMAP_BATCH * 8];
+    let mut b = vec![0u8; PAGEMAP_BATCH * 8];
+    let private_anon =
+        |v: &&Vma| !v.shared && matches!(v.kind(), VmaKind::Anon | VmaKind::Heap | VmaKind::Stack);
+    for vma in vmas.iter().filter(private_anon) {
+        // Ranges never span two VMAs (restore checks each lies in one).
+        let mut in_vma = Vec::new();
+        let mut addr = vma.start;
+        while addr < vma.end {
+            let n = (((vma.end - addr) / PAGE) as usize).min(PAGEMAP_BATCH);
+            for (f, buf) in [(&mine, &mut a), (&theirs, &mut b)] {
+                // Unmapped in the parent reads as not present.
+                f.read_exact_at(&mut buf[..n * 8], addr / PAGE * 8)
+                    .map_err(|source| DumpError::Io {
+                        pid,
+                        what: format!("read a pagemap at {addr:#x}"),
+                        source,
+                    })?;
+            }
+            let word = |buf: &[u8], k: usize| {
+                u64::from_ne_bytes(buf[k * 8..k * 8 + 8].try_into().expect("8 bytes"))
+            };
+            for k in (0..n).filter(|&k| same_frame(word(&a, k), word(&b, k))) {
+                let at = addr + k as u64 * PAGE;
+                push_range(&mut in_vma, at, at + PAGE);
+            }
+            addr += n as u64 * PAGE;
+        }
+        out.extend(in_vma);
+    }
+    Ok(out)
+}
+
+fn dump_pages_of(
+    pid: i32,
+    skip: &[(u64, u64)],
+    target: Target,
+    vmas: &[Vma],
+    writer: &mut dyn PageSink,
+) -> Result<MemStats, DumpError> {
     let io_err = |what: String| move |source| DumpError::Io { pid, what, source };
     let pagemap = File::open(format!("/proc/{pid}/pagemap"))
         .map_err(io_err(format!("open /proc/{pid}/pagemap")))?;
@@ -232,6 +318,10 @@ pub fn dump_pages(
     let mut stats = MemStats::default();
     let mut pm_buf = vec![0u8; PAGEMAP_BATCH * 8];
     let mut data = vec![0u8; BATCH];
+    let skipped = |at: u64| {
+        let i = skip.partition_point(|r| r.1 <= at);
+        skip.get(i).is_some_and(|r| r.0 <= at)
+    };
     for vma in vmas.iter().filter(|v| saves_anything(v)) {
         let readable = vma.prot & libc::PROT_READ as u32 != 0;
         let mut addr = vma.start;
@@ -241,18 +331,19 @@ pub fn dump_pages(
             pagemap
                 .read_exact_at(buf, addr / PAGE * 8)
                 .map_err(io_err(format!("read /proc/{pid}/pagemap at {addr:#x}")))?;
+            let ours = |k: usize| {
+                let entry = u64::from_ne_bytes(buf[k * 8..k * 8 + 8].try_into().expect("8 bytes"));
+                wanted(vma, entry) && !skipped(addr + k as u64 * PAGE)
+            };
             // Runs of wanted pages, read in batches of at most BATCH bytes.
             let mut i = 0;
             while i < n {
-                let entry = |k: usize| {
-                    u64::from_ne_bytes(buf[k * 8..k * 8 + 8].try_into().expect("8 bytes"))
-                };
-                if !wanted(vma, entry(i)) {
+                if !ours(i) {
                     i += 1;
                     continue;
                 }
                 let first = i;
-                while i < n && wanted(vma, entry(i)) && (i - first + 1) * PAGE as usize <= BATCH {
+                while i < n && ours(i) && (i - first + 1) * PAGE as usize <= BATCH {
                     i += 1;
                 }
                 let run_addr = addr + first as u64 * PAGE;

@@ -17,7 +17,8 @@ mod task;
 pub mod tree;
 
 pub use memory::{
-    classify, dump_pages, dump_ranges, resident_ranges, MemStats, PageSink, Target, PAGE,
+    classify, dump_pages, dump_pages_skipping, dump_ranges, resident_ranges, shared_with_parent,
+    MemStats, PageSink, Target, PAGE,
 };
 
 use crate::freeze::{FreezeError, FrozenProcess};
@@ -403,6 +404,35 @@ impl TreeObjects {
     }
 }
 
+/// Per task: the private memory it still shares with its parent (sorted
+/// ranges) and that parent.
+type Inherited = std::collections::HashMap<i32, (Vec<(u64, u64)>, i32)>;
+
+/// [`Inherited`] of every task of a frozen tree whose parent is in it (see
+/// [`shared_with_parent`]). Read before any memory is.
+fn inherited_memory(frozen: &tree::FrozenTree) -> Result<Inherited, DumpError> {
+    let live: std::collections::HashSet<i32> = frozen.tasks.iter().map(|t| t.pid()).collect();
+    let mut out = std::collections::HashMap::new();
+    for e in frozen
+        .entries
+        .iter()
+        .filter(|e| !e.zombie && live.contains(&e.ppid))
+    {
+        let vmas = classify(e.pid, &procfs::read_maps(e.pid)?)?;
+        let shared = shared_with_parent(e.pid, e.ppid, &vmas)?;
+        tracing::debug!(
+            pid = e.pid,
+            parent = e.ppid,
+            pages = shared.iter().map(|r| (r.1 - r.0) / PAGE).sum::<u64>(),
+            "memory shared with the parent"
+        );
+        if !shared.is_empty() {
+            out.insert(e.pid, (shared, e.ppid));
+        }
+    }
+    Ok(out)
+}
+
 /// Shared anonymous memory (a shmem object, maybe mapped by several tasks).
 pub fn is_shared_anon(v: &crm_proto::image::Vma) -> bool {
     v.kind() == VmaKind::Anon && v.shared
@@ -469,12 +499,20 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpStats, DumpE
     let mut all_files = Vec::with_capacity(frozen.tasks.len());
     let pids: Vec<i32> = frozen.tasks.iter().map(|t| t.pid()).collect();
     let files = tree::dump_files(&pids)?;
+    let inherited = inherited_memory(&frozen)?;
     for (task, files) in frozen.tasks.iter().zip(files) {
         let tpid = task.pid();
-        let state = collect_state_with(task, files)?;
+        let mut state = collect_state_with(task, files)?;
         let mut pages = image.pages_writer(tpid)?;
         let own = shmem.not_yet_stored(&state.mm.vmas);
-        let mut mem = memory::dump_pages(tpid, Target::Frozen, &own, &mut pages)?;
+        // Memory a task inherited from its parent and neither wrote since
+        // is stored once, with the parent (`MmCore.inherited`).
+        let (skip, parent) = inherited.get(&tpid).cloned().unwrap_or_default();
+        let mut mem = memory::dump_pages_skipping(tpid, &own, &skip, &mut pages)?;
+        if !skip.is_empty() {
+            state.mm.inherited = skip.iter().flat_map(|&(a, b)| [a, b]).collect();
+            state.mm.inherited_from = parent;
+        }
         pages.finish()?;
         objects.add_task(&image, &state, &mut mem)?;
         write_task_records(&image, &state)?;

@@ -343,5 +343,6 @@ pub fn mm_fields(pid: i32, brk: u64) -> Result<MmCore, DumpError> {
         auxv: procfs::read_auxv(pid)?,
         exe: Some(crate::files::regular::file_id(&exe_str, &meta)),
         vmas: Vec::new(),
+        ..Default::default()
     })
 }

@@ -19,7 +19,11 @@ fn limits(kind: FileKind) -> &'static [(u32, &'static str, u64)] {
             (14, "shared_pending", 1 << 16),
             (15, "threads", 1 << 14),
         ],
-        FileKind::Mm => &[(12, "auxv", 128), (14, "vmas", 1 << 18)],
+        FileKind::Mm => &[
+            (12, "auxv", 128),
+            (14, "vmas", 1 << 18),
+            (15, "inherited ranges", 1 << 20),
+        ],
         FileKind::Files => &[(1, "fds", 1 << 18)],
         FileKind::PageMap => &[(1, "runs", 1 << 16)],
         FileKind::Tree => &[(1, "tasks", MAX_TREE_TASKS)],

@@ -184,6 +184,35 @@ fn prepare(
                 .read_run_into(r, dst)
                 .map_err(|e| fail(format!("read pages of {:#x}: {e}", r.vaddr), err_fd))?;
         }
+        // Memory inherited from another task (tree restores): from its
+        // pages file, at the offsets resolved before the tasks existed.
+        let own_memory = !p.lazy && p.shm_fd.is_none() && p.sysv.is_none();
+        let end = p.target + p.len;
+        for b in plan
+            .borrowed
+            .iter()
+            .filter(|b| own_memory && p.target <= b.vaddr && b.vaddr < end)
+        {
+            let len = b.nr_pages * crate::dump::PAGE;
+            if b.vaddr + len > end {
+                return Err(fail(
+                    format!(
+                        "inherited pages at {:#x} cross the end of their VMA",
+                        b.vaddr
+                    ),
+                    err_fd,
+                ));
+            }
+            // SAFETY: inside this premapped VMA (checked above), mapped
+            // writable while it is filled and referenced by nothing else.
+            let dst = unsafe { sys::mapped_slice(p.at + (b.vaddr - p.target), len) };
+            sys::pread_exact(b.fd, dst, b.offset).map_err(|e| {
+                fail(
+                    format!("read the inherited pages of {:#x}: {e}", b.vaddr),
+                    err_fd,
+                )
+            })?;
+        }
         if p.fill_prot != p.prot {
             sys::mprotect(p.at, p.len, p.prot)
                 .map_err(|e| fail(format!("mprotect the VMA of {:#x}: {e}", p.target), err_fd))?;

@@ -21,6 +21,7 @@ pub mod abi;
 mod blob;
 mod child;
 mod control;
+mod inherited;
 pub mod lazy;
 mod memfd;
 mod plan;

@@ -105,6 +105,9 @@ pub struct Plan {
     /// The memfds and ptys the restoring process made (see
     /// [`super::memfd`]); their descriptors are at or above `close_from`.
     pub objects: crate::files::Objects,
+    /// Tree restores: memory inherited over fork, read from another task's
+    /// pages file ([`super::inherited`]). Empty for a single process.
+    pub borrowed: Vec<super::inherited::Borrowed>,
 }
 
 impl Plan {
@@ -193,6 +196,11 @@ pub fn build(input: &Inputs<'_>, host: &Host) -> Result<Plan, RestoreError> {
         return Err(invalid("the first thread is not the main thread".into()));
     }
     let tids: Vec<i32> = core.threads.iter().map(|t| t.tid).collect();
+    if !input.tree_member && !mm.inherited.is_empty() {
+        return Err(invalid(
+            "the process inherits memory from another task, but the image has no tree".into(),
+        ));
+    }
 
     // vDSO areas: the ones we have now move to where the image had them.
     let mut specials = Vec::new();
@@ -731,6 +739,7 @@ pub fn build(input: &Inputs<'_>, host: &Host) -> Result<Plan, RestoreError> {
         session,
         child_subreaper: core.child_subreaper,
         objects: Default::default(),
+        borrowed: Vec::new(),
     })
 }
 

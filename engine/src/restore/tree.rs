@@ -135,9 +135,11 @@ pub(super) fn prepare(
         .map_err(|what| RestoreError::InvalidImage { what })?;
     let host = host_facts()?;
     let mut preps = Vec::with_capacity(shape.tasks.len());
+    let mut mms = Vec::with_capacity(records.len());
     for rec in records {
         let Some((core, mm, files, pages)) = rec else {
             preps.push(None);
+            mms.push(None);
             continue;
         };
         let plan = plan::build(
@@ -153,11 +155,56 @@ pub(super) fn prepare(
             &host,
         )?;
         preps.push(Some(TaskPrep { plan, pages, core }));
+        mms.push(Some(mm));
     }
+    borrow_inherited(&mut preps, &mms)?;
     let mut shm = super::shmem::create(&mut preps)?;
     let mut plans: Vec<&mut Plan> = preps.iter_mut().flatten().map(|p| &mut p.plan).collect();
     shm.keep(super::memfd::create(image, &mut plans)?);
     Ok((shape, preps, shm, shared))
+}
+
+/// Points each task's plan at the memory it inherited from another task
+/// ([`super::inherited`]).
+fn borrow_inherited(
+    preps: &mut [Option<TaskPrep>],
+    mms: &[Option<crm_proto::image::MmCore>],
+) -> Result<(), RestoreError> {
+    if mms.iter().flatten().all(|mm| mm.inherited.is_empty()) {
+        return Ok(());
+    }
+    let borrowed = {
+        let sources: std::collections::HashMap<i32, super::inherited::Source<'_>> = preps
+            .iter()
+            .zip(mms)
+            .filter_map(|(p, mm)| {
+                let (p, mm) = (p.as_ref()?, mm.as_ref()?);
+                Some((
+                    p.plan.pid,
+                    super::inherited::Source {
+                        pages: &p.pages,
+                        mm,
+                    },
+                ))
+            })
+            .collect();
+        let mut all = Vec::with_capacity(preps.len());
+        for (p, mm) in preps.iter().zip(mms) {
+            all.push(match (p, mm) {
+                (Some(p), Some(mm)) if !mm.inherited.is_empty() => {
+                    super::inherited::resolve(p.plan.pid, &sources)?
+                }
+                _ => Vec::new(),
+            });
+        }
+        all
+    };
+    for (p, b) in preps.iter_mut().zip(borrowed) {
+        if let Some(p) = p {
+            p.plan.borrowed = b;
+        }
+    }
+    Ok(())
 }
 
 /// What [`prepare`] made: the tree's shape, each task's plan, the shared

@@ -30,6 +30,10 @@
 //!   writes `nonce ^ pid` back into its slot, which the root must see: the
 //!   tasks still share the memory. The bulk keeps the root's pattern.
 //!
+//! - `inherit TASKS MIB` (defaults 8 16): the root fills MIB of private
+//!   memory and forks TASKS - 1 children that never write it (shared
+//!   copy-on-write); each checks it.
+//!
 //! - `bench TASKS PRIVATE_MIB SHARED_MIB` (defaults 50 4 16): the root maps
 //!   SHARED_MIB of patterned shared anonymous memory, then TASKS - 1 children
 //!   each fill PRIVATE_MIB of private memory; each checks both on verify.
@@ -555,6 +559,35 @@ fn main() {
                                 p.push("shared memory differs".into());
                             }
                             p
+                        }))
+                    });
+                }
+            }
+            expected_members = tasks - 1;
+        }
+        "inherit" => {
+            // wl_tree inherit TASKS MIB: the root fills MIB of private
+            // memory, then forks TASKS - 1 children that only read it (it
+            // stays shared copy-on-write); each checks it on verify.
+            let arg = |i: usize, def: usize| -> usize {
+                std::env::args()
+                    .nth(i)
+                    .and_then(|a| a.parse().ok())
+                    .unwrap_or(def)
+            };
+            let (tasks, mib) = (arg(2, 8).max(1), arg(3, 16));
+            let mut big = vec![0u8; mib << 20];
+            pattern(root as u64 ^ 0x1e, &mut big);
+            let big: &'static [u8] = Box::leak(big.into_boxed_slice());
+            for _ in 1..tasks {
+                if wl::fork() == 0 {
+                    member(&mut inh, move || {
+                        Some(Box::new(move || {
+                            if matches(root as u64 ^ 0x1e, big) {
+                                Vec::new()
+                            } else {
+                                vec!["inherited memory differs".to_string()]
+                            }
                         }))
                     });
                 }
