@@ -61,6 +61,14 @@ use crm_tests::wl;
 
 const BUF: usize = 256 * 1024;
 
+/// Numeric argument `i` of the command line, or `def`.
+fn arg(i: usize, def: usize) -> usize {
+    std::env::args()
+        .nth(i)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(def)
+}
+
 /// A check of the tree's shape run by the root, given the members' PIDs.
 type ShapeCheck = Box<dyn Fn(&[i32]) -> Vec<String>>;
 /// A member's own extra check.
@@ -528,12 +536,6 @@ fn main() {
         }
         "bench" => {
             // wl_tree bench TASKS PRIVATE_MIB SHARED_MIB
-            let arg = |i: usize, def: usize| -> usize {
-                std::env::args()
-                    .nth(i)
-                    .and_then(|a| a.parse().ok())
-                    .unwrap_or(def)
-            };
             let (tasks, priv_mib, shared_mib) = (arg(2, 50).max(1), arg(3, 4), arg(4, 16));
             let shared_len = (shared_mib << 20).max(PAGE);
             let base = shared_anon(shared_len);
@@ -569,12 +571,6 @@ fn main() {
             // wl_tree inherit TASKS MIB: the root fills MIB of private
             // memory, then forks TASKS - 1 children that only read it (it
             // stays shared copy-on-write); each checks it on verify.
-            let arg = |i: usize, def: usize| -> usize {
-                std::env::args()
-                    .nth(i)
-                    .and_then(|a| a.parse().ok())
-                    .unwrap_or(def)
-            };
             let (tasks, mib) = (arg(2, 8).max(1), arg(3, 16));
             let mut big = vec![0u8; mib << 20];
             pattern(root as u64 ^ 0x1e, &mut big);
