@@ -649,6 +649,31 @@ fn inherited_private_memory_is_stored_once() {
     assert_eq!(tree.members.len(), 7);
     tree.wl.expect_pass("before the dump");
     let before = tree.links();
+    // Reading the memory must not unshare it: a tree left running keeps
+    // sharing its copy-on-write pages.
+    let private_kib = |p: i32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{p}/smaps_rollup"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("Private_Dirty:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let tasks = tree.all();
+    let private_before: u64 = tasks.iter().map(|&p| private_kib(p)).sum();
+    let first = tmp.subdir("leave-running");
+    let pid = tree.wl.pid().to_string();
+    h::dump_leave_running(&pid, &first);
+    let private_after: u64 = tasks.iter().map(|&p| private_kib(p)).sum();
+    assert!(
+        private_after < private_before + 4096,
+        "dump --leave-running unshared copy-on-write memory: private dirty memory of the tree \
+         went from {private_before} to {private_after} KiB"
+    );
+    println!(
+        "checked: dump --leave-running kept the pages shared (private dirty {private_before} -> \
+         {private_after} KiB)"
+    );
     let out = tree.dump_and_reap(&images);
     let bytes = task_page_bytes(&images);
     let mib = bytes as f64 / f64::from(1 << 20);

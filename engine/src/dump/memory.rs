@@ -68,6 +68,8 @@ const PAGEMAP_BATCH: usize = 64 * 1024;
 const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAPPED: u64 = 1 << 62;
 const PM_FILE_OR_SHARED: u64 = 1 << 61;
+/// The page is mapped by this task only.
+const PM_EXCLUSIVE: u64 = 1 << 56;
 
 /// Turns `smaps` entries into image VMAs; refuses mappings that cannot be
 /// restored yet (deleted files, SysV shm on huge pages, memfd, device
@@ -331,10 +333,17 @@ fn dump_pages_of(
             pagemap
                 .read_exact_at(buf, addr / PAGE * 8)
                 .map_err(io_err(format!("read /proc/{pid}/pagemap at {addr:#x}")))?;
-            let ours = |k: usize| {
-                let entry = u64::from_ne_bytes(buf[k * 8..k * 8 + 8].try_into().expect("8 bytes"));
-                wanted(vma, entry) && !skipped(addr + k as u64 * PAGE)
-            };
+            let entry =
+                |k: usize| u64::from_ne_bytes(buf[k * 8..k * 8 + 8].try_into().expect("8 bytes"));
+            let ours = |k: usize| wanted(vma, entry(k)) && !skipped(addr + k as u64 * PAGE);
+            // Pages this task alone maps are read with process_vm_readv;
+            // the others (copy-on-write pages shared with another process,
+            // swapped pages) through /proc/PID/mem, which does not pin
+            // them: the kernel gives a task its own copy of a shared page
+            // that is pinned, and the dump must not multiply the memory of
+            // a tree it leaves running.
+            let alone =
+                |k: usize| entry(k) & (PM_PRESENT | PM_EXCLUSIVE) == PM_PRESENT | PM_EXCLUSIVE;
             // Runs of wanted pages, read in batches of at most BATCH bytes.
             let mut i = 0;
             while i < n {
@@ -342,14 +351,18 @@ fn dump_pages_of(
                     i += 1;
                     continue;
                 }
-                let first = i;
-                while i < n && ours(i) && (i - first + 1) * PAGE as usize <= BATCH {
+                let (first, pin) = (i, alone(i));
+                while i < n
+                    && ours(i)
+                    && alone(i) == pin
+                    && (i - first + 1) * PAGE as usize <= BATCH
+                {
                     i += 1;
                 }
                 let run_addr = addr + first as u64 * PAGE;
                 let len = (i - first) * PAGE as usize;
                 let chunk = &mut data[..len];
-                if !read_pages(pid, target, &mem, readable, run_addr, chunk)? {
+                if !read_pages(pid, target, &mem, readable && pin, run_addr, chunk)? {
                     continue;
                 }
                 stats.pages_scanned += (i - first) as u64;
