@@ -53,6 +53,9 @@ pub struct FrozenProcess {
     pid: i32,
     threads: BTreeMap<i32, FrozenThread>,
     released: bool,
+    /// It was stopped by job control (state `T`) when seized; detaching
+    /// leaves it stopped (the group stop stays in force).
+    job_stopped: bool,
 }
 
 impl FrozenProcess {
@@ -76,6 +79,7 @@ impl FrozenProcess {
             pid,
             threads: BTreeMap::new(),
             released: false,
+            job_stopped: stat.state == 'T',
         };
         loop {
             let tids = procfs::list_tasks(pid).map_err(|e| FreezeError::Proc { pid, source: e })?;
@@ -128,12 +132,46 @@ impl FrozenProcess {
         if !frozen.threads.contains_key(&pid) {
             return Err(FreezeError::NoSuchProcess { pid });
         }
+        if frozen.job_stopped {
+            frozen.end_group_stop()?;
+        }
         tracing::debug!(pid, threads = frozen.threads.len(), "process frozen");
         Ok(frozen)
     }
 
     pub fn pid(&self) -> i32 {
         self.pid
+    }
+
+    /// A thread in a group stop (job control) cannot run remote syscalls:
+    /// each resume traps again. Ends the group stop with SIGCONT (blocked
+    /// in every thread by now, so not delivered: the stop signal that
+    /// [`FrozenProcess::thaw`] sends discards it) and takes each thread's
+    /// trap again. The parent sees the process continue, then stop again.
+    fn end_group_stop(&mut self) -> Result<(), FreezeError> {
+        let pid = self.pid;
+        // SAFETY: kill(2) on the process we hold seized.
+        if unsafe { libc::kill(pid, libc::SIGCONT) } != 0 {
+            return Err(FreezeError::Stop {
+                pid,
+                tid: pid,
+                source: io::Error::last_os_error(),
+            });
+        }
+        let tids: Vec<i32> = self.threads.keys().copied().collect();
+        for tid in tids {
+            let stopped =
+                take_notify_trap(tid).map_err(|source| FreezeError::Stop { pid, tid, source })?;
+            if !stopped {
+                self.threads.remove(&tid);
+            }
+        }
+        Ok(())
+    }
+
+    /// Stopped by job control when it was seized.
+    pub fn job_stopped(&self) -> bool {
+        self.job_stopped
     }
 
     /// Threads in TID order; the main thread (TID == PID) first.
@@ -154,6 +192,13 @@ impl FrozenProcess {
         }
         self.released = true;
         let mut first_err = None;
+        if self.job_stopped {
+            // Queued while traced: it stops again as soon as it is let go.
+            // SAFETY: kill(2) on the process we hold seized.
+            if unsafe { libc::kill(self.pid, libc::SIGSTOP) } != 0 {
+                first_err = Some(io::Error::last_os_error());
+            }
+        }
         for t in self.threads.values() {
             let r = ptrace::set_sigmask(t.tid, t.blocked).and_then(|_| ptrace::detach(t.tid, 0));
             if let Err(e) = r {
@@ -207,6 +252,37 @@ impl Drop for FrozenProcess {
 /// Waits for the ptrace stop that follows PTRACE_INTERRUPT. Signals that
 /// arrive first are delivered (the thread runs its handler) and we wait
 /// again. Returns false if the thread exited.
+/// After a SIGCONT ended the group stop of a seized thread, the kernel
+/// holds a trap notification for it: resumed, it traps again at once.
+/// Takes that trap (or, if none comes within 100 ms, interrupts it);
+/// `false` if the thread exited.
+fn take_notify_trap(tid: i32) -> io::Result<bool> {
+    ptrace::cont(tid, 0)?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(100);
+    loop {
+        let (got, status) = ptrace::wait(tid, libc::WNOHANG)?;
+        if got == tid {
+            if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+                return Ok(false);
+            }
+            if libc::WIFSTOPPED(status) && status >> 16 == ptrace::PTRACE_EVENT_STOP {
+                return Ok(true);
+            }
+            // Anything else: stop it the ordinary way.
+            if libc::WIFSTOPPED(status) {
+                ptrace::cont(tid, 0)?;
+            }
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    ptrace::interrupt(tid)?;
+    wait_for_stop(tid)
+}
+
 fn wait_for_stop(tid: i32) -> io::Result<bool> {
     for _ in 0..1000 {
         let (_, status) = ptrace::wait(tid, 0)?;

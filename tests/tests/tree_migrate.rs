@@ -466,3 +466,41 @@ fn migrate_tree_sharing_sysv_shared_memory() {
     );
     assert!(err.contains("SysV IPC objects sent"), "{err}");
 }
+
+/// A member stopped by job control (SIGSTOP) is migrated stopped: still
+/// stopped on the destination, and it runs on after SIGCONT.
+#[test]
+fn migrate_tree_with_a_stopped_task_locally() {
+    h::init();
+    let _serial = h::serial();
+    let tmp = TempDir::new("tree-mig-stopped");
+    let mut tree = Tree::start(
+        workload_bin!(wl_tree),
+        &["multitask"],
+        tmp.path(),
+        Spawn::default(),
+    );
+    tree.wl.expect_pass("before the migration");
+    let m = tree.members[1];
+    let state = |p: i32| crm_tests::procs::stat(p).map(|s| s.state);
+    let wait_state = |p: i32, want: char| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while state(p) != Some(want) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        state(p)
+    };
+    crm_tests::procs::kill(m, libc::SIGSTOP).expect("SIGSTOP");
+    assert_eq!(wait_state(m, 'T'), Some('T'), "member {m} should stop");
+    let before = tree.links();
+    migrate(&mut tree, &tmp, &Ends::local());
+    assert_eq!(tree.links(), before, "links after the migration");
+    assert_eq!(
+        wait_state(m, 'T'),
+        Some('T'),
+        "the migrated member {m} should be stopped, as it was"
+    );
+    crm_tests::procs::kill(m, libc::SIGCONT).expect("SIGCONT");
+    let pass = tree.wl.expect_pass("after SIGCONT");
+    println!("checked: member {m} was migrated stopped and runs on after SIGCONT: {pass}");
+}

@@ -486,33 +486,51 @@ fn tasks_forking_and_exiting_during_the_dump() {
 }
 
 #[test]
-fn stopped_task_refused_untouched() {
+fn stopped_task_stays_stopped() {
     h::init();
     let _serial = h::serial();
     let tmp = TempDir::new("tree-stopped");
     let images = tmp.subdir("images");
-    let tree = start("multitask", tmp.path());
+    let mut tree = start("multitask", tmp.path());
     let before = tree.links();
     let m = tree.members[1];
+    let state = |p: i32| procs::stat(p).map(|s| s.state);
+    let wait_state = |p: i32, want: char| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while state(p) != Some(want) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        state(p)
+    };
     procs::kill(m, libc::SIGSTOP).expect("SIGSTOP");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while procs::stat(m).map(|s| s.state) != Some('T') && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let pid = tree.wl.pid().to_string();
-    let out = run_crm(&["dump", "--pid", &pid, "--images-dir", path_str(&images)]);
-    let err = assert_refused(&out, "dump");
-    assert!(
-        err.contains(&format!("process {m} cannot be checkpointed")) && err.contains("stopped"),
-        "{err}"
-    );
+    assert_eq!(wait_state(m, 'T'), Some('T'), "member {m} should stop");
+    // Left running: the stopped member stays stopped, the others run.
+    let leave = tmp.subdir("leave-running");
+    h::dump_leave_running(&tree.wl.pid().to_string(), &leave);
     assert_eq!(
-        procs::stat(m).map(|s| s.state),
+        state(m),
         Some('T'),
-        "member {m} should still be stopped"
+        "member {m} should still be stopped after the dump"
     );
+    procs::assert_running_untraced(tree.wl.pid(), "dump --leave-running");
+    println!("checked: after dump --leave-running member {m} is still stopped, the root runs");
+    tree.dump_and_reap(&images);
+    restore(&mut tree, &images);
+    assert_same_links(&before, &tree.links());
+    assert_eq!(
+        wait_state(m, 'T'),
+        Some('T'),
+        "the restored member {m} should be stopped, as it was when dumped"
+    );
+    println!("checked: the restored member {m} is stopped again");
     procs::kill(m, libc::SIGCONT).expect("SIGCONT");
-    assert_untouched(&tree, &before, "the refused dump");
+    assert_ne!(
+        wait_state(m, 'S'),
+        Some('T'),
+        "member {m} should resume on SIGCONT"
+    );
+    let pass = tree.wl.expect_pass("after SIGCONT");
+    println!("checked: after SIGCONT the tree PASSes: {pass}");
 }
 
 #[test]

@@ -158,14 +158,6 @@ pub fn precheck_tree(root: i32, opts: &DumpOptions) -> Result<(), DumpError> {
         if st.pid == me {
             return Err(FreezeError::IsSelf { pid: me }.into());
         }
-        if st.state == 'T' {
-            return Err(DumpError::Unsupported {
-                pid: st.pid,
-                what: "it is stopped (job control, state T); stopped tasks are not \
-                       checkpointed yet (continue it with SIGCONT first)"
-                    .into(),
-            });
-        }
         if !zombie {
             let checked = crate::files::collect(st.pid)
                 .map_err(DumpError::from)

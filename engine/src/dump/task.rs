@@ -308,6 +308,7 @@ pub fn collect(
         threads,
         exit_signal: stat.exit_signal,
         child_subreaper,
+        job_stopped: frozen.job_stopped(),
     };
     Ok(Collected { core, brk })
 }

@@ -462,6 +462,9 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
             return Err(e);
         }
     };
+    if core.job_stopped {
+        stop_again(pid)?;
+    }
     let report = RestoreReport {
         pid,
         tasks: 1,
@@ -472,6 +475,21 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport, Resto
     };
     tracing::debug!(pid, "restored process running");
     Ok(report)
+}
+
+/// Stops a restored task that job control had stopped when it was dumped
+/// (`TaskCore.job_stopped`): SIGSTOP, as a shell's Ctrl-Z would; SIGCONT
+/// resumes it.
+pub(crate) fn stop_again(pid: i32) -> Result<(), RestoreError> {
+    // SAFETY: kill(2) with a PID this restore created and a signal number.
+    if unsafe { libc::kill(pid, libc::SIGSTOP) } != 0 {
+        return Err(RestoreError::Io {
+            what: format!("stop the restored task {pid} again (it was stopped when dumped)"),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    tracing::debug!(pid, "stopped again, as when dumped");
+    Ok(())
 }
 
 /// Waits for a restored (detached) child to exit; returns its wait status.

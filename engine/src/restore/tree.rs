@@ -310,6 +310,9 @@ pub(super) fn restore(
     let mut created = BTreeSet::from([root]);
     match drive(&ctx, &mut ch, &mut created, &mut ipc) {
         Ok(()) => {
+            for p in ctx.preps.iter().flatten().filter(|p| p.core.job_stopped) {
+                super::stop_again(p.core.pid)?;
+            }
             let threads = ctx.shape.tasks.iter().map(|t| t.threads.len()).sum();
             let pages = ctx
                 .preps
