@@ -204,7 +204,7 @@ impl TreePreCopy {
             tracking: Vec::new(),
             ipc: Default::default(),
         };
-        let mut objects = dump::TreeObjects::default();
+        let mut objects = dump::TreeObjects::new(self.opts.ipc_keys.clone());
         let mut shared = dump::SharedObjects::default();
         let mut subreapers = Vec::new();
         // On any error below, `frozen_tasks`, `out.frozen` and the

@@ -19,6 +19,7 @@ pub struct Args {
     pub page_transport: PageTransport,
     pub json: bool,
     pub shell_job: bool,
+    pub ipc_keys: Vec<i32>,
 }
 
 pub fn auth(token_file: Option<&PathBuf>, pin: Option<&str>) -> Result<Auth> {
@@ -75,6 +76,7 @@ pub fn run(a: Args) -> Result<i32> {
             streams: a.streams,
             page_transport: a.page_transport,
             shell_job: a.shell_job,
+            ipc_keys: a.ipc_keys.clone(),
         };
         let report = send(session, &opts, Progress::new())
             .await

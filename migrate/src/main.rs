@@ -154,6 +154,13 @@ enum Command {
         /// Allow a process that shares a shell's session (see `dump --shell-job`).
         #[arg(long)]
         shell_job: bool,
+        /// Also move the SysV message queue, semaphore set and shared
+        /// memory segment with this key (see `dump --ipc-key`). SysV shared
+        /// memory the tree attached always moves. The objects are copied
+        /// while the tree is frozen, created at the destination with their
+        /// ids (which must be free there) and removed here once it runs.
+        #[arg(long = "ipc-key", value_name = "KEY", value_parser = parse_ipc_key)]
+        ipc_keys: Vec<i32>,
     },
     /// Accept one live migration from `cr-migrate send` and restore it here.
     ///
@@ -283,6 +290,7 @@ fn main() {
             page_transport,
             json,
             shell_job,
+            ipc_keys,
         } => cmd_send::run(cmd_send::Args {
             pid,
             dest,
@@ -303,6 +311,7 @@ fn main() {
             },
             json,
             shell_job,
+            ipc_keys,
         }),
         Command::Receive {
             listen,

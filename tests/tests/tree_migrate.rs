@@ -33,6 +33,8 @@ struct Ends {
     recv_prefix: Vec<String>,
     send_prefix: Vec<String>,
     listen: String,
+    /// More `send` arguments.
+    send_args: Vec<String>,
 }
 
 impl Ends {
@@ -49,6 +51,7 @@ impl Ends {
             recv_prefix: ns.exec_prefix(&ns.b),
             send_prefix: ns.exec_prefix(&ns.a),
             listen: format!("{}:{port}", ns.addr_b),
+            send_args: Vec::new(),
         };
         Ok((ns, ends))
     }
@@ -61,6 +64,7 @@ impl Ends {
                 "127.0.0.1:{}",
                 crm_tests::port::free_port().expect("a free port")
             ),
+            send_args: Vec::new(),
         }
     }
 }
@@ -92,19 +96,16 @@ fn migrate(tree: &mut Tree, tmp: &TempDir, ends: &Ends) -> (String, String) {
         panic!("`cr-migrate receive` did not start listening: {e}");
     }
     let pid = tree.wl.pid().to_string();
-    let mut send = BgProc::crm(
+    let mut args = strings(&[
         "send",
-        &ends.send_prefix,
-        &strings(&[
-            "send",
-            &pid,
-            &ends.listen,
-            "--token-file",
-            path_str(&token),
-            "--json",
-        ]),
-        tmp.path(),
-    );
+        &pid,
+        &ends.listen,
+        "--token-file",
+        path_str(&token),
+        "--json",
+    ]);
+    args.extend(ends.send_args.iter().cloned());
+    let mut send = BgProc::crm("send", &ends.send_prefix, &args, tmp.path());
     // The root is our child: reap it as soon as `send` kills it, so that its
     // PID is free for the restored root.
     let mut root_end = None;
@@ -395,6 +396,12 @@ fn migrate_tree_with_a_pty_locally() {
     );
 }
 
+fn unshare_bin() -> Option<&'static str> {
+    ["/usr/bin/unshare", "/bin/unshare"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+}
+
 /// Removes a SysV shared memory segment of ours when dropped (the source's,
 /// if a migration failed and left it).
 struct ShmGuard(i32);
@@ -422,10 +429,7 @@ fn migrate_tree_sharing_sysv_shared_memory() {
             "/proc/sys/kernel/shm_next_id is missing (no CONFIG_CHECKPOINT_RESTORE)"
         );
     }
-    let Some(unshare) = ["/usr/bin/unshare", "/bin/unshare"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-    else {
+    let Some(unshare) = unshare_bin() else {
         h::skip_test!(TEST, "`unshare` (util-linux) is not installed");
     };
     let tmp = TempDir::new("tree-mig-sysv");
@@ -503,4 +507,67 @@ fn migrate_tree_with_a_stopped_task_locally() {
     crm_tests::procs::kill(m, libc::SIGCONT).expect("SIGCONT");
     let pass = tree.wl.expect_pass("after SIGCONT");
     println!("checked: member {m} was migrated stopped and runs on after SIGCONT: {pass}");
+}
+
+/// Removes a SysV message queue of ours when dropped.
+struct MsqGuard(i32);
+
+impl Drop for MsqGuard {
+    fn drop(&mut self) {
+        // SAFETY: IPC_RMID takes no buffer; a queue already gone fails
+        // harmlessly.
+        unsafe { libc::msgctl(self.0, libc::IPC_RMID, std::ptr::null_mut()) };
+    }
+}
+
+/// A process with a SysV message queue holding messages, migrated with
+/// `send --ipc-key` into another IPC namespace: the queue comes with its
+/// id and messages (the workload reads them after the migration), and the
+/// source's queue is removed.
+#[test]
+fn migrate_process_with_a_sysv_message_queue() {
+    const TEST: &str = "migrate_process_with_a_sysv_message_queue";
+    h::init();
+    let _serial = h::serial();
+    if !Path::new("/proc/sys/kernel/msg_next_id").exists() {
+        h::skip_test!(
+            TEST,
+            "/proc/sys/kernel/msg_next_id is missing (no CONFIG_CHECKPOINT_RESTORE)"
+        );
+    }
+    let Some(unshare) = unshare_bin() else {
+        h::skip_test!(TEST, "`unshare` (util-linux) is not installed");
+    };
+    let tmp = TempDir::new("mig-msq");
+    let key = format!("{:#x}", 0x4352_7100u32 | (std::process::id() & 0xff));
+    let mut tree = Tree::start(
+        workload_bin!(wl_ipc),
+        &["msq", &key],
+        tmp.path(),
+        Spawn::default(),
+    );
+    let id: i32 = tree
+        .wl
+        .ready_field("id")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no id in {:?}", tree.wl.ready_line()));
+    let _guard = MsqGuard(id);
+    let ends = Ends {
+        recv_prefix: vec![unshare.to_string(), "--ipc".to_string()],
+        send_args: vec!["--ipc-key".to_string(), key.clone()],
+        ..Ends::local()
+    };
+    let (_json, err) = migrate(&mut tree, &tmp, &ends);
+    assert!(err.contains("SysV IPC objects sent"), "{err}");
+    // SAFETY: IPC_STAT into a zeroed msqid_ds of ours.
+    let gone = unsafe {
+        let mut ds: libc::msqid_ds = std::mem::zeroed();
+        libc::msgctl(id, libc::IPC_STAT, &mut ds) < 0
+    };
+    assert!(
+        gone,
+        "the source's queue {id} should be removed after the migration"
+    );
+    let pass = tree.wl.expect_pass("after the migration");
+    println!("checked: queue {id} (key {key}) moved with its messages: {pass}");
 }

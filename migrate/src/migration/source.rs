@@ -40,6 +40,8 @@ pub struct SendOptions {
     pub streams: usize,
     pub page_transport: PageTransport,
     pub shell_job: bool,
+    /// SysV IPC objects to move besides the shared memory the tree attached.
+    pub ipc_keys: Vec<i32>,
 }
 
 enum Cmd {
@@ -609,7 +611,7 @@ pub async fn send(session: Session, opts: &SendOptions, progress: Progress) -> R
     let dump_opts = DumpOptions {
         leave_running: true,
         shell_job: opts.shell_job,
-        ..Default::default()
+        ipc_keys: opts.ipc_keys.clone(),
     };
     // Where the frozen phase writes the objects stored beside the tasks.
     let side_path = std::env::temp_dir().join(format!("cr-migrate-send-{pid}-{}", now_unix_us()));
