@@ -402,75 +402,6 @@ fn unshare_bin() -> Option<&'static str> {
         .find(|p| Path::new(p).exists())
 }
 
-/// Removes a SysV shared memory segment of ours when dropped (the source's,
-/// if a migration failed and left it).
-struct ShmGuard(i32);
-
-impl Drop for ShmGuard {
-    fn drop(&mut self) {
-        // SAFETY: IPC_RMID takes no buffer; a segment already gone fails
-        // harmlessly.
-        unsafe { libc::shmctl(self.0, libc::IPC_RMID, std::ptr::null_mut()) };
-    }
-}
-
-/// A SysV shared memory segment attached by a parent and two children and
-/// marked for deletion. `receive` runs in an IPC namespace of its own (as
-/// another host would be): the segment is created there with its id, and
-/// goes with the restored tree; the source's copy is removed.
-#[test]
-fn migrate_tree_sharing_sysv_shared_memory() {
-    const TEST: &str = "migrate_tree_sharing_sysv_shared_memory";
-    h::init();
-    let _serial = h::serial();
-    if !Path::new("/proc/sys/kernel/shm_next_id").exists() {
-        h::skip_test!(
-            TEST,
-            "/proc/sys/kernel/shm_next_id is missing (no CONFIG_CHECKPOINT_RESTORE)"
-        );
-    }
-    let Some(unshare) = unshare_bin() else {
-        h::skip_test!(TEST, "`unshare` (util-linux) is not installed");
-    };
-    let tmp = TempDir::new("tree-mig-sysv");
-    let key = format!("{:#x}", 0x4352_7000u32 | (std::process::id() & 0xfff));
-    let mut tree = Tree::start(
-        workload_bin!(wl_ipc),
-        &["shm_multi", &key],
-        tmp.path(),
-        Spawn::default(),
-    );
-    let id: i32 = tree
-        .wl
-        .ready_field("id")
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no id in {:?}", tree.wl.ready_line()));
-    let _guard = ShmGuard(id);
-    tree.wl.expect_pass("before the migration");
-    let before = tree.links();
-    let ends = Ends {
-        recv_prefix: vec![unshare.to_string(), "--ipc".to_string()],
-        ..Ends::local()
-    };
-    let (json, err) = migrate(&mut tree, &tmp, &ends);
-    assert_eq!(tree.links(), before, "links after the migration");
-    let pass = tree.wl.expect_pass("after the migration");
-    // SAFETY: IPC_STAT into a zeroed shmid_ds of ours.
-    let gone = unsafe {
-        let mut ds: libc::shmid_ds = std::mem::zeroed();
-        libc::shmctl(id, libc::IPC_STAT, &mut ds) < 0
-    };
-    assert!(
-        gone,
-        "the source's segment {id} should be removed after the migration"
-    );
-    println!(
-        "checked: segment {id} moved with the tree (removed here); downtime_ms={:?}; {pass}",
-        json_num(&json, "downtime_ms")
-    );
-    assert!(err.contains("SysV IPC objects sent"), "{err}");
-}
-
 /// A member stopped by job control (SIGSTOP) is migrated stopped: still
 /// stopped on the destination, and it runs on after SIGCONT.
 #[test]
@@ -509,40 +440,68 @@ fn migrate_tree_with_a_stopped_task_locally() {
     println!("checked: member {m} was migrated stopped and runs on after SIGCONT: {pass}");
 }
 
-/// Removes a SysV message queue of ours when dropped.
-struct MsqGuard(i32);
+/// Removes a SysV object of ours when dropped (the source's, if a
+/// migration failed and left it): a shared memory segment, or a message
+/// queue.
+enum IpcRm {
+    Shm(i32),
+    Msq(i32),
+}
 
-impl Drop for MsqGuard {
-    fn drop(&mut self) {
-        // SAFETY: IPC_RMID takes no buffer; a queue already gone fails
-        // harmlessly.
-        unsafe { libc::msgctl(self.0, libc::IPC_RMID, std::ptr::null_mut()) };
+impl IpcRm {
+    /// Whether the object still exists here.
+    fn exists(&self) -> bool {
+        // SAFETY: IPC_STAT into zeroed descriptors of ours.
+        unsafe {
+            match *self {
+                IpcRm::Shm(id) => {
+                    let mut ds: libc::shmid_ds = std::mem::zeroed();
+                    libc::shmctl(id, libc::IPC_STAT, &mut ds) == 0
+                }
+                IpcRm::Msq(id) => {
+                    let mut ds: libc::msqid_ds = std::mem::zeroed();
+                    libc::msgctl(id, libc::IPC_STAT, &mut ds) == 0
+                }
+            }
+        }
     }
 }
 
-/// A process with a SysV message queue holding messages, migrated with
-/// `send --ipc-key` into another IPC namespace: the queue comes with its
-/// id and messages (the workload reads them after the migration), and the
-/// source's queue is removed.
-#[test]
-fn migrate_process_with_a_sysv_message_queue() {
-    const TEST: &str = "migrate_process_with_a_sysv_message_queue";
-    h::init();
-    let _serial = h::serial();
-    if !Path::new("/proc/sys/kernel/msg_next_id").exists() {
-        h::skip_test!(
-            TEST,
-            "/proc/sys/kernel/msg_next_id is missing (no CONFIG_CHECKPOINT_RESTORE)"
-        );
+impl Drop for IpcRm {
+    fn drop(&mut self) {
+        // SAFETY: IPC_RMID takes no buffer; an object already gone fails
+        // harmlessly.
+        unsafe {
+            match *self {
+                IpcRm::Shm(id) => libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()),
+                IpcRm::Msq(id) => libc::msgctl(id, libc::IPC_RMID, std::ptr::null_mut()),
+            };
+        }
     }
-    let Some(unshare) = unshare_bin() else {
-        h::skip_test!(TEST, "`unshare` (util-linux) is not installed");
-    };
-    let tmp = TempDir::new("mig-msq");
-    let key = format!("{:#x}", 0x4352_7100u32 | (std::process::id() & 0xff));
+}
+
+/// Migrates `wl_ipc MODE KEY` (a key of this test process) with `receive`
+/// in an IPC namespace of its own (as another host would have: the object
+/// is created there with its id) and `send EXTRA`; checks that the
+/// workload PASSes there and that the source's object is gone. Needs
+/// `unshare` and the kernel's `NAME_next_id`; `Err` says why not.
+fn migrate_ipc(
+    mode: &str,
+    next_id: &str,
+    key_base: u32,
+    extra: &[&str],
+) -> Result<(String, String), String> {
+    if !Path::new(&format!("/proc/sys/kernel/{next_id}")).exists() {
+        return Err(format!(
+            "/proc/sys/kernel/{next_id} is missing (no CONFIG_CHECKPOINT_RESTORE)"
+        ));
+    }
+    let unshare = unshare_bin().ok_or("`unshare` (util-linux) is not installed")?;
+    let tmp = TempDir::new(&format!("mig-ipc-{mode}"));
+    let key = format!("{:#x}", key_base | (std::process::id() & 0xff));
     let mut tree = Tree::start(
         workload_bin!(wl_ipc),
-        &["msq", &key],
+        &[mode, &key],
         tmp.path(),
         Spawn::default(),
     );
@@ -551,23 +510,55 @@ fn migrate_process_with_a_sysv_message_queue() {
         .ready_field("id")
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no id in {:?}", tree.wl.ready_line()));
-    let _guard = MsqGuard(id);
+    let guard = if next_id == "shm_next_id" {
+        IpcRm::Shm(id)
+    } else {
+        IpcRm::Msq(id)
+    };
+    let before = tree.links();
     let ends = Ends {
         recv_prefix: vec![unshare.to_string(), "--ipc".to_string()],
-        send_args: vec!["--ipc-key".to_string(), key.clone()],
+        send_args: strings(extra),
         ..Ends::local()
     };
-    let (_json, err) = migrate(&mut tree, &tmp, &ends);
-    assert!(err.contains("SysV IPC objects sent"), "{err}");
-    // SAFETY: IPC_STAT into a zeroed msqid_ds of ours.
-    let gone = unsafe {
-        let mut ds: libc::msqid_ds = std::mem::zeroed();
-        libc::msgctl(id, libc::IPC_STAT, &mut ds) < 0
-    };
-    assert!(
-        gone,
-        "the source's queue {id} should be removed after the migration"
-    );
+    let (json, err) = migrate(&mut tree, &tmp, &ends);
+    assert_eq!(tree.links(), before, "links after the migration");
     let pass = tree.wl.expect_pass("after the migration");
-    println!("checked: queue {id} (key {key}) moved with its messages: {pass}");
+    assert!(err.contains("SysV IPC objects sent"), "{err}");
+    assert!(
+        !guard.exists(),
+        "the source's object {id} should be removed after the migration"
+    );
+    Ok((
+        format!(
+            "object {id} (key {key}) moved, removed here; downtime_ms={:?}",
+            json_num(&json, "downtime_ms")
+        ),
+        pass,
+    ))
+}
+
+/// A SysV shared memory segment attached by a parent and two children and
+/// marked for deletion moves with the tree; the tasks share it there.
+#[test]
+fn migrate_tree_sharing_sysv_shared_memory() {
+    h::init();
+    let _serial = h::serial();
+    match migrate_ipc("shm_multi", "shm_next_id", 0x4352_7000, &[]) {
+        Ok((what, pass)) => println!("checked: {what}; {pass}"),
+        Err(why) => h::skip_test!("migrate_tree_sharing_sysv_shared_memory", "{why}"),
+    }
+}
+
+/// A SysV message queue holding messages moves with `send --ipc-key`; the
+/// workload reads them, in order, after the migration.
+#[test]
+fn migrate_process_with_a_sysv_message_queue() {
+    h::init();
+    let _serial = h::serial();
+    let key = format!("{:#x}", 0x4352_7100u32 | (std::process::id() & 0xff));
+    match migrate_ipc("msq", "msg_next_id", 0x4352_7100, &["--ipc-key", &key]) {
+        Ok((what, pass)) => println!("checked: {what}; {pass}"),
+        Err(why) => h::skip_test!("migrate_process_with_a_sysv_message_queue", "{why}"),
+    }
 }
