@@ -128,7 +128,13 @@ pub struct PreCopy {
     /// Leave shared anonymous memory out of the rounds (a tree copies it
     /// once, frozen: a task's tracker sees only its own writes to it).
     skip_shared: bool,
+    /// The tracker was armed without protection: round 0 protects each
+    /// part right before copying it ([`DirtyTracker::arm_deferred`]).
+    deferred: bool,
 }
+
+/// Bytes round 0 protects and copies at a time when protection is deferred.
+const ROUND0_PART: u64 = 64 << 20;
 
 /// `vmas` without shared anonymous memory when `skip` is set.
 fn copied(vmas: &[Vma], skip: bool) -> Vec<Vma> {
@@ -217,7 +223,9 @@ impl PreCopy {
             .map_err(|source| PreCopyError::Thaw { pid, source })?;
         let mut tracking = Tracking::new(pid, tracker?);
         let vmas = dump::classify(pid, &procfs::read_maps(pid).map_err(DumpError::from)?)?;
-        tracking.tracker.arm(&trackable(&vmas))?;
+        // Protection is applied part by part during round 0, just before
+        // each part is copied: arming 1 GiB takes tens of ms otherwise.
+        let deferred = tracking.tracker.arm_deferred(&trackable(&vmas))?;
         tracing::debug!(pid, tracker = tracking.tracker.name(), "pre-copy armed");
         Ok(PreCopy {
             pid,
@@ -225,6 +233,7 @@ impl PreCopy {
             tracking,
             round: 0,
             skip_shared,
+            deferred,
         })
     }
 
@@ -258,7 +267,12 @@ impl PreCopy {
             ..Default::default()
         };
         let mut layout = None;
-        if self.round == 0 {
+        if self.round == 0 && self.deferred {
+            stats.mem = self.protect_and_copy(target, sink)?;
+            self.deferred = false;
+            stats.new_vmas = self.vmas.len();
+            steps.done("all pages protected and copied");
+        } else if self.round == 0 {
             stats.mem = dump::dump_pages(pid, target, &copied(&self.vmas, self.skip_shared), sink)?;
             stats.new_vmas = self.vmas.len();
             steps.done("all pages copied");
@@ -298,6 +312,44 @@ impl PreCopy {
         self.round += 1;
         stats.elapsed = started.elapsed();
         Ok((stats, layout))
+    }
+
+    /// Round 0 with deferred protection: each tracked VMA is protected,
+    /// [`ROUND0_PART`] bytes at a time, right before that part is copied. A
+    /// write before a part is protected lands before its copy; one after is
+    /// tracked. Tracked VMAs round 0 does not copy are protected first.
+    fn protect_and_copy(
+        &mut self,
+        target: Target,
+        sink: &mut dyn PageSink,
+    ) -> Result<MemStats, PreCopyError> {
+        let tracked = trackable(&self.vmas);
+        let is_tracked = |v: &Vma| tracked.iter().any(|r| r.start == v.start && r.end == v.end);
+        let copy = copied(&self.vmas, self.skip_shared);
+        for v in self.vmas.iter().filter(|v| is_tracked(v)) {
+            if !copy.iter().any(|c| c.start == v.start) {
+                self.tracking.tracker.protect(v.start, v.end)?;
+            }
+        }
+        let mut mem = MemStats::default();
+        for v in copy.iter().filter(|v| dump::saves_anything(v)) {
+            let mut at = v.start;
+            while at < v.end {
+                let end = at.saturating_add(ROUND0_PART).min(v.end);
+                if is_tracked(v) {
+                    self.tracking.tracker.protect(at, end)?;
+                }
+                let part = Vma {
+                    start: at,
+                    end,
+                    pgoff: v.pgoff + (at - v.start),
+                    ..v.clone()
+                };
+                mem.add(&dump::dump_pages(self.pid, target, &[part], sink)?);
+                at = end;
+            }
+        }
+        Ok(mem)
     }
 
     /// Freezes the process, sends the last dirty pages to `sink` and

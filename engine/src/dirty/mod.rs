@@ -225,6 +225,21 @@ pub trait DirtyTracker: Send {
     /// happened since the previous collect stay pending for the next one.
     fn arm(&mut self, vmas: &[VmaRange]) -> Result<(), DirtyError>;
 
+    /// The first [`DirtyTracker::arm`], with the protection left to the
+    /// caller: it calls [`DirtyTracker::protect`] on each part of `vmas`
+    /// right before it copies that part (so arming a large address space
+    /// is spread over the first copy instead of preceding it). `false`:
+    /// this tracker armed everything now.
+    fn arm_deferred(&mut self, vmas: &[VmaRange]) -> Result<bool, DirtyError> {
+        self.arm(vmas).map(|()| false)
+    }
+
+    /// Starts tracking writes to `[start, end)` (armed with
+    /// [`DirtyTracker::arm_deferred`]); a part no longer mapped is skipped.
+    fn protect(&mut self, _start: u64, _end: u64) -> Result<(), DirtyError> {
+        Ok(())
+    }
+
     /// Ranges written since the previous collect (or arm), sorted and
     /// merged, re-protected atomically so the next collect sees later
     /// writes. Does not need the target stopped. Tracked ranges that are no

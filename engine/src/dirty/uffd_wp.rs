@@ -248,12 +248,10 @@ impl UffdWpAsync {
     }
 }
 
-impl DirtyTracker for UffdWpAsync {
-    fn name(&self) -> &'static str {
-        DIRTY_TRACKER_UFFD_WP_ASYNC
-    }
-
-    fn arm(&mut self, vmas: &[VmaRange]) -> Result<(), DirtyError> {
+impl UffdWpAsync {
+    /// [`DirtyTracker::arm`]; `protect: false` registers the ranges but
+    /// leaves their protection to [`DirtyTracker::protect`].
+    fn arm_with(&mut self, vmas: &[VmaRange], protect: bool) -> Result<(), DirtyError> {
         let pid = self.pid;
         let wanted = normalize(pid, vmas)?;
         // Which VMAs carry our registration (`uw` in smaps' VmFlags) matters
@@ -300,7 +298,7 @@ impl DirtyTracker for UffdWpAsync {
                 ))?;
                 // Protecting a range again would hide its pending writes, so
                 // only what was not tracked (or lost its registration) is.
-                if !(m.has_flag("uw") && covered(&old, start, end)) {
+                if protect && !(m.has_flag("uw") && covered(&old, start, end)) {
                     uffd_sys::writeprotect(uffd, start, end - start).map_err(ioctl_err(
                         "UFFDIO_WRITEPROTECT",
                         start,
@@ -311,6 +309,44 @@ impl DirtyTracker for UffdWpAsync {
         }
         self.tracked = wanted;
         Ok(())
+    }
+}
+
+impl DirtyTracker for UffdWpAsync {
+    fn name(&self) -> &'static str {
+        DIRTY_TRACKER_UFFD_WP_ASYNC
+    }
+
+    fn arm(&mut self, vmas: &[VmaRange]) -> Result<(), DirtyError> {
+        self.arm_with(vmas, true)
+    }
+
+    fn arm_deferred(&mut self, vmas: &[VmaRange]) -> Result<bool, DirtyError> {
+        self.arm_with(vmas, false).map(|()| true)
+    }
+
+    fn protect(&mut self, start: u64, end: u64) -> Result<(), DirtyError> {
+        let pid = self.pid;
+        let uffd = self.uffd.as_ref().ok_or_else(|| self.disarmed())?.as_fd();
+        match uffd_sys::writeprotect(uffd, start, end - start) {
+            Ok(()) => Ok(()),
+            // Unmapped (or shrunk) meanwhile: the next round sees the new
+            // layout and copies what is new whole.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINVAL)) => {
+                tracing::debug!(
+                    pid,
+                    "{start:#x}-{end:#x} not protected ({e}): unmapped meanwhile?"
+                );
+                Ok(())
+            }
+            Err(source) => Err(DirtyError::Ioctl {
+                pid,
+                ioctl: "UFFDIO_WRITEPROTECT",
+                start,
+                end,
+                source,
+            }),
+        }
     }
 
     fn collect(&mut self) -> Result<Vec<DirtyRange>, DirtyError> {

@@ -190,7 +190,8 @@ fn wanted(vma: &Vma, entry: u64) -> bool {
     }
 }
 
-fn saves_anything(vma: &Vma) -> bool {
+/// Whether a dump stores any page of `vma`.
+pub fn saves_anything(vma: &Vma) -> bool {
     matches!(vma.kind(), VmaKind::Anon | VmaKind::Heap | VmaKind::Stack)
         || (matches!(vma.kind(), VmaKind::File | VmaKind::Memfd) && !vma.shared)
 }

@@ -17,8 +17,8 @@ mod task;
 pub mod tree;
 
 pub use memory::{
-    classify, dump_pages, dump_pages_skipping, dump_ranges, resident_ranges, shared_with_parent,
-    MemStats, PageSink, Target, PAGE,
+    classify, dump_pages, dump_pages_skipping, dump_ranges, resident_ranges, saves_anything,
+    shared_with_parent, MemStats, PageSink, Target, PAGE,
 };
 
 use crate::freeze::{FreezeError, FrozenProcess};
