@@ -193,3 +193,28 @@ pub fn fork() -> i32 {
     }
     pid
 }
+
+/// Writes all of `data` to `fd` (blocking, retried on EINTR); `Err` says
+/// why not.
+pub fn write_all(fd: libc::c_int, data: &[u8]) -> Result<(), String> {
+    let mut done = 0;
+    while done < data.len() {
+        // SAFETY: writing from a live slice.
+        let n = unsafe {
+            libc::write(
+                fd,
+                data[done..].as_ptr() as *const libc::c_void,
+                data.len() - done,
+            )
+        };
+        if n <= 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(format!("write to fd {fd}: {e}"));
+        }
+        done += n as usize;
+    }
+    Ok(())
+}

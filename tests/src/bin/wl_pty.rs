@@ -131,24 +131,6 @@ fn child_check() -> Vec<String> {
     p
 }
 
-fn write_all(fd: i32, data: &[u8]) {
-    let mut done = 0;
-    while done < data.len() {
-        // SAFETY: writing from a live slice.
-        let n = unsafe {
-            libc::write(
-                fd,
-                data[done..].as_ptr() as *const libc::c_void,
-                data.len() - done,
-            )
-        };
-        if n <= 0 {
-            return;
-        }
-        done += n as usize;
-    }
-}
-
 fn child(slave: &str) -> ! {
     let path = std::ffi::CString::new(slave).unwrap();
     // SAFETY: setsid, open, ioctl, dup2 and close on our own process and
@@ -226,7 +208,7 @@ fn child(slave: &str) -> ! {
         } else {
             format!("WHAT {text}")
         };
-        write_all(1, format!("{answer}\n").as_bytes());
+        let _ = wl::write_all(1, format!("{answer}\n").as_bytes());
     }
 }
 
@@ -279,13 +261,13 @@ fn parent_check(child: i32, gc: i32, round: u32) -> Vec<String> {
     if pkt != 1 {
         p.push("the master left packet mode".into());
     }
-    write_all(MASTER, format!("PING {round}\n").as_bytes());
+    let _ = wl::write_all(MASTER, format!("PING {round}\n").as_bytes());
     match read_answer("PONG") {
         Ok(l) if l == format!("PONG {round}") => {}
         Ok(l) => p.push(format!("answer {l:?} to PING {round}")),
         Err(e) => p.push(e),
     }
-    write_all(MASTER, b"CHECK\n");
+    let _ = wl::write_all(MASTER, b"CHECK\n");
     match read_answer("CHILD-") {
         Ok(l) if l == "CHILD-OK" => {}
         Ok(l) => p.push(l),
@@ -406,11 +388,11 @@ fn main() {
         child(&slave);
     }
     // The child's setup done: its first answer.
-    write_all(MASTER, b"PING 0\n");
+    let _ = wl::write_all(MASTER, b"PING 0\n");
     if read_answer("PONG 0").is_err() {
         wl::fail_setup("the child does not answer");
     }
-    write_all(MASTER, b"GRANDCHILD\n");
+    let _ = wl::write_all(MASTER, b"GRANDCHILD\n");
     let gc: i32 = match read_answer("GC ") {
         Ok(l) => l[3..].parse().unwrap_or(0),
         Err(_) => 0,

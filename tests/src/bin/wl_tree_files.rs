@@ -138,28 +138,8 @@ fn socketpair_at(ty: i32, a: i32, b: i32) {
     }
 }
 
-/// Writes all of `data` (blocking); `Err` says why not.
-fn write_all(fd: i32, data: &[u8]) -> Result<(), String> {
-    let mut done = 0;
-    while done < data.len() {
-        // SAFETY: writing from a live slice.
-        let n = unsafe {
-            libc::write(
-                fd,
-                data[done..].as_ptr() as *const libc::c_void,
-                data.len() - done,
-            )
-        };
-        if n <= 0 && errno() != libc::EINTR {
-            return Err(format!("write to fd {fd}: errno {}", errno()));
-        }
-        done += n.max(0) as usize;
-    }
-    Ok(())
-}
-
 fn setup_write(fd: i32, data: &[u8]) {
-    if let Err(e) = write_all(fd, data) {
+    if let Err(e) = wl::write_all(fd, data) {
         wl::say(&format!("SETUP-ERROR {e}"));
         std::process::exit(2);
     }
@@ -380,7 +360,7 @@ fn pipes(root: i32) -> Root {
             p.extend(expect_nonblock(51, true, "P write end"));
             p.extend(expect_nonblock(52, true, "Q read end"));
             p.extend(expect_stream(52, &pattern(2, Q_DATA), "Q"));
-            if let Err(e) = write_all(51, &pattern(3, MORE)) {
+            if let Err(e) = wl::write_all(51, &pattern(3, MORE)) {
                 p.push(e);
             }
             p
@@ -432,7 +412,7 @@ fn pipes2(root: i32) -> Root {
                 p.extend(expect_stream(60, &want, "pipe 1"));
                 p.extend(expect_stream(64, &pattern(21, 100), "S"));
                 for (fd, data) in [(65, pattern(22, 100)), (63, pattern(13, 2_000))] {
-                    if let Err(e) = write_all(fd, &data) {
+                    if let Err(e) = wl::write_all(fd, &data) {
                         p.push(e);
                     }
                 }
@@ -451,7 +431,7 @@ fn pipes2(root: i32) -> Root {
             p.extend(expect_size(65, 128 << 10, "pipe S"));
             p.extend(expect_stream(64, &pattern(20, S), "S"));
             for (fd, data) in [(65, pattern(21, 100)), (61, pattern(11, 5_000))] {
-                if let Err(e) = write_all(fd, &data) {
+                if let Err(e) = wl::write_all(fd, &data) {
                     p.push(e);
                 }
             }
@@ -499,20 +479,20 @@ fn shared_offset(root: i32) -> Root {
                 if offset(40) != 10 {
                     p.push(format!("offset of fd 40 is {}, expected 10", offset(40)));
                 }
-                if let Err(e) = write_all(40, b"abcde") {
+                if let Err(e) = wl::write_all(40, b"abcde") {
                     p.push(e);
                 }
                 match wl::read_u64(42) {
                     Ok(5) => {}
                     other => p.push(format!("eventfd read {other:?}, expected 5")),
                 }
-                if write_all(42, &3u64.to_ne_bytes()).is_err() {
+                if wl::write_all(42, &3u64.to_ne_bytes()).is_err() {
                     p.push("eventfd write failed".into());
                 }
                 if offset(43) != 5 {
                     p.push(format!("unlinked file offset {}, expected 5", offset(43)));
                 }
-                if let Err(e) = write_all(43, b"!!") {
+                if let Err(e) = wl::write_all(43, b"!!") {
                     p.push(e);
                 }
                 p
@@ -667,11 +647,11 @@ fn fifos(root: i32) -> Root {
             "F: FIFO 1 written, FIFO 2 read and written, shared flags",
             Box::new(|| {
                 let mut p = expect_nonblock(70, true, "shared FIFO 1 read end");
-                if let Err(e) = write_all(71, &pattern(51, 200)) {
+                if let Err(e) = wl::write_all(71, &pattern(51, 200)) {
                     p.push(e);
                 }
                 p.extend(expect_stream(72, &pattern(52, 300), "FIFO 2"));
-                if let Err(e) = write_all(72, &pattern(53, 40)) {
+                if let Err(e) = wl::write_all(72, &pattern(53, 40)) {
                     p.push(e);
                 }
                 p
