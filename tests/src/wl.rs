@@ -104,6 +104,36 @@ pub fn map_anon(len: usize) -> *mut u8 {
 }
 
 /// One 8-byte read (eventfd, timerfd): `Ok(value)` or `Err(errno)`.
+/// A read-write mapping (`flags`: MAP_SHARED or MAP_PRIVATE) of `len`
+/// bytes of `fd` at byte `off`, where the kernel chooses; fails the setup
+/// if it cannot be made.
+pub fn map_fd(fd: libc::c_int, len: usize, off: usize, flags: libc::c_int) -> *mut u8 {
+    // SAFETY: a new mapping where the kernel chooses overlaps nothing we
+    // own; the result is checked against MAP_FAILED.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            fd,
+            off as libc::off_t,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        fail_setup(&format!("mmap of {len} bytes of fd {fd}"));
+    }
+    p.cast()
+}
+
+/// The u64 at byte `off` of `fd` (`pread`; zero if it cannot be read).
+pub fn pread_u64(fd: libc::c_int, off: usize) -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: reading into a local buffer of 8 bytes.
+    unsafe { libc::pread(fd, b.as_mut_ptr().cast(), 8, off as libc::off_t) };
+    u64::from_ne_bytes(b)
+}
+
 pub fn read_u64(fd: libc::c_int) -> Result<u64, i32> {
     let mut v = [0u8; 8];
     // SAFETY: reading 8 bytes into a local buffer.

@@ -38,34 +38,9 @@ fn slice(p: *mut u8, len: usize) -> &'static mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(p, len) }
 }
 
-fn read_u64_at(fd: i32, off: usize) -> u64 {
-    let mut b = [0u8; 8];
-    // SAFETY: reading into a local buffer.
-    unsafe { libc::pread(fd, b.as_mut_ptr() as *mut libc::c_void, 8, off as i64) };
-    u64::from_ne_bytes(b)
-}
-
 fn nonce_slot(p: *mut u8, slot: usize) -> &'static std::sync::atomic::AtomicU64 {
     // SAFETY: 8-aligned words of page NONCE_PAGE inside the live mapping.
     unsafe { &*(p.add(NONCE_PAGE * PAGE + slot * 8) as *const std::sync::atomic::AtomicU64) }
-}
-
-fn map(fd: i32, len: usize, off: usize) -> *mut u8 {
-    // SAFETY: a new shared mapping where the kernel chooses.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd,
-            off as i64,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        wl::fail_setup("mmap");
-    }
-    p as *mut u8
 }
 
 fn pattern_ok(p: *mut u8, first_page: usize, pages: usize) -> bool {
@@ -86,7 +61,7 @@ fn child(whole: *mut u8) -> ! {
         libc::close(n);
         libc::close(FD);
     }
-    let second = map(CHILD_FD, 8 * PAGE, PAGE);
+    let second = wl::map_fd(CHILD_FD, 8 * PAGE, PAGE, libc::MAP_SHARED);
     let me = std::process::id() as u64;
     // SAFETY: the mailbox page of the shared mapping, used for nothing else.
     let mailbox = unsafe { mailbox::Mailbox::new(unsafe_page(whole, MAILBOX_PAGE)) };
@@ -94,7 +69,7 @@ fn child(whole: *mut u8) -> ! {
         mailbox.serve(|| {
             let mut p = Vec::new();
             let nonce = nonce_slot(whole, 0).load(std::sync::atomic::Ordering::SeqCst);
-            let by_read = read_u64_at(CHILD_FD, NONCE_PAGE * PAGE);
+            let by_read = wl::pread_u64(CHILD_FD, NONCE_PAGE * PAGE);
             if by_read != nonce {
                 p.push(format!(
                     "child: read() on fd {CHILD_FD} sees {by_read:#x}, the mapping {nonce:#x}"
@@ -143,7 +118,7 @@ fn main() {
     }
     // SAFETY: closing our descriptor.
     unsafe { libc::close(fd) };
-    let whole = map(FD, LEN, 0);
+    let whole = wl::map_fd(FD, LEN, 0, libc::MAP_SHARED);
     for (o, b) in slice(whole, LEN).iter_mut().enumerate() {
         *b = pattern(o);
     }
@@ -175,7 +150,7 @@ fn main() {
                     "parent: the child's answer in the mapping is {seen:#x}, want {want:#x}"
                 ));
             }
-            let by_read = read_u64_at(FD, NONCE_PAGE * PAGE + 8);
+            let by_read = wl::pread_u64(FD, NONCE_PAGE * PAGE + 8);
             if by_read != want {
                 p.push(format!(
                     "parent: read() on fd {FD} sees {by_read:#x}, want {want:#x}"

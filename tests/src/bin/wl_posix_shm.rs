@@ -54,31 +54,6 @@ fn slot(p: *mut u8, i: usize) -> &'static AtomicU64 {
     unsafe { &*(at(p, NONCE_PAGE * PAGE + i * 8) as *const AtomicU64) }
 }
 
-fn read_u64_at(fd: i32, off: usize) -> u64 {
-    let mut b = [0u8; 8];
-    // SAFETY: reading into a local buffer.
-    unsafe { libc::pread(fd, b.as_mut_ptr() as *mut libc::c_void, 8, off as i64) };
-    u64::from_ne_bytes(b)
-}
-
-fn map(fd: i32, len: usize, off: usize, flags: i32) -> *mut u8 {
-    // SAFETY: a new mapping where the kernel chooses.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            flags,
-            fd,
-            off as i64,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        wl::fail_setup("mmap");
-    }
-    p as *mut u8
-}
-
 fn pattern_ok(p: *mut u8, first_page: usize, pages: usize) -> bool {
     let s = slice(p, pages * PAGE);
     (0..pages * PAGE)
@@ -98,7 +73,7 @@ fn child(name: &CString, whole: *mut u8) -> ! {
     }
     // SAFETY: as above.
     unsafe { libc::close(fd) };
-    let second = map(CHILD_FD, LEN, 0, libc::MAP_SHARED);
+    let second = wl::map_fd(CHILD_FD, LEN, 0, libc::MAP_SHARED);
     let me = std::process::id() as u64;
     // SAFETY: the mailbox page of the shared mapping, used for nothing else.
     let mailbox = unsafe { mailbox::Mailbox::new(at(whole, MAILBOX_PAGE * PAGE)) };
@@ -108,7 +83,7 @@ fn child(name: &CString, whole: *mut u8) -> ! {
             let nonce = slot(whole, 0).load(Ordering::SeqCst);
             let (mine, by_read) = (
                 slot(second, 0).load(Ordering::SeqCst),
-                read_u64_at(CHILD_FD, NONCE_PAGE * PAGE),
+                wl::pread_u64(CHILD_FD, NONCE_PAGE * PAGE),
             );
             if mine != nonce || by_read != nonce {
                 p.push(format!("child: nonce {nonce:#x} in the inherited mapping, {mine:#x} in its own, {by_read:#x} by read()"));
@@ -154,7 +129,7 @@ fn main() {
     }
     // SAFETY: closing our descriptor.
     unsafe { libc::close(fd) };
-    let whole = map(FD, LEN, 0, libc::MAP_SHARED);
+    let whole = wl::map_fd(FD, LEN, 0, libc::MAP_SHARED);
     for (o, b) in slice(whole, LEN).iter_mut().enumerate() {
         *b = if o / PAGE < NONCE_PAGE { pattern(o) } else { 0 };
     }
@@ -171,8 +146,8 @@ fn main() {
         }
         wl::ready(&format!("shm=/dev/shm{shm} members={child_pid}"));
     } else {
-        second = map(FD, 4 * PAGE, PAGE, libc::MAP_SHARED);
-        private = map(FD, LEN, 0, libc::MAP_PRIVATE);
+        second = wl::map_fd(FD, 4 * PAGE, PAGE, libc::MAP_SHARED);
+        private = wl::map_fd(FD, LEN, 0, libc::MAP_PRIVATE);
         slice(private, PAGE)[..MARK.len()].copy_from_slice(MARK);
         wl::ready(&format!("shm=/dev/shm{shm}"));
     }
@@ -192,13 +167,13 @@ fn main() {
                 let want = nonce ^ child_pid as u64;
                 let (seen, by_read) = (
                     slot(whole, 1).load(Ordering::SeqCst),
-                    read_u64_at(FD, NONCE_PAGE * PAGE + 8),
+                    wl::pread_u64(FD, NONCE_PAGE * PAGE + 8),
                 );
                 if seen != want || by_read != want {
                     p.push(format!("parent: the child's answer is {seen:#x} in the mapping, {by_read:#x} by read(), want {want:#x}"));
                 }
             } else {
-                if read_u64_at(FD, NONCE_PAGE * PAGE) != nonce {
+                if wl::pread_u64(FD, NONCE_PAGE * PAGE) != nonce {
                     p.push("read() does not see a write through the mapping".into());
                 }
                 slice(second, PAGE)[0] ^= 0xff;
