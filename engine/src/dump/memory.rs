@@ -320,7 +320,11 @@ fn dump_pages_of(
         File::open(format!("/proc/{pid}/mem")).map_err(io_err(format!("open /proc/{pid}/mem")))?;
     let mut stats = MemStats::default();
     let mut pm_buf = vec![0u8; PAGEMAP_BATCH * 8];
-    let mut data = vec![0u8; BATCH];
+    // A sink that keeps pages gets slices of a fresh buffer per read (see
+    // `dump_ranges`); any other sink copies out of one reused buffer.
+    let owned = writer.keeps_pages();
+    let max = if owned { OWNED_BATCH } else { BATCH };
+    let mut data = if owned { Vec::new() } else { vec![0u8; BATCH] };
     let skipped = |at: u64| {
         let i = skip.partition_point(|r| r.1 <= at);
         skip.get(i).is_some_and(|r| r.0 <= at)
@@ -345,7 +349,7 @@ fn dump_pages_of(
             // a tree it leaves running.
             let alone =
                 |k: usize| entry(k) & (PM_PRESENT | PM_EXCLUSIVE) == PM_PRESENT | PM_EXCLUSIVE;
-            // Runs of wanted pages, read in batches of at most BATCH bytes.
+            // Runs of wanted pages, read in batches of at most `max` bytes.
             let mut i = 0;
             while i < n {
                 if !ours(i) {
@@ -353,15 +357,21 @@ fn dump_pages_of(
                     continue;
                 }
                 let (first, pin) = (i, alone(i));
-                while i < n
-                    && ours(i)
-                    && alone(i) == pin
-                    && (i - first + 1) * PAGE as usize <= BATCH
-                {
+                while i < n && ours(i) && alone(i) == pin && (i - first + 1) * PAGE as usize <= max {
                     i += 1;
                 }
                 let run_addr = addr + first as u64 * PAGE;
                 let len = (i - first) * PAGE as usize;
+                if owned {
+                    let mut fresh = Vec::with_capacity(len);
+                    let pinned = readable && pin;
+                    if read_pages_into(pid, target, &mem, pinned, run_addr, len, &mut fresh)? {
+                        stats.pages_scanned += (i - first) as u64;
+                        let fresh = Bytes::from(fresh);
+                        write_nonzero(writer, run_addr, &fresh, Some(&fresh), &mut stats, false)?;
+                    }
+                    continue;
+                }
                 let chunk = &mut data[..len];
                 if !read_pages(pid, target, &mem, readable && pin, run_addr, chunk)? {
                     continue;
@@ -602,6 +612,7 @@ fn vanished_is_skipped(
 }
 
 /// [`read_pages`] of `len` bytes into the empty `buf` (capacity `len`),
+/// by `process_vm_readv` when `readable` (else through `/proc/PID/mem`),
 /// without zero-filling it first when the VMA is readable.
 fn read_pages_into(
     pid: i32,

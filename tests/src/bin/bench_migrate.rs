@@ -1,7 +1,7 @@
 //! `bench_migrate`: end-to-end benchmark of live migration over loopback (not a test).
 //!
-//! Usage: `bench_migrate [--size-mib 1024] [--rate-mbps 100] [--runs 1] [--dir DIR] [--recv-memory-mib N] [--page-transport auto|quic|sealed]`
-//! (as root). Build and run:
+//! Usage: `bench_migrate [--size-mib 1024] [--rate-mbps 100] [--runs 1] [--dir DIR] [--recv-memory-mib N] [--page-transport auto|quic|sealed] [--case idle|busy]`
+//! (as root; `--case` runs one case only). Build and run:
 //!
 //! ```text
 //! CARGO_TARGET_DIR=/work/target-benchmig cargo build --release -p crm-tests -p crm-migrate
@@ -136,7 +136,7 @@ fn main() -> ExitCode {
 }
 
 fn usage() -> &'static str {
-    "usage: bench_migrate [--size-mib 1024] [--rate-mbps 100] [--runs 1] [--dir /var/tmp] [--recv-memory-mib N] [--page-transport auto|quic|sealed]   (as root)"
+    "usage: bench_migrate [--size-mib 1024] [--rate-mbps 100] [--runs 1] [--dir /var/tmp] [--recv-memory-mib N] [--page-transport auto|quic|sealed] [--case idle|busy]   (as root)"
 }
 
 /// Command line options.
@@ -151,6 +151,8 @@ struct Opts {
     recv_memory_mib: Option<u64>,
     /// `send --page-transport` (default: send's own, auto).
     page_transport: Option<String>,
+    /// The cases to run (default: both).
+    cases: Vec<Case>,
 }
 
 /// `Ok(None)` for `--help`.
@@ -162,6 +164,7 @@ fn parse_args(args: &[String]) -> Res<Option<Opts>> {
         dir: PathBuf::from("/var/tmp"),
         recv_memory_mib: None,
         page_transport: None,
+        cases: vec![Case::Idle, Case::Busy],
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -194,6 +197,11 @@ fn parse_args(args: &[String]) -> Res<Option<Opts>> {
             "--page-transport" => match value("--page-transport")?.as_str() {
                 t @ ("auto" | "quic" | "sealed") => opts.page_transport = Some(t.to_string()),
                 t => return Err(format!("bad --page-transport {t:?} (auto, quic or sealed)")),
+            },
+            "--case" => match value("--case")?.as_str() {
+                "idle" => opts.cases = vec![Case::Idle],
+                "busy" => opts.cases = vec![Case::Busy],
+                c => return Err(format!("bad --case {c:?} (idle or busy)")),
             },
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -280,6 +288,17 @@ fn sweep_children() -> usize {
         }
     }
     kids.len()
+}
+
+/// Now on CLOCK_MONOTONIC, in seconds (what `Instant` reads on Linux).
+fn monotonic_secs() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
 }
 
 fn errno() -> i32 {
@@ -838,6 +857,10 @@ fn migrate_once(case: Case, opts: &Opts, work: &Dir, run: usize) -> Res<Outcome>
 
     let tl: Timeline = Arc::new(Mutex::new(Vec::new()));
     let t0 = Instant::now();
+    println!(
+        "  t0 (receive started) = {:.6} s on CLOCK_MONOTONIC (the clock of `perf record -k CLOCK_MONOTONIC`)",
+        monotonic_secs()
+    );
     let port = free_port()?;
     let listen = format!("127.0.0.1:{port}");
     // receive's own default (half the RAM) unless the bench was told otherwise.
@@ -1280,7 +1303,7 @@ fn run(opts: &Opts) -> Res<()> {
 
     let mut results = Vec::new();
     for run in 1..=opts.runs {
-        for case in [Case::Idle, Case::Busy] {
+        for &case in &opts.cases {
             check_interrupt()?;
             let what = match case {
                 Case::Idle => format!("wl_memory {} MiB", opts.size_mib),
@@ -1462,6 +1485,8 @@ mod tests {
         assert!(a(&["--size-mib", "x"]).is_err());
         assert!(a(&["--bogus"]).is_err());
         assert!(a(&["--help"]).unwrap().is_none());
+        assert_eq!(a(&["--case", "busy"]).unwrap().unwrap().cases, [Case::Busy]);
+        assert!(a(&["--case", "both"]).is_err());
     }
 
     #[test]
