@@ -7,13 +7,13 @@
 //! batches were received into, adopted whole ([`Frames::adopt`]: the
 //! batch's pages become frames without a copy, and the fresh memory was
 //! faulted in by the thread that read it from the network, not by the
-//! store's). Freed frames are reused before a new chunk is mapped; chunks
+//! store's; see [`PageBuf`](crate::PageBuf)). Freed frames are reused
+//! before a new chunk is mapped; chunks
 //! are returned to the system only when the store is dropped. (Transparent
 //! huge pages were tried: on a VM the kernel's compaction and zeroing of
 //! 2 MiB pages made the first touch of 1 GiB take 0.1 to 0.9 s instead of a
 //! steady 0.35 s.)
-use std::ptr::NonNull;
-
+use crate::page_buf::{Mapping, OwnedPages};
 use crate::store::PAGE_SIZE;
 
 /// Bytes per chunk: the largest batch a sender makes, so that a batch's
@@ -34,12 +34,8 @@ impl Frame {
     }
 }
 
-/// One anonymous mapping of [`CHUNK_BYTES`] (zero-filled by the kernel).
-struct Mapping {
-    ptr: NonNull<u8>,
-}
-
-/// The memory of [`CHUNK_PAGES`] frames (an adopted buffer may hold fewer).
+/// The memory of up to [`CHUNK_PAGES`] frames: a mapping made here, or an
+/// adopted buffer (which may hold fewer).
 enum Chunk {
     Mapped(Mapping),
     Adopted(Vec<u8>),
@@ -60,61 +56,6 @@ impl Chunk {
         }
     }
 }
-
-impl Mapping {
-    fn new() -> Mapping {
-        // SAFETY: a fresh private anonymous mapping; no existing memory is
-        // touched. MAP_POPULATE faults it in in one call (a chunk is filled
-        // right away anyway): 25-30% cheaper than 2048 page faults.
-        let raw = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                CHUNK_BYTES,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-                -1,
-                0,
-            )
-        };
-        let ptr = match NonNull::new(raw.cast::<u8>()) {
-            Some(p) if raw != libc::MAP_FAILED => p,
-            _ => std::alloc::handle_alloc_error(
-                std::alloc::Layout::from_size_align(CHUNK_BYTES, PAGE_SIZE).expect("valid layout"),
-            ),
-        };
-        Mapping { ptr }
-    }
-
-    fn page(&self, i: usize) -> &[u8] {
-        assert!(i < CHUNK_PAGES);
-        // SAFETY: the mapping holds CHUNK_PAGES pages, zero-filled at
-        // creation, and lives as long as `self`; `&self` rules out a
-        // concurrent `&mut` to it.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(i * PAGE_SIZE), PAGE_SIZE) }
-    }
-
-    fn page_mut(&mut self, i: usize) -> &mut [u8] {
-        assert!(i < CHUNK_PAGES);
-        // SAFETY: as in `page`; `&mut self` makes the borrow unique.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(i * PAGE_SIZE), PAGE_SIZE) }
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: mapped in `Chunk::new` with this length and not unmapped
-        // before; no borrow of it outlives `self`.
-        unsafe {
-            libc::munmap(self.ptr.as_ptr().cast(), CHUNK_BYTES);
-        }
-    }
-}
-
-// SAFETY: a Mapping owns its allocation exclusively (no aliasing pointers
-// escape except through borrows of the Mapping), like a Box<[u8]>.
-unsafe impl Send for Mapping {}
-// SAFETY: shared access only hands out `&[u8]`.
-unsafe impl Sync for Mapping {}
 
 /// The pool of page frames.
 #[derive(Default)]
@@ -143,7 +84,10 @@ impl Frames {
                 let (c, used) = match self.filling {
                     Some((c, used)) if used < CHUNK_PAGES => (c, used),
                     _ => {
-                        self.chunks.push(Chunk::Mapped(Mapping::new()));
+                        // Populated at once (a chunk is filled right away
+                        // anyway): 25-30% cheaper than a fault per page.
+                        self.chunks
+                            .push(Chunk::Mapped(Mapping::populated(CHUNK_BYTES)));
                         (self.chunks.len() - 1, 0)
                     }
                 };
@@ -163,9 +107,12 @@ impl Frames {
     /// its pages, in order: the first is returned, page `i` is
     /// [`Frame::nth`]`(i)` of it. Every one of them is in use until
     /// released.
-    pub fn adopt(&mut self, buf: Vec<u8>) -> Frame {
+    pub fn adopt(&mut self, buf: OwnedPages) -> Frame {
         assert!(buf.len() <= CHUNK_BYTES && buf.len().is_multiple_of(PAGE_SIZE));
-        self.chunks.push(Chunk::Adopted(buf));
+        self.chunks.push(match buf {
+            OwnedPages::Mapped(b) => Chunk::Mapped(b.into_mapping()),
+            OwnedPages::Heap(v) => Chunk::Adopted(v),
+        });
         Self::frame(self.chunks.len() - 1, 0)
     }
 

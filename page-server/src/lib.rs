@@ -14,7 +14,10 @@
 //! fault loop is `crm_engine::restore::lazy`). This crate knows nothing
 //! about QUIC, and nothing about ptrace.
 
-mod frames;
+pub(crate) mod frames;
+mod page_buf;
 mod store;
 
+pub use frames::CHUNK_BYTES;
+pub use page_buf::{OwnedPages, PageBuf};
 pub use store::{PageStore, PageStoreError, StoreStats, TaskId, PAGE_SIZE};

@@ -26,6 +26,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::frames::{Frame, Frames};
+use crate::page_buf::OwnedPages;
 
 /// Size of every page the store holds (x86-64 base pages).
 pub const PAGE_SIZE: usize = 4096;
@@ -258,8 +259,9 @@ impl PageStore {
         task: TaskId,
         addr: u64,
         round: u32,
-        data: Vec<u8>,
+        data: impl Into<OwnedPages>,
     ) -> Result<(), PageStoreError> {
+        let data = data.into();
         let len = data.len();
         let fits = self.stats.bytes_in_memory + len as u64 <= self.memory_limit;
         let aligned = addr.is_multiple_of(PAGE_SIZE as u64) && len.is_multiple_of(PAGE_SIZE);

@@ -357,7 +357,8 @@ fn dump_pages_of(
                     continue;
                 }
                 let (first, pin) = (i, alone(i));
-                while i < n && ours(i) && alone(i) == pin && (i - first + 1) * PAGE as usize <= max {
+                while i < n && ours(i) && alone(i) == pin && (i - first + 1) * PAGE as usize <= max
+                {
                     i += 1;
                 }
                 let run_addr = addr + first as u64 * PAGE;

@@ -14,6 +14,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 
+use crm_page_server::{OwnedPages, PageBuf};
 use crm_proto::migrate::{Compression, Control, Hello, HelloReply, PageBatchHeader};
 use prost::Message;
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -187,6 +188,20 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     kind: FrameKind,
     max: u64,
 ) -> Result<Option<Vec<u8>>> {
+    let Some(len) = read_len_prefix(r, peer, kind, max).await? else {
+        return Ok(None);
+    };
+    read_vec(r, peer, kind, len).await.map(Some)
+}
+
+/// A frame's length prefix, checked against `max`; `Ok(None)` at a clean
+/// end of stream.
+async fn read_len_prefix<R: AsyncRead + Unpin>(
+    r: &mut R,
+    peer: SocketAddr,
+    kind: FrameKind,
+    max: u64,
+) -> Result<Option<usize>> {
     let mut prefix = [0u8; LEN_PREFIX];
     let got = read_full(r, peer, kind, &mut prefix).await?;
     if got == 0 {
@@ -200,7 +215,16 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
             want: LEN_PREFIX as u64,
         });
     }
-    let len = check_len(peer, kind, u32::from_le_bytes(prefix), max)?;
+    check_len(peer, kind, u32::from_le_bytes(prefix), max).map(Some)
+}
+
+/// A payload of `len` bytes.
+async fn read_vec<R: AsyncRead + Unpin>(
+    r: &mut R,
+    peer: SocketAddr,
+    kind: FrameKind,
+    len: usize,
+) -> Result<Vec<u8>> {
     // Read into the spare capacity: zero-filling a MiB per batch first
     // would be one more pass over every page received.
     let mut payload = Vec::with_capacity(len);
@@ -220,7 +244,28 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
             });
         }
     }
-    Ok(Some(payload))
+    Ok(payload)
+}
+
+/// A payload of `len` bytes into a [`PageBuf`] (memory faulted in at once
+/// and adopted by the page store as is).
+async fn read_page_buf<R: AsyncRead + Unpin>(
+    r: &mut R,
+    peer: SocketAddr,
+    kind: FrameKind,
+    len: usize,
+) -> Result<PageBuf> {
+    let mut buf = PageBuf::zeroed(len);
+    let got = read_full(r, peer, kind, &mut buf).await?;
+    if got < len {
+        return Err(TransportError::Truncated {
+            peer,
+            kind,
+            got: got as u64,
+            want: len as u64,
+        });
+    }
+    Ok(buf)
 }
 
 /// A frame reader whose [`FrameReader::next`] is cancel-safe: bytes already
@@ -469,9 +514,9 @@ fn bad_batch(peer: SocketAddr, h: &PageBatchHeader, what: impl Into<String>) -> 
 pub fn decode_batch_data(
     peer: SocketAddr,
     h: &PageBatchHeader,
-    payload: Vec<u8>,
+    payload: OwnedPages,
     dec: &mut zstd::bulk::Decompressor<'static>,
-) -> Result<Vec<u8>> {
+) -> Result<OwnedPages> {
     let raw_len = h.raw_len as usize;
     if raw_len > MAX_BATCH_BYTES {
         return Err(bad_batch(
@@ -506,7 +551,7 @@ pub fn decode_batch_data(
                     format!("zstd data decodes to {n} bytes, header says {raw_len}"),
                 ));
             }
-            out
+            out.into()
         }
         Err(_) => {
             return Err(bad_batch(
@@ -570,12 +615,25 @@ pub async fn read_stream_magic<R: AsyncRead + Unpin>(r: &mut R, peer: SocketAddr
 pub async fn read_batch<R: AsyncRead + Unpin>(
     r: &mut R,
     peer: SocketAddr,
-) -> Result<Option<(PageBatchHeader, Vec<u8>)>> {
+) -> Result<Option<(PageBatchHeader, OwnedPages)>> {
     let Some(hdr) = read_frame(r, peer, FrameKind::BatchHeader, MAX_BATCH_HEADER_LEN).await? else {
         return Ok(None);
     };
     let h = decode_batch_header(peer, &hdr)?;
-    let data = read_required(r, peer, FrameKind::BatchData, batch_data_cap(&h)).await?;
+    let kind = FrameKind::BatchData;
+    let len = read_len_prefix(r, peer, kind, batch_data_cap(&h))
+        .await?
+        .ok_or(TransportError::UnexpectedEnd { peer, kind })?;
+    // Raw pages (whole pages, one chunk of the store at most) go straight
+    // into memory the store keeps; anything else is decoded first.
+    let data = if h.compression == Compression::None as i32
+        && len.is_multiple_of(PAGE_SIZE)
+        && len <= crm_page_server::CHUNK_BYTES
+    {
+        read_page_buf(r, peer, kind, len).await?.into()
+    } else {
+        read_vec(r, peer, kind, len).await?.into()
+    };
     Ok(Some((h, data)))
 }
 
@@ -776,7 +834,7 @@ mod tests {
             let data = mutate(&mut rng, &seed);
             let unchanged = data == seed;
             let r = catch_unwind(AssertUnwindSafe(|| {
-                decode_batch_data(peer(), &h, data, &mut dec)
+                decode_batch_data(peer(), &h, data.into(), &mut dec)
             }));
             match r {
                 Ok(Ok(out)) => assert!(unchanged || out == raw, "case {case}: bad data accepted"),
@@ -904,14 +962,14 @@ mod tests {
         let mut bad = raw.clone();
         bad[100] ^= 1;
         let mut dec = batch_decompressor().unwrap();
-        let e = decode_batch_data(p, &h, bad, &mut dec).unwrap_err();
+        let e = decode_batch_data(p, &h, bad.into(), &mut dec).unwrap_err();
         assert!(e.to_string().contains("CRC mismatch"), "{e}");
         // A zstd frame that expands beyond raw_len (a "bomb") is refused.
         let big = vec![0u8; 2 * PAGE_SIZE];
         let bomb = zstd::bulk::compress(&big, 1).unwrap();
         let h = valid_header(&raw, Compression::Zstd);
         assert!(matches!(
-            decode_batch_data(p, &h, bomb, &mut dec),
+            decode_batch_data(p, &h, bomb.into(), &mut dec),
             Err(TransportError::BadBatch { .. })
         ));
         // Bad stream magic.
@@ -1021,7 +1079,7 @@ mod tests {
         assert!(rest.is_empty());
         let mut dec = batch_decompressor().unwrap();
         assert_eq!(
-            decode_batch_data(peer(), &h2, data.to_vec(), &mut dec).unwrap(),
+            decode_batch_data(peer(), &h2, data.to_vec().into(), &mut dec).unwrap(),
             raw
         );
     }

@@ -62,6 +62,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use crm_page_server::OwnedPages;
 use crm_proto::migrate::{Compression, PageBatchHeader};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -809,7 +810,7 @@ impl PageOut {
 
 /// One decoded page batch: header and raw pages (`header.raw_len` bytes,
 /// CRC checked).
-pub type ReceivedBatch = (PageBatchHeader, Vec<u8>);
+pub type ReceivedBatch = (PageBatchHeader, OwnedPages);
 
 /// Merges the peer's page streams. Create with
 /// [`Session::page_receiver`](super::Session::page_receiver).
@@ -965,7 +966,7 @@ async fn read_sealed(
 /// and queues it. `Ok(false)` when nobody receives any more.
 async fn deliver(
     h: PageBatchHeader,
-    data: Vec<u8>,
+    data: OwnedPages,
     dec: &mut zstd::bulk::Decompressor<'static>,
     peer: SocketAddr,
     tx: &mpsc::Sender<Result<ReceivedBatch>>,

@@ -1,6 +1,6 @@
 //! `bench_migrate`: end-to-end benchmark of live migration over loopback (not a test).
 //!
-//! Usage: `bench_migrate [--size-mib 1024] [--rate-mbps 100] [--runs 1] [--dir DIR] [--recv-memory-mib N] [--page-transport auto|quic|sealed] [--case idle|busy]`
+//! Usage: `bench_migrate [--size-mib 1024] [--rate-mbps 100] [--runs 1] [--dir DIR] [--recv-memory-mib N] [--page-transport auto|quic|sealed] [--case idle|busy] [--streams N]`
 //! (as root; `--case` runs one case only). Build and run:
 //!
 //! ```text
@@ -136,7 +136,7 @@ fn main() -> ExitCode {
 }
 
 fn usage() -> &'static str {
-    "usage: bench_migrate [--size-mib 1024] [--rate-mbps 100] [--runs 1] [--dir /var/tmp] [--recv-memory-mib N] [--page-transport auto|quic|sealed] [--case idle|busy]   (as root)"
+    "usage: bench_migrate [--size-mib 1024] [--rate-mbps 100] [--runs 1] [--dir /var/tmp] [--recv-memory-mib N] [--page-transport auto|quic|sealed] [--case idle|busy] [--streams N]   (as root)"
 }
 
 /// Command line options.
@@ -153,6 +153,8 @@ struct Opts {
     page_transport: Option<String>,
     /// The cases to run (default: both).
     cases: Vec<Case>,
+    /// `send --streams` (default: send's own).
+    streams: Option<u32>,
 }
 
 /// `Ok(None)` for `--help`.
@@ -165,6 +167,7 @@ fn parse_args(args: &[String]) -> Res<Option<Opts>> {
         recv_memory_mib: None,
         page_transport: None,
         cases: vec![Case::Idle, Case::Busy],
+        streams: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -198,6 +201,7 @@ fn parse_args(args: &[String]) -> Res<Option<Opts>> {
                 t @ ("auto" | "quic" | "sealed") => opts.page_transport = Some(t.to_string()),
                 t => return Err(format!("bad --page-transport {t:?} (auto, quic or sealed)")),
             },
+            "--streams" => opts.streams = Some(positive("--streams", &value("--streams")?)?),
             "--case" => match value("--case")?.as_str() {
                 "idle" => opts.cases = vec![Case::Idle],
                 "busy" => opts.cases = vec![Case::Busy],
@@ -925,6 +929,10 @@ fn migrate_once(case: Case, opts: &Opts, work: &Dir, run: usize) -> Res<Outcome>
     ];
     if let Some(t) = &opts.page_transport {
         send_args.extend(["--page-transport", t]);
+    }
+    let streams = opts.streams.map(|n| n.to_string());
+    if let Some(n) = &streams {
+        send_args.extend(["--streams", n]);
     }
     let mut send = Crm::spawn("send", &send_args, &tl, t0)?;
 

@@ -480,7 +480,7 @@ async fn malformed_page_streams_and_control_frames() {
         .unwrap();
     tx.send_batch(1, 0, BASE, data.clone()).await.unwrap();
     let (h2, d2) = rx.next().await.unwrap().unwrap();
-    assert_eq!((h2.vaddr, d2), (BASE, data.clone()));
+    assert_eq!((h2.vaddr, d2), (BASE, data.clone().into()));
     tx.finish().await.unwrap();
 
     // The same over a TCP page channel: garbage after a valid channel
@@ -510,7 +510,7 @@ async fn malformed_page_streams_and_control_frames() {
     assert!(tx.uses_tcp_channels());
     tx.send_batch(1, 0, BASE, data.clone()).await.unwrap();
     let (h2, d2) = rx.next().await.unwrap().unwrap();
-    assert_eq!((h2.vaddr, d2), (BASE, data.clone()));
+    assert_eq!((h2.vaddr, d2), (BASE, data.clone().into()));
     tx.finish().await.unwrap();
 
     // Caller mistakes are refused before anything is sent.
