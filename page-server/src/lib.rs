@@ -15,6 +15,7 @@
 //! about QUIC, and nothing about ptrace.
 
 pub(crate) mod frames;
+mod index;
 mod page_buf;
 mod store;
 

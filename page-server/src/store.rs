@@ -19,13 +19,13 @@
 //! contents only, page-aligned, and means nothing without the in-memory index.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::frames::{Frame, Frames};
+use crate::index::PageIndex;
 use crate::page_buf::OwnedPages;
 
 /// Size of every page the store holds (x86-64 base pages).
@@ -189,7 +189,7 @@ impl Drop for Spill {
 #[derive(Debug)]
 pub struct PageStore {
     memory_limit: u64,
-    pages: BTreeMap<(TaskId, u64), Slot>,
+    pages: PageIndex<Slot>,
     frames: Frames,
     spill: Spill,
     stats: StoreStats,
@@ -202,7 +202,7 @@ impl PageStore {
     pub fn new(memory_limit: u64, spill_path: impl Into<PathBuf>) -> PageStore {
         PageStore {
             memory_limit,
-            pages: BTreeMap::new(),
+            pages: PageIndex::default(),
             frames: Frames::default(),
             spill: Spill {
                 path: spill_path.into(),
@@ -342,7 +342,7 @@ impl PageStore {
     ) -> Result<(), PageStoreError> {
         let held = self
             .pages
-            .get(&(task, addr))
+            .get(task, addr)
             .map(|slot| (slot.round, slot.location));
         match held {
             Some((r, _)) if r > round => {
@@ -368,7 +368,7 @@ impl PageStore {
             }
             None => {
                 let location = self.place(task, addr, src)?;
-                self.pages.insert((task, addr), Slot { round, location });
+                self.pages.insert(task, addr, Slot { round, location });
                 self.stats.pages += 1;
             }
         }
@@ -377,7 +377,7 @@ impl PageStore {
 
     /// Updates the round (and location) of a page held.
     fn set_round(&mut self, task: TaskId, addr: u64, round: u32, location: Option<Location>) {
-        if let Some(slot) = self.pages.get_mut(&(task, addr)) {
+        if let Some(slot) = self.pages.get_mut(task, addr) {
             slot.round = round;
             if let Some(l) = location {
                 slot.location = l;
@@ -391,7 +391,7 @@ impl PageStore {
         if !addr.is_multiple_of(PAGE_SIZE as u64) {
             return Err(PageStoreError::Unaligned { task, addr });
         }
-        match self.pages.get(&(task, addr)) {
+        match self.pages.get(task, addr) {
             None => Ok(None),
             Some(slot) => self.load(task, addr, slot).map(Some),
         }
@@ -436,7 +436,7 @@ impl PageStore {
         // arrive after this (each round is stored before the next starts),
         // so the cost is bounded by what is held, not by `nr_pages`.
         let end = addr.saturating_add(len);
-        for (_, slot) in self.pages.range_mut((task, addr)..(task, end)) {
+        for (_, slot) in self.pages.range_mut(task, addr, end) {
             if slot.round > round {
                 self.stats.stale_copies_dropped += 1;
                 continue;
@@ -459,7 +459,7 @@ impl PageStore {
     /// `[start, end)`, as merged, sorted ranges.
     pub fn data_ranges(&self, task: TaskId, start: u64, end: u64) -> Vec<(u64, u64)> {
         let mut out: Vec<(u64, u64)> = Vec::new();
-        for (&(_, a), slot) in self.pages.range((task, start)..(task, end)) {
+        for (a, slot) in self.pages.range(task, start, end) {
             if matches!(slot.location, Location::Zero) {
                 continue;
             }
@@ -477,13 +477,13 @@ impl PageStore {
         task: TaskId,
     ) -> impl Iterator<Item = Result<(u64, Cow<'_, [u8]>), PageStoreError>> + '_ {
         self.pages
-            .range((task, 0)..=(task, u64::MAX))
-            .map(move |(&(_, addr), slot)| self.load(task, addr, slot).map(|b| (addr, b)))
+            .task(task)
+            .map(move |(addr, slot)| self.load(task, addr, slot).map(|b| (addr, b)))
     }
 
     /// Whether a copy of the page at `addr` in `task` is held.
     pub fn contains(&self, task: TaskId, addr: u64) -> bool {
-        self.pages.contains_key(&(task, addr))
+        self.pages.get(task, addr).is_some()
     }
 
     /// Counters: pages held, bytes in memory and spilled.
