@@ -175,6 +175,11 @@ impl PageBuf {
         }
     }
 
+    /// Shortens the buffer to `len` bytes (no effect if it is not longer).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     /// The mapping behind the buffer (whole pages, possibly more than `len`).
     pub(crate) fn into_mapping(self) -> Mapping {
         self.map
@@ -192,6 +197,12 @@ impl DerefMut for PageBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
         let len = self.len;
         &mut self.map.as_mut_slice()[..len]
+    }
+}
+
+impl AsMut<[u8]> for PageBuf {
+    fn as_mut(&mut self) -> &mut [u8] {
+        self
     }
 }
 
@@ -280,6 +291,10 @@ mod tests {
         let last = b.len() - 1;
         b[last] = 9;
         assert_eq!((b[PAGE_SIZE], b[last]), (7, 9));
+        b.truncate(PAGE_SIZE + 1);
+        assert_eq!((b.len(), b[PAGE_SIZE]), (PAGE_SIZE + 1, 7));
+        b.truncate(usize::MAX);
+        assert_eq!(b.len(), PAGE_SIZE + 1);
         assert_eq!(b.into_mapping().as_slice().len(), 4 * PAGE_SIZE);
         let empty = PageBuf::zeroed(0);
         assert!(empty.is_empty());

@@ -132,7 +132,6 @@ pub fn check_len(peer: SocketAddr, kind: FrameKind, len: u32, max: u64) -> Resul
 
 /// Splits one frame off the front of `buf`: `(payload, rest)`. The in-memory
 /// twin of [`read_frame`].
-#[allow(dead_code)] // for in-memory decoding; exercised by the fuzz tests
 pub fn split_frame(
     peer: SocketAddr,
     kind: FrameKind,
@@ -637,6 +636,28 @@ pub async fn read_batch<R: AsyncRead + Unpin>(
     Ok(Some((h, data)))
 }
 
+/// The header and the data length of a batch, from the bytes that precede
+/// its data ([`encode_batch_prefix`]; a sealed channel carries them as one
+/// record): the in-memory twin of the start of [`read_batch`].
+pub fn decode_batch_prefix(peer: SocketAddr, prefix: &[u8]) -> Result<(PageBatchHeader, usize)> {
+    let (hdr, rest) = split_frame(peer, FrameKind::BatchHeader, MAX_BATCH_HEADER_LEN, prefix)?;
+    let h = decode_batch_header(peer, hdr)?;
+    let kind = FrameKind::BatchData;
+    let Some((len, rest)) = rest.split_first_chunk::<LEN_PREFIX>() else {
+        return Err(TransportError::Truncated {
+            peer,
+            kind,
+            got: rest.len() as u64,
+            want: LEN_PREFIX as u64,
+        });
+    };
+    let len = check_len(peer, kind, u32::from_le_bytes(*len), batch_data_cap(&h))?;
+    if !rest.is_empty() {
+        return Err(invalid(peer, kind, "extra bytes after the data length"));
+    }
+    Ok((h, len))
+}
+
 /// The bytes that precede a batch's data on the wire: header frame plus the
 /// data frame's length prefix.
 pub fn encode_batch_prefix(h: &PageBatchHeader, data_len: usize) -> Vec<u8> {
@@ -1082,5 +1103,35 @@ mod tests {
             decode_batch_data(peer(), &h2, data.to_vec().into(), &mut dec).unwrap(),
             raw
         );
+        // The prefix alone, as a sealed channel carries it.
+        let prefix = encode_batch_prefix(&h, raw.len());
+        assert_eq!(
+            decode_batch_prefix(peer(), &prefix).unwrap(),
+            (h.clone(), raw.len())
+        );
+        // Cut anywhere, one byte too many, or announcing more data than
+        // the header allows: typed errors.
+        for cut in 0..prefix.len() {
+            assert!(decode_batch_prefix(peer(), &prefix[..cut]).is_err(), "cut {cut}");
+        }
+        let mut long = prefix.clone();
+        long.push(0);
+        assert!(decode_batch_prefix(peer(), &long).is_err());
+        let over = encode_batch_prefix(&h, raw.len() + 1);
+        assert!(matches!(
+            decode_batch_prefix(peer(), &over),
+            Err(TransportError::FrameTooLarge { .. })
+        ));
+        // Random bytes never panic.
+        let mut rng = Rng(7);
+        for _ in 0..5000 {
+            let mut v = prefix.clone();
+            for _ in 0..=rng.below(4) {
+                let i = rng.below(v.len());
+                v[i] = rng.next() as u8;
+            }
+            v.truncate(rng.below(v.len() + 1).max(v.len() - 2));
+            let _ = decode_batch_prefix(peer(), &v);
+        }
     }
 }

@@ -72,8 +72,8 @@ use tracing::{debug, Instrument};
 
 use super::error::{Result, TransportError};
 use super::frame::{
-    batch_decompressor, decode_batch_data, encode_batch_prefix, read_batch, read_stream_magic,
-    FrameKind, MAX_BATCH_BYTES, PAGE_SIZE, PAGE_STREAM_MAGIC,
+    batch_decompressor, decode_batch_data, decode_batch_prefix, encode_batch_prefix, read_batch,
+    read_stream_magic, FrameKind, MAX_BATCH_BYTES, PAGE_SIZE, PAGE_STREAM_MAGIC,
 };
 use super::sealed::{write_parts, Opener, Sealer};
 use super::tcp_channel::{self, ChannelSecret, IncomingChannel};
@@ -943,19 +943,19 @@ async fn read_sealed(
     }
     let mut dec = batch_decompressor()?;
     while let Some(prefix) = opener.read(stream, peer).await? {
+        let (h, len) = decode_batch_prefix(peer, &prefix)?;
+        // The data record goes straight into memory the store adopts.
         let data = opener
-            .read(stream, peer)
+            .read_pages(stream, peer)
             .await?
             .ok_or_else(|| missing("channel ended between a batch header and its data"))?;
-        let mut r = (&prefix[..]).chain(&data[..]);
-        let Some((h, data)) = read_batch(&mut r, peer).await? else {
-            return Err(missing("empty batch record"));
-        };
-        let (a, b) = r.get_ref();
-        if !a.is_empty() || !b.is_empty() {
-            return Err(missing("extra bytes after a batch"));
+        if data.len() != len {
+            return Err(missing(&format!(
+                "a data record of {} bytes after a header announcing {len}",
+                data.len()
+            )));
         }
-        if !deliver(h, data, &mut dec, peer, tx).await? {
+        if !deliver(h, data.into(), &mut dec, peer, tx).await? {
             return Ok(());
         }
     }

@@ -19,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::error::{Result, TransportError};
 use super::frame::{read_full, FrameKind, MAX_BATCH_BYTES};
+use crm_page_server::PageBuf;
 
 /// Bytes of a GCM tag.
 pub const TAG_LEN: usize = 16;
@@ -139,6 +140,35 @@ impl Opener {
         r: &mut R,
         peer: SocketAddr,
     ) -> Result<Option<Vec<u8>>> {
+        let opened = self.read_into(r, peer, |len| vec![0u8; len]).await?;
+        Ok(opened.map(|(mut buf, len)| {
+            buf.truncate(len);
+            buf
+        }))
+    }
+
+    /// [`Opener::read`] into a [`PageBuf`] (page data: memory the page
+    /// store adopts as is).
+    pub async fn read_pages<R: AsyncRead + Unpin>(
+        &mut self,
+        r: &mut R,
+        peer: SocketAddr,
+    ) -> Result<Option<PageBuf>> {
+        let opened = self.read_into(r, peer, PageBuf::zeroed).await?;
+        Ok(opened.map(|(mut buf, len)| {
+            buf.truncate(len);
+            buf
+        }))
+    }
+
+    /// Reads the next record into `make(record length)` and opens it in
+    /// place: the buffer and the length of the plaintext at its start.
+    async fn read_into<R: AsyncRead + Unpin, B: AsMut<[u8]>>(
+        &mut self,
+        r: &mut R,
+        peer: SocketAddr,
+        make: impl FnOnce(usize) -> B,
+    ) -> Result<Option<(B, usize)>> {
         let kind = FrameKind::SealedRecord;
         let mut prefix = [0u8; 4];
         let got = read_full(r, peer, kind, &mut prefix).await?;
@@ -166,8 +196,8 @@ impl Opener {
                 what: format!("record of {len} bytes is shorter than its tag"),
             });
         }
-        let mut buf = vec![0u8; len];
-        let got = read_full(r, peer, kind, &mut buf).await?;
+        let mut buf = make(len);
+        let got = read_full(r, peer, kind, buf.as_mut()).await?;
         if got < len {
             return Err(TransportError::Truncated {
                 peer,
@@ -178,7 +208,7 @@ impl Opener {
         }
         let plain_len = self
             .key
-            .open_in_place(nonce(self.seq), Aad::from(prefix), &mut buf)
+            .open_in_place(nonce(self.seq), Aad::from(prefix), buf.as_mut())
             .map_err(|_| TransportError::Invalid {
                 peer,
                 kind,
@@ -189,11 +219,10 @@ impl Opener {
             })?
             .len();
         self.seq += 1;
-        buf.truncate(plain_len);
         if plain_len == 0 {
             return Ok(None);
         }
-        Ok(Some(buf))
+        Ok(Some((buf, plain_len)))
     }
 }
 
