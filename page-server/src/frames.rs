@@ -7,9 +7,12 @@
 //! batches were received into, adopted whole ([`Frames::adopt`]: the
 //! batch's pages become frames without a copy, and the fresh memory was
 //! faulted in by the thread that read it from the network, not by the
-//! store's; see [`PageBuf`](crate::PageBuf)). Freed frames are reused
-//! before a new chunk is mapped; chunks
-//! are returned to the system only when the store is dropped. (Transparent
+//! store's; see [`PageBuf`](crate::PageBuf)). Released frames are reused
+//! before a new chunk is mapped. Frames *forgotten* ([`Frames::forget`]:
+//! their pages are in the restored process now) are not reused: a chunk
+//! whose frames are all forgotten or free goes back to the system at once,
+//! so that the destination does not hold every page twice while it fills
+//! the restored process. (Transparent
 //! huge pages were tried: on a VM the kernel's compaction and zeroing of
 //! 2 MiB pages made the first touch of 1 GiB take 0.1 to 0.9 s instead of a
 //! steady 0.35 s.)
@@ -29,40 +32,64 @@ impl Frame {
     /// The frame `i` pages after this one in its chunk (for adopted
     /// buffers, [`Frames::adopt`]).
     pub fn nth(self, i: usize) -> Frame {
-        assert!((self.0 as usize % CHUNK_PAGES) + i < CHUNK_PAGES);
-        Frame(self.0 + i as u32)
+        self.nth_in_chunk(i).expect("a frame of the same chunk")
+    }
+
+    /// The frame `i` pages after this one, if it is in the same chunk.
+    pub fn nth_in_chunk(self, i: usize) -> Option<Frame> {
+        ((self.0 as usize % CHUNK_PAGES) + i < CHUNK_PAGES).then(|| Frame(self.0 + i as u32))
     }
 }
 
 /// The memory of up to [`CHUNK_PAGES`] frames: a mapping made here, or an
-/// adopted buffer (which may hold fewer).
+/// adopted buffer (which may hold fewer); none once given back.
 enum Chunk {
     Mapped(Mapping),
     Adopted(Vec<u8>),
+    Gone,
 }
 
 impl Chunk {
-    fn page(&self, i: usize) -> &[u8] {
+    fn bytes(&self) -> &[u8] {
         match self {
-            Chunk::Mapped(m) => m.page(i),
-            Chunk::Adopted(v) => &v[i * PAGE_SIZE..(i + 1) * PAGE_SIZE],
+            Chunk::Mapped(m) => m.as_slice(),
+            Chunk::Adopted(v) => v,
+            Chunk::Gone => &[],
         }
     }
 
-    fn page_mut(&mut self, i: usize) -> &mut [u8] {
+    fn bytes_mut(&mut self) -> &mut [u8] {
         match self {
-            Chunk::Mapped(m) => m.page_mut(i),
-            Chunk::Adopted(v) => &mut v[i * PAGE_SIZE..(i + 1) * PAGE_SIZE],
+            Chunk::Mapped(m) => m.as_mut_slice(),
+            Chunk::Adopted(v) => v,
+            Chunk::Gone => &mut [],
         }
     }
+
+    fn page(&self, i: usize) -> &[u8] {
+        &self.bytes()[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
+    }
+
+    fn page_mut(&mut self, i: usize) -> &mut [u8] {
+        &mut self.bytes_mut()[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
+    }
+}
+
+/// A chunk and how many of its frames hold a page (neither free nor
+/// forgotten).
+struct Slot {
+    chunk: Chunk,
+    live: u32,
 }
 
 /// The pool of page frames.
 #[derive(Default)]
 pub struct Frames {
-    chunks: Vec<Chunk>,
+    chunks: Vec<Slot>,
     /// The mapped chunk being filled, and how many of its frames are used.
     filling: Option<(usize, usize)>,
+    /// Released frames (some may belong to chunks given back since:
+    /// skipped when popped).
     free: Vec<Frame>,
 }
 
@@ -78,25 +105,38 @@ impl std::fmt::Debug for Frames {
 impl Frames {
     /// A frame holding a copy of `page` (exactly [`PAGE_SIZE`] bytes).
     pub fn alloc(&mut self, page: &[u8]) -> Frame {
-        let frame = match self.free.pop() {
-            Some(f) => f,
-            None => {
-                let (c, used) = match self.filling {
-                    Some((c, used)) if used < CHUNK_PAGES => (c, used),
-                    _ => {
-                        // Populated at once (a chunk is filled right away
-                        // anyway): 25-30% cheaper than a fault per page.
-                        self.chunks
-                            .push(Chunk::Mapped(Mapping::populated(CHUNK_BYTES)));
-                        (self.chunks.len() - 1, 0)
-                    }
-                };
-                self.filling = Some((c, used + 1));
-                Self::frame(c, used)
+        let frame = loop {
+            match self.free.pop() {
+                Some(f) if matches!(self.chunks[Self::split(f).0].chunk, Chunk::Gone) => continue,
+                Some(f) => break f,
+                None => break self.fresh_frame(),
             }
         };
+        self.chunks[Self::split(frame).0].live += 1;
         self.get_mut(frame).copy_from_slice(page);
         frame
+    }
+
+    /// The next frame of the chunk being filled, or of a new one.
+    fn fresh_frame(&mut self) -> Frame {
+        let (c, used) = match self.filling {
+            Some((c, used))
+                if used < CHUNK_PAGES && !matches!(self.chunks[c].chunk, Chunk::Gone) =>
+            {
+                (c, used)
+            }
+            _ => {
+                // Populated at once (a chunk is filled right away anyway):
+                // 25-30% cheaper than a fault per page.
+                self.chunks.push(Slot {
+                    chunk: Chunk::Mapped(Mapping::populated(CHUNK_BYTES)),
+                    live: 0,
+                });
+                (self.chunks.len() - 1, 0)
+            }
+        };
+        self.filling = Some((c, used + 1));
+        Self::frame(c, used)
     }
 
     fn frame(chunk: usize, page: usize) -> Frame {
@@ -109,10 +149,12 @@ impl Frames {
     /// released.
     pub fn adopt(&mut self, buf: OwnedPages) -> Frame {
         assert!(buf.len() <= CHUNK_BYTES && buf.len().is_multiple_of(PAGE_SIZE));
-        self.chunks.push(match buf {
+        let live = (buf.len() / PAGE_SIZE) as u32;
+        let chunk = match buf {
             OwnedPages::Mapped(b) => Chunk::Mapped(b.into_mapping()),
             OwnedPages::Heap(v) => Chunk::Adopted(v),
-        });
+        };
+        self.chunks.push(Slot { chunk, live });
         Self::frame(self.chunks.len() - 1, 0)
     }
 
@@ -126,7 +168,7 @@ impl Frames {
         let (fc, fp) = Self::split(from);
         let (tc, tp) = Self::split(to);
         if fc == tc {
-            let chunk = &mut self.chunks[fc];
+            let chunk = &mut self.chunks[fc].chunk;
             let page = chunk.page(fp).to_vec();
             chunk.page_mut(tp).copy_from_slice(&page);
             return;
@@ -138,12 +180,37 @@ impl Frames {
             let (lo, hi) = self.chunks.split_at_mut(fc);
             (&hi[0], &mut lo[tc])
         };
-        b.page_mut(tp).copy_from_slice(a.page(fp));
+        b.chunk.page_mut(tp).copy_from_slice(a.chunk.page(fp));
     }
 
-    /// Returns a frame to the pool.
+    /// Returns a frame to the pool, for reuse.
     pub fn release(&mut self, frame: Frame) {
+        self.chunks[Self::split(frame).0].live -= 1;
         self.free.push(frame);
+    }
+
+    /// Drops a frame for good: once no frame of its chunk holds a page, the
+    /// chunk's memory goes back to the system.
+    pub fn forget(&mut self, frame: Frame) {
+        let slot = &mut self.chunks[Self::split(frame).0];
+        slot.live -= 1;
+        if slot.live == 0 {
+            slot.chunk = Chunk::Gone;
+        }
+    }
+
+    /// The pages of `n` frames from `first` on, if they are consecutive in
+    /// one chunk (as an adopted batch's are), as one slice.
+    pub fn run(&self, first: Frame, n: usize) -> Option<&[u8]> {
+        let (c, p) = Self::split(first);
+        (p + n <= CHUNK_PAGES)
+            .then(|| {
+                self.chunks[c]
+                    .chunk
+                    .bytes()
+                    .get(p * PAGE_SIZE..(p + n) * PAGE_SIZE)
+            })
+            .flatten()
     }
 
     fn split(frame: Frame) -> (usize, usize) {
@@ -154,13 +221,13 @@ impl Frames {
     /// The page in `frame`.
     pub fn get(&self, frame: Frame) -> &[u8] {
         let (c, p) = Self::split(frame);
-        self.chunks[c].page(p)
+        self.chunks[c].chunk.page(p)
     }
 
     /// The page in `frame`, writable.
     pub fn get_mut(&mut self, frame: Frame) -> &mut [u8] {
         let (c, p) = Self::split(frame);
-        self.chunks[c].page_mut(p)
+        self.chunks[c].chunk.page_mut(p)
     }
 }
 

@@ -79,6 +79,17 @@ impl<T> PageIndex<T> {
         block[s].replace(value)
     }
 
+    /// Removes the value of the page at `addr`; a block left empty goes.
+    pub(crate) fn remove(&mut self, task: TaskId, addr: u64) -> Option<T> {
+        let (b, s) = split(addr);
+        let block = self.blocks.get_mut(&(task, b))?;
+        let v = block[s].take();
+        if v.is_some() && block.iter().all(Option::is_none) {
+            self.blocks.remove(&(task, b));
+        }
+        v
+    }
+
     /// The pages of `task` in `[start, end)` that have a value, in address
     /// order.
     pub(crate) fn range(
@@ -169,5 +180,11 @@ mod tests {
         assert_eq!(ix.get(1, 63 * P), Some(&(63 * P)));
         *ix.get_mut(2, 64 * P).unwrap() = 1;
         assert_eq!(ix.task(2).collect::<Vec<_>>(), [(64 * P, &1)]);
+        assert_eq!(ix.remove(2, 64 * P), Some(1));
+        assert_eq!(ix.remove(2, 64 * P), None);
+        assert_eq!(ix.task(2).count(), 0);
+        assert!(!ix.blocks.contains_key(&(2, 1)), "an empty block goes");
+        assert_eq!(ix.remove(1, 63 * P), Some(63 * P));
+        assert_eq!(ix.task(1).count(), 4);
     }
 }

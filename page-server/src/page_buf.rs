@@ -137,14 +137,6 @@ impl Mapping {
         // SAFETY: as in `as_slice`; `&mut self` makes the borrow unique.
         unsafe { std::slice::from_raw_parts_mut(self.ptr(), self.bytes) }
     }
-
-    pub(crate) fn page(&self, i: usize) -> &[u8] {
-        &self.as_slice()[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
-    }
-
-    pub(crate) fn page_mut(&mut self, i: usize) -> &mut [u8] {
-        &mut self.as_mut_slice()[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
-    }
 }
 
 impl Drop for Mapping {

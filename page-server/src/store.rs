@@ -481,6 +481,53 @@ impl PageStore {
             .map(move |(addr, slot)| self.load(task, addr, slot).map(|b| (addr, b)))
     }
 
+    /// Drops the copies held of `task`'s pages in `[start, end)` (say,
+    /// because they are in the restored process now): [`PageStore::get`]
+    /// returns `None` for them from now on, and memory that held only such
+    /// pages goes back to the system.
+    pub fn forget(&mut self, task: TaskId, start: u64, end: u64) {
+        let held: Vec<(u64, Location)> = self
+            .pages
+            .range(task, start, end)
+            .map(|(a, slot)| (a, slot.location))
+            .collect();
+        let page_bytes = PAGE_SIZE as u64;
+        for (addr, location) in held {
+            self.pages.remove(task, addr);
+            self.stats.pages -= 1;
+            match location {
+                Location::Memory(frame) => {
+                    self.frames.forget(frame);
+                    self.stats.bytes_in_memory -= page_bytes;
+                }
+                Location::Spilled(_) => self.stats.bytes_spilled -= page_bytes,
+                Location::Zero => {}
+            }
+        }
+    }
+
+    /// The pages of `task` from `addr` on, as one slice, as far as they are
+    /// held in memory in consecutive frames of one chunk (the pages of one
+    /// received batch are), at most `max_pages`. `None` if the page at
+    /// `addr` is not in memory.
+    pub fn contiguous(&self, task: TaskId, addr: u64, max_pages: usize) -> Option<&[u8]> {
+        let Location::Memory(first) = self.pages.get(task, addr)?.location else {
+            return None;
+        };
+        let mut n = 1;
+        while n < max_pages {
+            let next = addr.checked_add((n * PAGE_SIZE) as u64);
+            let held = next
+                .and_then(|a| self.pages.get(task, a))
+                .map(|s| s.location);
+            match (held, first.nth_in_chunk(n)) {
+                (Some(Location::Memory(f)), Some(want)) if f == want => n += 1,
+                _ => break,
+            }
+        }
+        self.frames.run(first, n)
+    }
+
     /// Whether a copy of the page at `addr` in `task` is held.
     pub fn contains(&self, task: TaskId, addr: u64) -> bool {
         self.pages.get(task, addr).is_some()
@@ -559,6 +606,49 @@ mod tests {
         assert_eq!(st.bytes_in_memory, 3 * P);
         assert_eq!(st.bytes_spilled, 0);
         assert!(!dir.spill().exists(), "nothing spilled, no file");
+    }
+
+    #[test]
+    fn received_batches_are_served_as_slices_and_forgotten() {
+        let dir = TempDir::new();
+        let mut s = PageStore::new(1 << 30, dir.spill());
+        let mut buf = crate::PageBuf::zeroed(256 * PAGE_SIZE);
+        buf.copy_from_slice(&pages(256, 0));
+        s.insert_batch_owned(7, 0x10_0000, 0, buf).unwrap();
+        // A newer copy of one page is copied over its frame: still one run.
+        s.insert_batch(7, 0x10_0000 + 5 * P, 1, &pages(1, 200))
+            .unwrap();
+        // A page next to the batch lands in a frame of its own.
+        s.insert_batch(7, 0x20_0000, 0, &pages(1, 9)).unwrap();
+        let run = s.contiguous(7, 0x10_0000, 1000).expect("in memory");
+        assert_eq!(run.len(), 256 * PAGE_SIZE, "stops at the batch's end");
+        assert_eq!(
+            (run[0], run[5 * PAGE_SIZE], run[255 * PAGE_SIZE]),
+            (0, 200, 255)
+        );
+        let part = s.contiguous(7, 0x10_0000 + 10 * P, 4).unwrap();
+        assert_eq!((part.len(), part[0]), (4 * PAGE_SIZE, 10));
+        assert_eq!(s.contiguous(7, 0x30_0000, 4), None);
+        assert_eq!(s.contiguous(8, 0x10_0000, 4), None);
+
+        // Forgetting pages drops them; the rest stays.
+        s.forget(7, 0x10_0000, 0x10_0000 + 128 * P);
+        assert_eq!(s.get(7, 0x10_0000).unwrap(), None);
+        assert_eq!(byte_of(&s, 7, 0x10_0000 + 128 * P), 128);
+        let st = s.stats();
+        assert_eq!((st.pages, st.bytes_in_memory), (129, 129 * P));
+        s.forget(7, 0, u64::MAX);
+        assert_eq!(s.stats().pages, 0);
+        assert_eq!(s.stats().bytes_in_memory, 0);
+
+        // A free frame of a chunk given back is not reused.
+        s.insert_batch_owned(7, 0x1000, 0, pages(2, 10)).unwrap();
+        s.insert_zero(7, 0x2000, 1, 1).unwrap(); // frees the second frame
+        s.forget(7, 0x1000, 0x2000); // gives the chunk back
+        s.insert_batch(7, 0x9000, 1, &pages(1, 77)).unwrap();
+        assert_eq!(byte_of(&s, 7, 0x9000), 77);
+        assert_eq!(byte_of(&s, 7, 0x2000), 0);
+        assert_eq!(s.get(7, 0x1000).unwrap(), None);
     }
 
     #[test]

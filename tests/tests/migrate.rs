@@ -565,6 +565,49 @@ fn migrate_idle_256mib() {
     );
 }
 
+/// The destination fills the migrated process's memory from its page store
+/// after the commit, dropping each copy once the process has the page. A
+/// process that at once forks, moves, drops and writes memory still being
+/// filled must see every word right, in the child too (which needs pages
+/// its parent had not received yet when it forked).
+#[test]
+fn migrate_then_fork_mremap_and_dontneed_while_filling() {
+    h::init();
+    let _serial = h::serial();
+    let s = Setup::new("mig-lazy");
+    let mut wl = Workload::start(workload_bin!(wl_lazy), &["512"], s.dir());
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut recv = s.receive(&[], &addr, &s.token);
+    let before = Before::take(&wl);
+    let mut send = s.send(&[], wl.pid(), &addr, &s.token, &[]);
+    let sent = drive_send(&mut send, &mut wl, SEND_TIMEOUT);
+    // At once: send exits at the commit, when the filling begins.
+    let mark = wl.mark();
+    if sent.status.success() {
+        procs::kill(wl.pid(), libc::SIGUSR2).expect("signal the restored wl_lazy");
+    }
+    expect_migrated(&mut wl, &mut recv, &sent, &before);
+    let err = recv.stderr();
+    let filled = err
+        .lines()
+        .find(|l| l.contains("in place") && l.contains("address space(s)"))
+        .unwrap_or_else(|| panic!("receive did not report the memory in place:\n{err}"));
+    println!("receive: {}", filled.trim());
+    let line = wl
+        .wait_line(
+            mark,
+            |l| l.starts_with("PASS") || l.starts_with("FAIL"),
+            Duration::from_secs(60),
+        )
+        .unwrap_or_else(|e| panic!("no verdict from wl_lazy: {e}"));
+    assert!(
+        line.starts_with("PASS"),
+        "wl_lazy: {line}\n{}",
+        wl.log_tail(20)
+    );
+    println!("checked: {line}");
+}
+
 #[test]
 fn migrate_busy_256mib_50mbps() {
     h::init();

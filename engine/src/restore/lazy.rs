@@ -64,6 +64,17 @@ pub trait PageSource: Send {
     /// Fills `buf` (whole pages) with the pages at `orig..orig + buf.len()`,
     /// all of which hold content (they were handed over as lazy ranges).
     fn read(&mut self, orig: u64, buf: &mut [u8]) -> Result<(), String>;
+
+    /// The pages from `orig` on as one slice of whole pages, at most `max`
+    /// bytes, if the source holds them so: they are copied into the
+    /// process from there, without [`PageSource::read`]'s copy.
+    fn slice(&self, _orig: u64, _max: usize) -> Option<&[u8]> {
+        None
+    }
+
+    /// The pages at `orig..orig + len` will not be asked for again (they
+    /// are in the process, or gone from it): the source may drop them.
+    fn done_with(&mut self, _orig: u64, _len: u64) {}
 }
 
 /// The pieces of one address space still to fill, keyed by start address.
@@ -669,56 +680,88 @@ impl LazyPages {
     ) -> Result<u64, LazyError> {
         let pid = self.pid;
         let n = (p.end - start) / PAGE;
-        buf.resize((n * PAGE) as usize, 0);
-        self.source
-            .read(p.orig, buf)
-            .map_err(|what| LazyError::Image {
-                pid,
-                what: format!("{what}; the process was killed"),
-            })?;
-        let mut done = 0u64;
-        let mut copied = 0u64;
-        while done < n {
-            let dst = start + done * PAGE;
-            let src = &buf[(done * PAGE) as usize..];
-            let ctx = &mut self.ctxs[ci];
-            match uffd::copy(ctx.uffd.as_fd(), dst, src)
-                .map_err(io_err(pid, format!("UFFDIO_COPY to {dst:#x}")))?
-            {
-                Fill::Done => {
-                    copied += n - done;
-                    done = n;
-                }
-                Fill::Partial(b) => {
-                    copied += b / PAGE;
-                    done += b / PAGE;
-                }
-                Fill::Exists => {
-                    // Filled already (by a fault we served): skip one page.
-                    let _ = uffd::wake(ctx.uffd.as_fd(), dst, PAGE);
-                    done += 1;
-                }
-                Fill::Again => {
-                    ctx.pieces.insert(
-                        dst,
-                        Piece {
-                            end: p.end,
-                            orig: p.orig + done * PAGE,
-                        },
-                    );
-                    return Ok(copied);
-                }
-                Fill::Gone => {
-                    tracing::debug!(pid, "lazy restore: {dst:#x} is no longer registered");
-                    return Ok(copied);
-                }
-                Fill::Exited => {
-                    ctx.exited = true;
-                    return Ok(copied);
+        let (mut done, mut copied) = (0u64, 0u64);
+        // Whether the whole piece leaves the context's list (else only
+        // `done` pages of it).
+        let mut whole = true;
+        'piece: while done < n {
+            let orig = p.orig + done * PAGE;
+            let want = ((n - done) * PAGE) as usize;
+            // Straight from the source where it holds the pages as one
+            // slice; else through `buf`.
+            let direct = self.source.slice(orig, want).map_or(0, <[u8]>::len);
+            let seg: &[u8] = if direct > 0 {
+                self.source
+                    .slice(orig, direct)
+                    .expect("the slice just seen")
+            } else {
+                buf.resize(want, 0);
+                self.source
+                    .read(orig, buf)
+                    .map_err(|what| LazyError::Image {
+                        pid,
+                        what: format!("{what}; the process was killed"),
+                    })?;
+                buf
+            };
+            let seg_pages = seg.len() as u64 / PAGE;
+            let mut at = 0u64;
+            while at < seg_pages {
+                let dst = start + (done + at) * PAGE;
+                let src = &seg[(at * PAGE) as usize..];
+                let ctx = &mut self.ctxs[ci];
+                match uffd::copy(ctx.uffd.as_fd(), dst, src)
+                    .map_err(io_err(pid, format!("UFFDIO_COPY to {dst:#x}")))?
+                {
+                    Fill::Done => {
+                        copied += seg_pages - at;
+                        at = seg_pages;
+                    }
+                    Fill::Partial(b) => {
+                        copied += b / PAGE;
+                        at += b / PAGE;
+                    }
+                    Fill::Exists => {
+                        // Filled already (by a fault we served): skip one page.
+                        let _ = uffd::wake(ctx.uffd.as_fd(), dst, PAGE);
+                        at += 1;
+                    }
+                    Fill::Again => {
+                        ctx.pieces.insert(
+                            dst,
+                            Piece {
+                                end: p.end,
+                                orig: p.orig + (done + at) * PAGE,
+                            },
+                        );
+                        done += at;
+                        whole = false;
+                        break 'piece;
+                    }
+                    Fill::Gone => {
+                        tracing::debug!(pid, "lazy restore: {dst:#x} is no longer registered");
+                        break 'piece;
+                    }
+                    Fill::Exited => {
+                        ctx.exited = true;
+                        break 'piece;
+                    }
                 }
             }
+            done += seg_pages;
         }
+        let over = if whole { n } else { done };
+        self.done_with(p.orig, over * PAGE);
         Ok(copied)
+    }
+
+    /// Tells the source that no context needs the pages at `orig..orig +
+    /// len` any more. Only while there is one context: a fork's copy of
+    /// the list still needs the pages its parent filled after the fork.
+    fn done_with(&mut self, orig: u64, len: u64) {
+        if self.ctxs.len() == 1 && len > 0 {
+            self.source.done_with(orig, len);
+        }
     }
 
     /// Reads and handles every pending message of every context.
@@ -753,7 +796,9 @@ impl LazyPages {
                     }
                     Msg::Remap { from, to, len } => self.ctxs[ci].pieces.remap(from, to, len),
                     Msg::Remove { start, end } | Msg::Unmap { start, end } => {
-                        self.ctxs[ci].pieces.take(start, end);
+                        for (s, p) in self.ctxs[ci].pieces.take(start, end) {
+                            self.done_with(p.orig, p.end - s);
+                        }
                     }
                     Msg::Unknown(e) => tracing::debug!("lazy restore: unknown event {e:#x}"),
                 }

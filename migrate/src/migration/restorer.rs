@@ -35,6 +35,16 @@ impl PageSource for StoreSource {
         }
         Ok(())
     }
+
+    fn slice(&self, orig: u64, max: usize) -> Option<&[u8]> {
+        self.store.contiguous(self.pid, orig, max / 4096)
+    }
+
+    /// Frees the store's copies as the process gets its own: the
+    /// destination does not hold the memory twice while it fills it.
+    fn done_with(&mut self, orig: u64, len: u64) {
+        self.store.forget(self.pid, orig, orig.saturating_add(len));
+    }
 }
 
 /// The union of two sorted lists of disjoint ranges, merged.

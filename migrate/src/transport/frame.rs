@@ -1107,12 +1107,15 @@ mod tests {
         let prefix = encode_batch_prefix(&h, raw.len());
         assert_eq!(
             decode_batch_prefix(peer(), &prefix).unwrap(),
-            (h.clone(), raw.len())
+            (h, raw.len())
         );
         // Cut anywhere, one byte too many, or announcing more data than
         // the header allows: typed errors.
         for cut in 0..prefix.len() {
-            assert!(decode_batch_prefix(peer(), &prefix[..cut]).is_err(), "cut {cut}");
+            assert!(
+                decode_batch_prefix(peer(), &prefix[..cut]).is_err(),
+                "cut {cut}"
+            );
         }
         let mut long = prefix.clone();
         long.push(0);

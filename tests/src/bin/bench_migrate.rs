@@ -47,10 +47,13 @@
 //! `cr-migrate restore` child it runs and reaps. A child's `ru_maxrss` also includes
 //! the high-water RSS of the process that spawned it (recorded at `execve`), so this
 //! process keeps itself small: 1 MiB buffers for the TCP test, `memcpy` in a child.
+//! The destination's peak (`dest_peak_mib`) is sampled instead, every 2 ms: the
+//! resident size of `receive` plus that of the restored workload, which `receive`
+//! fills after the commit from the pages it holds.
 //!
 //! The final lines are machine-readable, one per case and run: `BENCH case=idle
 //! size_mib=... loopback_gbps=... total_ms=... downtime_ms=... rounds=... wire_mib=...
-//! send_rss_mib=... recv_rss_mib=...` and `BENCH case=busy ... workload_gap_ms=...`.
+//! send_rss_mib=... recv_rss_mib=... dest_peak_mib=...` and `BENCH case=busy ... workload_gap_ms=...`.
 //!
 //! Clean-up: every process started here (workloads, `cr-migrate`, restored
 //! processes) is killed and reaped and the work directory `DIR/crm-benchmig-PID` (DIR
@@ -512,6 +515,63 @@ impl Ended {
 }
 
 /// A running `cr-migrate`: SIGKILLed and reaped on drop if it has not ended.
+/// The destination's memory over time: every [`DEST_SAMPLE`] the resident
+/// size of `receive` plus that of the restored workload (the workload's PID
+/// once its start time is no longer the original's: a same-host migration
+/// reuses the PID), keeping the largest sum. `ru_maxrss` cannot tell this:
+/// the restored process is not `receive`'s child.
+struct DestPeak {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+const DEST_SAMPLE: Duration = Duration::from_millis(2);
+
+impl DestPeak {
+    fn start(recv: i32, workload: i32) -> DestPeak {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let original = start_time(workload);
+            let mut peak = 0;
+            while !stopped.load(Ordering::Relaxed) {
+                let restored = match (original, start_time(workload)) {
+                    (Some(o), Some(now)) if now != o => rss_bytes(workload),
+                    _ => 0,
+                };
+                peak = peak.max(rss_bytes(recv) + restored);
+                std::thread::sleep(DEST_SAMPLE);
+            }
+            peak
+        });
+        DestPeak { stop, thread }
+    }
+
+    /// The largest sum seen, in MiB.
+    fn finish(self) -> f64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or(0) as f64 / MIB as f64
+    }
+}
+
+/// Resident bytes of `pid` (0 if it is gone).
+fn rss_bytes(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/statm"))
+        .ok()
+        .and_then(|t| t.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+/// Field 22 of `/proc/PID/stat`: when the process started.
+fn start_time(pid: i32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    text.get(text.rfind(')')? + 1..)?
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
 struct Crm {
     who: &'static str,
     pid: i32,
@@ -775,6 +835,8 @@ struct Outcome {
     summary: Summary,
     send: Ended,
     recv: Ended,
+    /// Largest resident size of `receive` plus the restored workload.
+    dest_peak_mib: f64,
     /// `max_gap_ms` of the workload's PASS line (busy case).
     workload_gap_ms: Option<f64>,
 }
@@ -885,6 +947,7 @@ fn migrate_once(case: Case, opts: &Opts, work: &Dir, run: usize) -> Res<Outcome>
         recv_args.extend(["--memory-limit-mib", m]);
     }
     let mut recv = Crm::spawn("recv", &recv_args, &tl, t0)?;
+    let dest_peak = DestPeak::start(recv.pid, pid);
     // Wait for it to listen.
     let deadline = Instant::now() + LISTEN_TIMEOUT;
     loop {
@@ -1000,6 +1063,7 @@ fn migrate_once(case: Case, opts: &Opts, work: &Dir, run: usize) -> Res<Outcome>
     }
     let send_out = send.output();
     let _ = recv.output();
+    let dest_peak_mib = dest_peak.finish();
     // A restored process (ours after reparenting) goes under the guard whatever the
     // exit statuses say, so that it is killed at the end.
     let adopted = if original_reaped {
@@ -1065,6 +1129,7 @@ fn migrate_once(case: Case, opts: &Opts, work: &Dir, run: usize) -> Res<Outcome>
         summary,
         send: send_end,
         recv: recv_end,
+        dest_peak_mib,
         workload_gap_ms,
     })
 }
@@ -1390,9 +1455,12 @@ fn print_outcome(case: Case, o: &Outcome, total_limit_ms: f64) {
         s.batches
     );
     println!(
-        "  peak RSS: send {:.1} MiB, receive {:.1} MiB (incl. its restore child)",
+        "  peak RSS: send {:.1} MiB, receive {:.1} MiB (incl. its restore child); \
+         destination (receive + restored process, sampled every {} ms) {:.1} MiB",
         o.send.rss_mib(),
-        o.recv.rss_mib()
+        o.recv.rss_mib(),
+        DEST_SAMPLE.as_millis(),
+        o.dest_peak_mib
     );
     let wall_ms = o.send.wall.as_secs_f64() * 1e3;
     match case {
@@ -1429,8 +1497,8 @@ fn bench_line(r: &CaseResult, o: &Outcome, opts: &Opts, loopback: f64, limit_ms:
     let s = &o.summary;
     let mut line = format!(
         "BENCH case={} size_mib={} loopback_gbps={loopback:.2} total_ms={:.0} downtime_ms={:.1} \
-         rounds={} wire_mib={:.1} send_rss_mib={:.1} recv_rss_mib={:.1} raw_mib={:.1} \
-         wall_ms={:.0} stop=\"{}\" run={}",
+         rounds={} wire_mib={:.1} send_rss_mib={:.1} recv_rss_mib={:.1} dest_peak_mib={:.1} \
+         raw_mib={:.1} wall_ms={:.0} stop=\"{}\" run={}",
         r.case.name(),
         opts.size_mib,
         s.total_ms,
@@ -1439,6 +1507,7 @@ fn bench_line(r: &CaseResult, o: &Outcome, opts: &Opts, loopback: f64, limit_ms:
         mib(s.wire_bytes),
         o.send.rss_mib(),
         o.recv.rss_mib(),
+        o.dest_peak_mib,
         mib(s.raw_bytes),
         o.send.wall.as_secs_f64() * 1e3,
         s.stop_reason,
