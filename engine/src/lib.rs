@@ -28,6 +28,7 @@ pub mod procfs;
 pub mod ptrace;
 pub mod remote;
 pub mod restore;
+pub mod same_cpu;
 pub mod sys;
 pub mod tree;
 

@@ -297,6 +297,8 @@ pub fn collect_task_with(
     files: crm_proto::image::FilesCore,
 ) -> Result<TaskState, DumpError> {
     let pid = frozen.pid();
+    // Dozens of remote syscalls follow: from the task's own CPU.
+    let _cpu = crate::same_cpu::SameCpu::as_task(pid);
     let stat = procfs::read_stat(pid)?;
     let gadget = syscall_gadget(pid, maps)?;
     let scratch = task::Scratch::map(pid, gadget)?;

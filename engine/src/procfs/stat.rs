@@ -22,6 +22,8 @@ pub struct Stat {
     pub end_code: u64,
     pub start_stack: u64,
     pub exit_signal: i32,
+    /// Field 39: the CPU the task last ran on.
+    pub processor: i32,
     pub start_data: u64,
     pub end_data: u64,
     pub start_brk: u64,
@@ -78,6 +80,7 @@ impl Stat {
             end_code: u(27)?,
             start_stack: u(28)?,
             exit_signal: i(38)? as i32,
+            processor: i(39)? as i32,
             start_data: u(45)?,
             end_data: u(46)?,
             start_brk: u(47)?,
@@ -108,6 +111,7 @@ mod tests {
         assert_eq!(s.session, 42);
         assert_eq!(s.num_threads, 20);
         assert_eq!(s.env_end, 51);
+        assert_eq!(s.processor, 39);
         assert_eq!(s.exit_code, 52);
     }
 

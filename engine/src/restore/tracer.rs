@@ -131,6 +131,8 @@ pub fn finish(
     lazy: Option<(PagesReader, LazyRanges, LazyMode)>,
 ) -> Result<Option<LazyPages>, RestoreError> {
     let pid = plan.pid;
+    // Remote syscalls follow: from the task's own CPU.
+    let _cpu = crate::same_cpu::SameCpu::as_task(pid);
     // Right after the main thread's int3 sits a `syscall` instruction.
     let gadget = ptrace::get_regs(pid)
         .map_err(perr(pid, "read registers"))?
