@@ -609,6 +609,12 @@ mod tests {
     }
 
     #[test]
+    fn an_index_slot_is_24_bytes() {
+        // What the index's memory figures (crate::index) assume.
+        assert_eq!(std::mem::size_of::<Option<Slot>>(), 24);
+    }
+
+    #[test]
     fn received_batches_are_served_as_slices_and_forgotten() {
         let dir = TempDir::new();
         let mut s = PageStore::new(1 << 30, dir.spill());
