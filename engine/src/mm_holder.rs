@@ -58,6 +58,8 @@ impl MemoryHolder {
     /// (registers restored) apart from the new child.
     pub fn spawn(frozen: &FrozenProcess) -> Result<MemoryHolder, HolderError> {
         let pid = frozen.pid();
+        // Remote syscalls follow: from the process's own CPU.
+        let _cpu = crate::same_cpu::SameCpu::as_task(pid);
         let io_err = |what| move |source| HolderError::Io { pid, what, source };
         let maps = procfs::read_maps(pid).map_err(|e| HolderError::Io {
             pid,

@@ -436,6 +436,8 @@ fn create_in_target(
     frozen: &FrozenProcess,
 ) -> Result<(OwnedFd, bool, OwnedFd), DirtyError> {
     let proc_err = |source| DirtyError::Proc { pid, source };
+    // Remote syscalls follow: from the process's own CPU.
+    let _cpu = crate::same_cpu::SameCpu::as_task(pid);
     // `maps`, not `smaps`: only the vDSO's bounds are needed, and smaps
     // walks every page table (tens of ms on a GiB, with the process frozen).
     let maps = procfs::read_maps(pid).map_err(proc_err)?;

@@ -30,6 +30,10 @@ use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
+/// How long a control message may still take once the receiver closed
+/// its page channels.
+const CLOSED_GRACE: Duration = Duration::from_secs(2);
+
 /// Largest batch handed to the transport.
 const BATCH_BYTES: usize = 1 << 20;
 
@@ -139,7 +143,9 @@ impl TreeSink for ChannelSink {
 /// holder: a second task holding the address space lets the process exit
 /// (and free its PID) without tearing down its memory first; that happens
 /// when the holder is dropped, after `Killed` went out.
-fn kill_tree(frozen: FrozenTree, tx: &mpsc::Sender<Event>) {
+/// Kills the frozen tree. Returns the memory holder, if one was made: the
+/// original's memory goes when it is dropped.
+fn kill_tree(frozen: FrozenTree, tx: &mpsc::Sender<Event>) -> Option<MemoryHolder> {
     let root = frozen.tasks.first().map_or(0, |f| f.pid());
     let holder = match frozen.tasks.as_slice() {
         [only] => MemoryHolder::spawn(only)
@@ -152,7 +158,7 @@ fn kill_tree(frozen: FrozenTree, tx: &mpsc::Sender<Event>) {
         Err(e) => Event::Error(format!("killing the tree of process {root}: {e}")),
     };
     let _ = tx.blocking_send(ev);
-    drop(holder);
+    holder
 }
 
 /// Owns every ptrace interaction with the migrated tree.
@@ -219,10 +225,16 @@ fn engine_thread(
                 // Only an explicit Kill ends the tree; anything else resumes it.
                 match cmds.recv() {
                     Ok(Cmd::Kill) => {
-                        kill_tree(frozen, &tx);
+                        let holder = kill_tree(frozen, &tx);
                         // The SysV objects moved with the tree, as a dump
                         // that kills its tree removes them.
                         ipc.remove();
+                        // Tearing down the original's memory (tens of ms
+                        // for a GiB) waits until the migration is over (the
+                        // driver drops its end of the channel): it would
+                        // compete with the destination's restore for the CPU.
+                        let _ = cmds.recv();
+                        drop(holder);
                     }
                     _ => {
                         send(match frozen.thaw() {
@@ -374,12 +386,37 @@ impl Driver<'_> {
         })
     }
 
+    /// The next control message from the destination. A receiver that
+    /// dies closes its page channels at once, while its QUIC session would
+    /// take the idle timeout (60 s) to be declared lost: once the channels
+    /// are closed (a receiver keeps them open until it is done), the
+    /// message has [`CLOSED_GRACE`] to arrive. `what(peer)` says what was
+    /// awaited, for the error.
+    async fn recv_control_or_gone(
+        &self,
+        what: impl Fn(std::net::SocketAddr) -> String,
+    ) -> Result<Control> {
+        let peer = self.session.peer();
+        tokio::select! {
+            m = self.session.recv_control() => m.with_context(|| what(peer)),
+            _ = self.pages.channels_closed() => {
+                match tokio::time::timeout(CLOSED_GRACE, self.session.recv_control()).await {
+                    Ok(m) => m.with_context(|| what(peer)),
+                    Err(_) => Err(anyhow!(
+                        "{peer} closed its page channels and went silent: the receiver is gone"
+                    ))
+                    .with_context(|| what(peer)),
+                }
+            }
+        }
+    }
+
     /// Waits for the destination's `RoundStored` of `round`.
     async fn wait_stored(&mut self, round: u32) -> Result<()> {
         loop {
-            let msg = self.session.recv_control().await.with_context(|| {
-                format!("waiting for {} to store round {round}", self.session.peer())
-            })?;
+            let msg = self
+                .recv_control_or_gone(|peer| format!("waiting for {peer} to store round {round}"))
+                .await?;
             match msg.msg {
                 Some(control::Msg::RoundStored(r)) if r.round == round => return Ok(()),
                 Some(control::Msg::Abort(a)) => bail!("the destination aborted: {}", a.reason),
@@ -499,12 +536,9 @@ impl Driver<'_> {
 
         let mut killed_early = false;
         loop {
-            let msg = self.session.recv_control().await.with_context(|| {
-                format!(
-                    "waiting for the restore result from {}",
-                    self.session.peer()
-                )
-            })?;
+            let msg = self
+                .recv_control_or_gone(|peer| format!("waiting for the restore result from {peer}"))
+                .await?;
             match msg.msg {
                 Some(control::Msg::PidsBusy(busy)) => {
                     let ours = busy.pids.iter().all(|p| our_tids.contains(p));

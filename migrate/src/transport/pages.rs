@@ -300,6 +300,9 @@ struct Worker {
     task: Option<JoinHandle<Result<()>>>,
 }
 
+/// How often [`PageSender::channels_closed`] looks at the channels.
+const HANG_UP_POLL: Duration = Duration::from_millis(100);
+
 /// Sends page batches over several unidirectional streams. Create with
 /// [`Session::page_sender`](super::Session::page_sender); one per session is
 /// enough (it serves all rounds). Dropping it without [`finish`](Self::finish)
@@ -406,6 +409,27 @@ impl PageSender {
     /// Whether the pages travel on TCP page channels (else QUIC streams).
     pub fn uses_tcp_channels(&self) -> bool {
         self.tcp
+    }
+
+    /// Resolves once the receiver has closed a TCP page channel (it closes
+    /// them when it is done with the pages, or when it dies); never without
+    /// TCP channels. Checked every [`HANG_UP_POLL`].
+    pub async fn channels_closed(&self) {
+        use std::os::fd::AsFd;
+        if self.shared.tcp_probes.is_empty() {
+            return std::future::pending().await;
+        }
+        loop {
+            if self
+                .shared
+                .tcp_probes
+                .iter()
+                .any(|fd| tcp_channel::hung_up(fd.as_fd()))
+            {
+                return;
+            }
+            tokio::time::sleep(HANG_UP_POLL).await;
+        }
     }
 
     /// Whether the TCP page channels are sealed (encrypted).

@@ -462,6 +462,21 @@ pub fn link_rate(socket: std::os::fd::BorrowedFd<'_>) -> Option<f64> {
     Some(bytes_in_flight / (f64::from(info.tcpi_rtt) * 1e-6))
 }
 
+/// Whether the peer closed this connection or it failed (the receiver of a
+/// page channel never writes to it: any hang-up or error means it is gone).
+pub fn hung_up(socket: std::os::fd::BorrowedFd<'_>) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd {
+        fd: socket.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one pollfd we own; timeout 0 never blocks; the fd is borrowed,
+    // so open.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
 fn random_nonce() -> [u8; NONCE_LEN] {
     use ring::rand::SecureRandom;
     let mut n = [0u8; NONCE_LEN];
