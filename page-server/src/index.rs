@@ -8,6 +8,7 @@
 //! of index per 4 KiB page held (a map entry per page cost about 50); dense
 //! memory, the usual case, under 1%.
 use std::collections::BTreeMap;
+use std::ops::Bound;
 
 use crate::store::{TaskId, PAGE_SIZE};
 
@@ -16,11 +17,13 @@ const BLOCK_PAGES: usize = 16;
 const BLOCK_BYTES: u64 = (BLOCK_PAGES * PAGE_SIZE) as u64;
 
 type Block<T> = [Option<T>; BLOCK_PAGES];
+/// A block's map key: its task and its number (address / 64 KiB).
+type Key = (TaskId, u64);
 
 /// A value per page address, kept in address order per task.
 #[derive(Debug)]
 pub(crate) struct PageIndex<T> {
-    blocks: BTreeMap<(TaskId, u64), Box<Block<T>>>,
+    blocks: BTreeMap<Key, Box<Block<T>>>,
 }
 
 impl<T> Default for PageIndex<T> {
@@ -41,6 +44,19 @@ fn split(addr: u64) -> (u64, usize) {
 
 fn page_addr(block: u64, slot: usize) -> u64 {
     block * BLOCK_BYTES + (slot * PAGE_SIZE) as u64
+}
+
+/// The map keys of the blocks of `task` that hold pages in `[start, end)`
+/// (none when the range is empty).
+fn block_keys(task: TaskId, start: u64, end: u64) -> (Bound<Key>, Bound<Key>) {
+    if start < end {
+        (
+            Bound::Included((task, start / BLOCK_BYTES)),
+            Bound::Included((task, (end - 1) / BLOCK_BYTES)),
+        )
+    } else {
+        (Bound::Included((task, 0)), Bound::Excluded((task, 0)))
+    }
 }
 
 /// The slots of `block` whose pages lie in `[start, end)`.
@@ -99,16 +115,12 @@ impl<T> PageIndex<T> {
         start: u64,
         end: u64,
     ) -> impl Iterator<Item = (u64, &T)> + '_ {
-        let blocks = if start < end {
-            self.blocks
-                .range((task, start / BLOCK_BYTES)..=(task, (end - 1) / BLOCK_BYTES))
-        } else {
-            self.blocks.range((task, 1)..(task, 1))
-        };
-        blocks.flat_map(move |(&(_, b), block)| {
-            slots_in(b, start, end)
-                .filter_map(move |s| block[s].as_ref().map(|v| (page_addr(b, s), v)))
-        })
+        self.blocks
+            .range(block_keys(task, start, end))
+            .flat_map(move |(&(_, b), block)| {
+                slots_in(b, start, end)
+                    .filter_map(move |s| block[s].as_ref().map(|v| (page_addr(b, s), v)))
+            })
     }
 
     /// [`PageIndex::range`], the values writable.
@@ -118,19 +130,15 @@ impl<T> PageIndex<T> {
         start: u64,
         end: u64,
     ) -> impl Iterator<Item = (u64, &mut T)> + '_ {
-        let blocks = if start < end {
-            self.blocks
-                .range_mut((task, start / BLOCK_BYTES)..=(task, (end - 1) / BLOCK_BYTES))
-        } else {
-            self.blocks.range_mut((task, 1)..(task, 1))
-        };
-        blocks.flat_map(move |(&(_, b), block)| {
-            let slots = slots_in(b, start, end);
-            block[slots.clone()]
-                .iter_mut()
-                .zip(slots)
-                .filter_map(move |(v, s)| v.as_mut().map(|v| (page_addr(b, s), v)))
-        })
+        self.blocks
+            .range_mut(block_keys(task, start, end))
+            .flat_map(move |(&(_, b), block)| {
+                let slots = slots_in(b, start, end);
+                block[slots.clone()]
+                    .iter_mut()
+                    .zip(slots)
+                    .filter_map(move |(v, s)| v.as_mut().map(|v| (page_addr(b, s), v)))
+            })
     }
 
     /// Every page of `task` that has a value, in address order.

@@ -269,6 +269,13 @@ impl Workload {
         let mark = self.mark();
         self.signal(libc::SIGUSR2)
             .map_err(|e| format!("sending SIGUSR2 to {} (pid {}): {e}", self.name, self.pid))?;
+        self.verdict_since(mark)
+    }
+
+    /// The first `PASS` or `FAIL` line written after byte offset `mark`
+    /// (see [`Workload::mark`]), waiting for it: `Ok` for `PASS`, else the
+    /// line and the log's tail. For a verification asked for by hand.
+    pub fn verdict_since(&self, mark: usize) -> Result<String, String> {
         let line = self.wait_line(
             mark,
             |l| l.starts_with("PASS") || l.starts_with("FAIL"),

@@ -159,7 +159,7 @@ pub fn split_frame(
 }
 
 /// Reads until `buf` is full or the stream ends; returns the bytes read.
-pub(super) async fn read_full<R: AsyncRead + Unpin>(
+async fn read_full<R: AsyncRead + Unpin>(
     r: &mut R,
     peer: SocketAddr,
     kind: FrameKind,
@@ -177,6 +177,26 @@ pub(super) async fn read_full<R: AsyncRead + Unpin>(
         got += n;
     }
     Ok(got)
+}
+
+/// Fills `buf` from the stream; a stream that ends first is
+/// [`TransportError::Truncated`].
+pub(super) async fn read_all<R: AsyncRead + Unpin>(
+    r: &mut R,
+    peer: SocketAddr,
+    kind: FrameKind,
+    buf: &mut [u8],
+) -> Result<()> {
+    let got = read_full(r, peer, kind, buf).await?;
+    if got < buf.len() {
+        return Err(TransportError::Truncated {
+            peer,
+            kind,
+            got: got as u64,
+            want: buf.len() as u64,
+        });
+    }
+    Ok(())
 }
 
 /// Reads one frame. `Ok(None)` when the stream ends cleanly before the
@@ -255,15 +275,7 @@ async fn read_page_buf<R: AsyncRead + Unpin>(
     len: usize,
 ) -> Result<PageBuf> {
     let mut buf = PageBuf::zeroed(len);
-    let got = read_full(r, peer, kind, &mut buf).await?;
-    if got < len {
-        return Err(TransportError::Truncated {
-            peer,
-            kind,
-            got: got as u64,
-            want: len as u64,
-        });
-    }
+    read_all(r, peer, kind, &mut buf).await?;
     Ok(buf)
 }
 
@@ -594,15 +606,7 @@ pub fn batch_decompressor() -> Result<zstd::bulk::Decompressor<'static>> {
 pub async fn read_stream_magic<R: AsyncRead + Unpin>(r: &mut R, peer: SocketAddr) -> Result<()> {
     let kind = FrameKind::StreamMagic;
     let mut magic = [0u8; 4];
-    let got = read_full(r, peer, kind, &mut magic).await?;
-    if got < magic.len() {
-        return Err(TransportError::Truncated {
-            peer,
-            kind,
-            got: got as u64,
-            want: magic.len() as u64,
-        });
-    }
+    read_all(r, peer, kind, &mut magic).await?;
     if magic != PAGE_STREAM_MAGIC {
         return Err(invalid(peer, kind, format!("bad magic {magic:02x?}")));
     }

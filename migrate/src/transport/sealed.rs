@@ -18,7 +18,7 @@ use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::error::{Result, TransportError};
-use super::frame::{read_full, FrameKind, MAX_BATCH_BYTES};
+use super::frame::{read_all, FrameKind, MAX_BATCH_BYTES};
 use crm_page_server::PageBuf;
 
 /// Bytes of a GCM tag.
@@ -171,15 +171,7 @@ impl Opener {
     ) -> Result<Option<(B, usize)>> {
         let kind = FrameKind::SealedRecord;
         let mut prefix = [0u8; 4];
-        let got = read_full(r, peer, kind, &mut prefix).await?;
-        if got < prefix.len() {
-            return Err(TransportError::Truncated {
-                peer,
-                kind,
-                got: got as u64,
-                want: prefix.len() as u64,
-            });
-        }
+        read_all(r, peer, kind, &mut prefix).await?;
         let len = u32::from_le_bytes(prefix) as usize;
         if len > MAX_RECORD {
             return Err(TransportError::FrameTooLarge {
@@ -197,15 +189,7 @@ impl Opener {
             });
         }
         let mut buf = make(len);
-        let got = read_full(r, peer, kind, buf.as_mut()).await?;
-        if got < len {
-            return Err(TransportError::Truncated {
-                peer,
-                kind,
-                got: got as u64,
-                want: len as u64,
-            });
-        }
+        read_all(r, peer, kind, buf.as_mut()).await?;
         let plain_len = self
             .key
             .open_in_place(nonce(self.seq), Aad::from(prefix), buf.as_mut())
