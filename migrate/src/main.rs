@@ -113,8 +113,8 @@ enum Command {
     /// here only once the destination reports it running. Any failure before
     /// that (including Ctrl-C) resumes the process here, untouched. A
     /// process with children moves with its whole tree (children forked
-    /// during the copy included); a tree is restored with all its memory
-    /// in place (no lazy pages), so its downtime grows with its memory.
+    /// during the copy included); its private memory comes in lazily too,
+    /// its shared memory while it is frozen.
     /// What a dump would refuse is refused before connecting.
     Send {
         /// The process to migrate.

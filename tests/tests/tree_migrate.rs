@@ -35,6 +35,9 @@ struct Ends {
     listen: String,
     /// More `send` arguments.
     send_args: Vec<String>,
+    /// Verify the tree as soon as `send` is done, while the destination
+    /// still fills its memory in.
+    verify_while_filling: bool,
 }
 
 impl Ends {
@@ -52,6 +55,7 @@ impl Ends {
             send_prefix: ns.exec_prefix(&ns.a),
             listen: format!("{}:{port}", ns.addr_b),
             send_args: Vec::new(),
+            verify_while_filling: false,
         };
         Ok((ns, ends))
     }
@@ -65,6 +69,7 @@ impl Ends {
                 crm_tests::port::free_port().expect("a free port")
             ),
             send_args: Vec::new(),
+            verify_while_filling: false,
         }
     }
 }
@@ -125,6 +130,14 @@ fn migrate(tree: &mut Tree, tmp: &TempDir, ends: &Ends) -> (String, String) {
         std::thread::sleep(Duration::from_millis(1));
     };
     let (out, err) = (send.stdout(), send.stderr());
+    if ends.verify_while_filling && status.success() && root_end.is_some() {
+        // Before `receive` is done: the tasks fault on pages not in yet.
+        tree.wl
+            .adopt_restored()
+            .unwrap_or_else(|e| panic!("after the migration: {e}"));
+        let pass = tree.wl.expect_pass("while its memory is filled in");
+        println!("checked while the memory is filled in: {pass}");
+    }
     let recv_status = recv.wait_timeout(Duration::from_secs(30));
     if root_end.is_none() {
         root_end = tree.wl.reap_killed(Duration::from_secs(5)).ok();
@@ -132,6 +145,9 @@ fn migrate(tree: &mut Tree, tmp: &TempDir, ends: &Ends) -> (String, String) {
     // Before any assertion: a restored root (whatever went wrong) is taken
     // under the guard, which kills the restored tree on failure.
     let adopted = root_end.as_ref().map(|_| tree.wl.adopt_restored());
+    if let Some(l) = recv.stderr().lines().find(|l| l.contains("in place")) {
+        println!("receive: {}", l.trim());
+    }
     if std::env::var_os("CRM_TEST_SHOW_LOGS").is_some() {
         println!("receive says:\n{}", recv.stderr());
     }
@@ -295,6 +311,24 @@ fn migrate_tree_with_shared_memory_across_network_namespaces() {
     }
     println!("checked: every restored task runs in {}", ns.b);
     drop(tree);
+}
+
+/// A tree whose tasks check all of their memory the moment it runs at the
+/// destination, while its pages are still being filled in: what they read
+/// first comes through their page faults.
+#[test]
+fn migrate_tree_and_check_it_while_its_memory_is_filled() {
+    h::init();
+    let _serial = h::serial();
+    let mut ends = Ends::local();
+    ends.verify_while_filling = true;
+    migrate_args(
+        workload_bin!(wl_tree),
+        &["bench", "8", "32", "16"],
+        &ends,
+        "tree-mig-filling",
+        true,
+    );
 }
 
 /// A tree of 20 tasks, each with 4 MiB of private memory, sharing 16 MiB:

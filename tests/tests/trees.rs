@@ -177,7 +177,7 @@ fn multitask_parents_memory_and_threads() {
     ]);
     let err = assert_refused(&out, "restore --lazy-pages of a tree");
     assert!(
-        err.contains("lazy pages are not supported for process trees"),
+        err.contains("lazy pages from an image are not supported for process trees"),
         "{err}"
     );
     assert_untouched(&tree, &before, "the refused restores");

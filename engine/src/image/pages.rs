@@ -268,6 +268,17 @@ pub struct PagesReader {
 }
 
 impl PagesReader {
+    /// A second reader of the same pages (a new descriptor of the file).
+    pub fn try_clone(&self) -> std::io::Result<PagesReader> {
+        Ok(PagesReader {
+            pages_path: self.pages_path.clone(),
+            file: self.file.try_clone()?,
+            file_pages: self.file_pages,
+            runs: self.runs.clone(),
+            total_pages: self.total_pages,
+        })
+    }
+
     /// Reads and validates the pagemap, and checks the pages file's header and size.
     pub(crate) fn open(pages_path: &Path, pagemap_path: &Path) -> Result<Self, ImageError> {
         let mut runs: Vec<PageRun> = Vec::new();

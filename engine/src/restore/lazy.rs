@@ -174,6 +174,18 @@ pub struct LazyStats {
     pub elapsed: Duration,
 }
 
+impl LazyStats {
+    /// Adds the figures of another address space served at the same time
+    /// (the time is the longest of the two).
+    pub fn add(&mut self, other: &LazyStats) {
+        self.faulted_pages += other.faulted_pages;
+        self.pushed_pages += other.pushed_pages;
+        self.zero_pages += other.zero_pages;
+        self.contexts += other.contexts;
+        self.elapsed = self.elapsed.max(other.elapsed);
+    }
+}
+
 /// The restored process's lazy memory, and the means to fill it.
 pub struct LazyPages {
     pid: i32,
@@ -398,8 +410,9 @@ const MAX_HANDOVER_RANGES: usize = 1 << 20;
 /// serving process, then waits until it says it wrote the present pages
 /// (one byte). Without a userfaultfd the server writes every lazy page
 /// before acknowledging. Message: an 8-byte length, then `u64` little-endian
-/// words `has_uffd, n_vmas, (start, end)…, n_present, (start, end)…`; the
-/// fd, if any, rides on the length as `SCM_RIGHTS`.
+/// words `pid, has_uffd, n_vmas, (start, end)…, n_present, (start, end)…`;
+/// the fd, if any, rides on the length as `SCM_RIGHTS`. A tree hands over
+/// one message per task (the PID tells them apart).
 fn handover(
     pid: i32,
     sock: &OwnedFd,
@@ -409,7 +422,7 @@ fn handover(
 ) -> Result<(), LazyError> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     use std::os::fd::AsRawFd;
-    let mut words = vec![u64::from(uffd.is_some()), vmas.len() as u64];
+    let mut words = vec![pid as u64, u64::from(uffd.is_some()), vmas.len() as u64];
     words.extend(vmas.iter().flat_map(|&(a, b)| [a, b]));
     words.push(present.len() as u64);
     words.extend(present.iter().flat_map(|&(a, b)| [a, b]));
@@ -451,6 +464,8 @@ fn handover(
 /// before acknowledging).
 #[derive(Debug)]
 pub struct Handover {
+    /// The task whose memory this is.
+    pub pid: i32,
     /// `None`: no userfaultfd could be had; every lazy page must be written
     /// through `/proc/PID/mem` before acknowledging.
     pub uffd: Option<OwnedFd>,
@@ -493,7 +508,7 @@ pub fn receive_handover(sock: &OwnedFd) -> io::Result<Option<Handover>> {
         ));
     }
     let n = u64::from_le_bytes(len);
-    if n % 8 != 0 || n / 16 > 2 * MAX_HANDOVER_RANGES as u64 + 1 {
+    if n % 8 != 0 || n / 16 > 2 * MAX_HANDOVER_RANGES as u64 + 2 {
         return Err(io::Error::other(format!("bad hand-over length {n}")));
     }
     let mut body = vec![0u8; n as usize];
@@ -504,6 +519,11 @@ pub fn receive_handover(sock: &OwnedFd) -> io::Result<Option<Handover>> {
         .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
         .collect();
     let mut it = words.into_iter();
+    let pid = it
+        .next()
+        .and_then(|p| i32::try_from(p).ok())
+        .filter(|&p| p > 0)
+        .ok_or_else(|| io::Error::other("bad PID in the hand-over"))?;
     if (it.next() == Some(1)) != uffd.is_some() {
         return Err(io::Error::other(
             "the hand-over's userfaultfd does not match its header",
@@ -526,6 +546,7 @@ pub fn receive_handover(sock: &OwnedFd) -> io::Result<Option<Handover>> {
     let vmas = ranges()?;
     let present = ranges()?;
     Ok(Some(Handover {
+        pid,
         uffd,
         vmas,
         present,

@@ -78,11 +78,19 @@ pub(super) fn prepare(
     tree: &ProcessTree,
     opts: &RestoreOptions,
 ) -> Result<Prepared, RestoreError> {
-    if opts.lazy_pages {
-        return Err(tree_err(
-            "lazy pages are not supported for process trees yet",
-        ));
-    }
+    // A tree's lazy pages are served by another process (a migration's
+    // page server), each task's userfaultfd handed over to it; this
+    // process serves none itself.
+    let lazy = match (opts.lazy_pages, &opts.lazy_socket) {
+        (false, _) => plan::LazyPlan::Off,
+        (true, Some(_)) => plan::LazyPlan::AllEligible,
+        (true, None) => {
+            return Err(tree_err(
+                "lazy pages from an image are not supported for process trees yet \
+                 (only served by a migration's page server)",
+            ))
+        }
+    };
     super::check_inventory(inv, opts)?;
     let shape = crate::tree::plan(&tree.tasks, inv.root_pid, inv.shell_job).map_err(|e| {
         RestoreError::InvalidImage {
@@ -149,13 +157,19 @@ pub(super) fn prepare(
                 files: &files,
                 runs: pages.runs(),
                 shell_job: inv.shell_job,
-                lazy: plan::LazyPlan::Off,
+                lazy,
                 tree_member: true,
             },
             &host,
         )?;
         preps.push(Some(TaskPrep { plan, pages, core }));
         mms.push(Some(mm));
+    }
+    if !matches!(lazy, plan::LazyPlan::Off) && mms.iter().flatten().any(|m| !m.inherited.is_empty())
+    {
+        return Err(tree_err(
+            "lazy pages for a tree whose tasks read memory from each other's pages",
+        ));
     }
     borrow_inherited(&mut preps, &mms)?;
     let mut shm = super::shmem::create(&mut preps)?;
@@ -308,7 +322,13 @@ pub(super) fn restore(
         *r = None;
     }
     let mut created = BTreeSet::from([root]);
-    match drive(&ctx, &mut ch, &mut created, &mut ipc) {
+    match drive(
+        &ctx,
+        &mut ch,
+        &mut created,
+        &mut ipc,
+        opts.lazy_socket.as_ref(),
+    ) {
         Ok(()) => {
             for p in ctx.preps.iter().flatten().filter(|p| p.core.job_stopped) {
                 super::stop_again(p.core.pid)?;
@@ -340,11 +360,14 @@ pub(super) fn restore(
 }
 
 /// Phases 1 to 4 of the module docs, after the root was created.
+/// With `lazy_sock`, each task's lazy memory is handed over on it (see
+/// [`super::lazy::setup`]) just before the task is let go.
 fn drive(
     ctx: &TreeCtx,
     ch: &mut Channels,
     created: &mut BTreeSet<i32>,
     ipc: &mut Option<crate::ipc::Restored>,
+    lazy_sock: Option<&std::os::fd::OwnedFd>,
 ) -> Result<(), RestoreError> {
     let tasks = &ctx.shape.tasks;
     let n = tasks.len();
@@ -411,7 +434,26 @@ fn drive(
     }
     // Children first: a parent that runs may signal or wait for them.
     for prep in ctx.preps.iter().rev().flatten() {
-        tracer::finish(&prep.plan, &prep.core, None)?;
+        let lazy = match lazy_sock {
+            None => None,
+            Some(sock) => {
+                let dup = |what: &str| {
+                    let what = format!("{what} for task {}", prep.core.pid);
+                    move |source| RestoreError::Io { what, source }
+                };
+                Some((
+                    prep.pages
+                        .try_clone()
+                        .map_err(dup("reopen the pages file"))?,
+                    prep.plan.lazy_ranges(),
+                    super::lazy::LazyMode::External(
+                        sock.try_clone()
+                            .map_err(dup("duplicate the lazy-pages socket"))?,
+                    ),
+                ))
+            }
+        };
+        tracer::finish(&prep.plan, &prep.core, lazy)?;
     }
     Ok(())
 }

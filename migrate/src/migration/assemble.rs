@@ -76,11 +76,11 @@ pub struct TreeTaskIn {
     pub resident: Vec<(u64, u64)>,
 }
 
-/// Writes the image of a tree into `dir`, every page included (trees are
-/// restored without lazy pages): each task's records and pages (the parts
-/// of shared anonymous memory once, with the first task mapping them, as
-/// the source sent them), the tree record, then the inventory (the root's).
-/// Returns the pages written.
+/// Writes the image of a tree into `dir`: each task's records and pages
+/// (the parts of shared anonymous memory once, with the first task mapping
+/// them, as the source sent them; none of the VMAs lazy restore serves),
+/// the tree record, then the inventory (the root's). Returns the pages
+/// written.
 pub fn write_tree_image(
     dir: &ImageDir,
     tasks: &[TreeTaskIn],
@@ -93,7 +93,11 @@ pub fn write_tree_image(
     for t in tasks {
         let pid = t.state.core.pid;
         let all: Vec<Vma> = vmas(&t.state).into_iter().cloned().collect();
-        let own = shared.not_yet_stored(&all);
+        let own: Vec<Vma> = shared
+            .not_yet_stored(&all)
+            .into_iter()
+            .filter(|v| !crm_engine::restore::lazy_eligible(v))
+            .collect();
         pages += write_pages(dir, pid, &own, store, &t.resident)?;
         crm_engine::dump::write_task_records(dir, &t.state)
             .with_context(|| format!("writing the records of process {pid}"))?;
@@ -141,6 +145,14 @@ fn write_pages(
         .finish()
         .with_context(|| format!("finishing the pages file of process {pid}"))?;
     Ok(pages)
+}
+
+/// Whether the restorer hands the memory of the task of `state` over to
+/// the page server: it does when the task has a VMA lazy restore serves.
+pub fn hands_over(state: &TaskState) -> bool {
+    vmas(state)
+        .into_iter()
+        .any(crm_engine::restore::lazy_eligible)
 }
 
 /// The ranges lazy restore serves: resident pages with data in the VMAs it

@@ -236,8 +236,18 @@ async fn serve(session: &Session, dir_path: &Path, memory_limit: u64) -> Result<
     );
     let t_restore = Instant::now();
     let (lazy_ranges, _) = lazy.unwrap_or_else(|| find_lazy(&state, &store, &resident));
-    let started =
-        super::restorer::start(dir_path, pid, state.inventory.shell_job, store, lazy_ranges).await;
+    let started = super::restorer::start(
+        dir_path,
+        pid,
+        state.inventory.shell_job,
+        store,
+        vec![super::restorer::LazyTask {
+            pid,
+            ranges: lazy_ranges,
+            hands_over: super::assemble::hands_over(&state),
+        }],
+    )
+    .await;
     let what = format!("process {pid}");
     let restorer = conclude(
         session,
@@ -250,11 +260,16 @@ async fn serve(session: &Session, dir_path: &Path, memory_limit: u64) -> Result<
         &what,
     )
     .await?;
-    // The restorer stays until the last lazy page is in place.
+    finish_filling(restorer, &format!("process {pid}")).await
+}
+
+/// Waits until the last lazy page of `what` is in place (the restorer stays
+/// until then) and says how they came.
+async fn finish_filling(restorer: super::restorer::Running, what: &str) -> Result<()> {
     let t_fill = Instant::now();
     let stats = restorer.finish().await?;
     tracing::info!(
-        "memory of process {pid} in place {:.1} ms after the commit: {} pages in the background, \
+        "memory of {what} in place {:.1} ms after the commit: {} pages in the background, \
          {} on faults, {} zero pages, {} address space(s)",
         t_fill.elapsed().as_secs_f64() * 1e3,
         stats.pushed_pages,
@@ -425,7 +440,6 @@ async fn serve_tree(
     }
     let assembled = Instant::now();
     let image_pages = super::assemble::write_tree_image(dir, &tasks, &tree, &store)?;
-    drop(store);
     tracing::info!(
         "image of the tree of process {pid} ({} tasks) written in {:.1} ms ({image_pages} pages)",
         tree.tasks.len(),
@@ -446,16 +460,23 @@ async fn serve_tree(
         Ok(busy) => busy,
         Err(why) => return Err(report_failure(session, pid, dir_path, why, true).await),
     };
+    let lazy: Vec<super::restorer::LazyTask> = tasks
+        .iter()
+        .map(|t| super::restorer::LazyTask {
+            pid: t.state.core.pid,
+            ranges: super::assemble::lazy_ranges(&t.state, &store, &t.resident).0,
+            hands_over: super::assemble::hands_over(&t.state),
+        })
+        .collect();
     let t_restore = Instant::now();
-    let started = super::restorer::start_eager(dir_path, shell_job).await;
+    let started = super::restorer::start(dir_path, pid, shell_job, store, lazy).await;
     let pids: Vec<i32> = tasks.iter().map(|t| t.state.core.pid).collect();
     let what = format!("the tree of process {pid}");
     let restorer = conclude(
         session, pid, dir_path, &busy, started, t_restore, &pids, &what,
     )
     .await?;
-    restorer.finish().await?;
-    Ok(())
+    finish_filling(restorer, &what).await
 }
 
 /// Reports a restore to the source: its failure, or that `what` runs here;

@@ -1,20 +1,23 @@
-//! Runs the destination's restore and serves the restored process's lazy
-//! memory from the page store.
+//! Runs the destination's restore and serves the restored process's (or
+//! tree's) lazy memory from the page store.
 //!
 //! The restore itself runs in a single-threaded `cr-migrate restore
 //! --lazy-pages --lazy-pages-fd N` child (it forks the task with clone3,
-//! which a multi-threaded process must not do). Just before it lets the task
+//! which a multi-threaded process must not do). Just before it lets a task
 //! go, the child hands us, over a unix socket, the userfaultfd of the task's
-//! memory, its lazy VMAs and the pages the kernel already touched; we write
-//! those through `/proc/PID/mem` and acknowledge; the child lets the task
-//! run and prints `RUNNING PID`. From then on we fill the task's memory from
-//! the store (faults first), in a blocking thread.
+//! memory, its lazy VMAs and the pages the kernel already touched (a tree:
+//! one hand-over per task, children first); we write those through
+//! `/proc/PID/mem` and acknowledge; once every task runs the child prints
+//! `RUNNING PID`. From then on we fill each task's memory from the store
+//! (faults first), a blocking thread per task.
 use anyhow::{anyhow, bail, Context, Result};
 use crm_engine::restore::lazy::{self, LazyPages, LazyStats, PageSource};
 use crm_page_server::PageStore;
+use std::collections::BTreeSet;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use tokio::io::AsyncBufReadExt;
 
 /// Pages of one task, from the store.
@@ -23,17 +26,33 @@ struct StoreSource {
     store: PageStore,
 }
 
-impl PageSource for StoreSource {
-    fn read(&mut self, orig: u64, buf: &mut [u8]) -> std::result::Result<(), String> {
+impl StoreSource {
+    /// Copies the pages of `pid` at `orig..` out of `store` into `buf`.
+    fn copy_out(
+        store: &PageStore,
+        pid: i32,
+        orig: u64,
+        buf: &mut [u8],
+    ) -> std::result::Result<(), String> {
         for (i, page) in buf.chunks_exact_mut(4096).enumerate() {
             let a = orig + i as u64 * 4096;
-            match self.store.get(self.pid, a) {
+            match store.get(pid, a) {
                 Ok(Some(p)) => page.copy_from_slice(&p),
-                Ok(None) => return Err(format!("the page at {a:#x} is not in the store")),
+                Ok(None) => {
+                    return Err(format!(
+                        "the page at {a:#x} of process {pid} is not in the store"
+                    ))
+                }
                 Err(e) => return Err(e.to_string()),
             }
         }
         Ok(())
+    }
+}
+
+impl PageSource for StoreSource {
+    fn read(&mut self, orig: u64, buf: &mut [u8]) -> std::result::Result<(), String> {
+        Self::copy_out(&self.store, self.pid, orig, buf)
     }
 
     fn slice(&self, orig: u64, max: usize) -> Option<&[u8]> {
@@ -44,6 +63,25 @@ impl PageSource for StoreSource {
     /// destination does not hold the memory twice while it fills it.
     fn done_with(&mut self, orig: u64, len: u64) {
         self.store.forget(self.pid, orig, orig.saturating_add(len));
+    }
+}
+
+/// Pages of one task of a tree, from the store its siblings' servers read
+/// too (no slices: they would outlive the lock).
+struct SharedStoreSource {
+    pid: i32,
+    store: Arc<Mutex<PageStore>>,
+}
+
+impl PageSource for SharedStoreSource {
+    fn read(&mut self, orig: u64, buf: &mut [u8]) -> std::result::Result<(), String> {
+        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        StoreSource::copy_out(&store, self.pid, orig, buf)
+    }
+
+    fn done_with(&mut self, orig: u64, len: u64) {
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        store.forget(self.pid, orig, orig.saturating_add(len));
     }
 }
 
@@ -119,15 +157,25 @@ impl Running {
     }
 }
 
-/// Restores process `pid` from `dir`, serving `lazy` (ranges of pages at
-/// their dump-time addresses) from `store`. Returns once the process runs;
-/// `Err` holds the restorer's error message.
+/// The lazy memory of one task to restore: the ranges of pages to serve
+/// from the store (at their dump-time addresses), and whether the restorer
+/// hands its memory over at all (it does for every task with a VMA that
+/// lazy restore serves, even when none of its pages is in the store).
+pub struct LazyTask {
+    pub pid: i32,
+    pub ranges: Vec<(u64, u64)>,
+    pub hands_over: bool,
+}
+
+/// Restores the process or tree in `dir` (root `pid`), serving the lazy
+/// memory of `tasks` from `store`. Returns once it runs; `Err` holds the
+/// restorer's error message.
 pub async fn start(
     dir: &Path,
     pid: i32,
     shell_job: bool,
     store: PageStore,
-    lazy: Vec<(u64, u64)>,
+    tasks: Vec<LazyTask>,
 ) -> std::result::Result<Running, String> {
     let (ours, theirs) =
         std::os::unix::net::UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
@@ -148,14 +196,11 @@ pub async fn start(
     let stdout = child.stdout.take().expect("piped above");
     let stderr = child.stderr.take().expect("piped above");
 
-    // The hand-over, in a blocking thread (it waits on the socket).
+    // The hand-overs, in a blocking thread (it waits on the socket).
     let ours = OwnedFd::from(ours);
-    let lazy_copy = lazy.clone();
     let handover = tokio::task::spawn_blocking(move || {
-        let r = take_handover(pid, &ours, &store, &lazy_copy);
-        let ok = r.is_ok();
-        let _ = lazy::ack_handover(&ours, ok);
-        r.map(|h| (h, store))
+        let r = take_handovers(&ours, &store, &tasks);
+        r.map(|h| (h, store, tasks))
     });
     let running = until_running(stdout).await;
     let handed = handover
@@ -165,7 +210,7 @@ pub async fn start(
         let why = handed.as_ref().err().map(|e| format!("{e:#}"));
         return Err(failure(child, stderr, why).await);
     }
-    let (handover, store) = match handed {
+    let (handovers, store, tasks) = match handed {
         Ok(h) => h,
         Err(e) => {
             let _ = nix::sys::signal::kill(
@@ -177,38 +222,79 @@ pub async fn start(
         }
     };
     forward_stderr(stderr);
-    let server = match handover {
-        Some(lazy::Handover {
-            uffd: Some(uffd),
-            present,
-            ..
-        }) => {
-            let todo = subtract(&lazy, &present);
-            let pages = LazyPages::new(pid, uffd, &todo, Box::new(StoreSource { pid, store }));
-            tracing::debug!("serving {} lazy pages of process {pid}", pages.pages());
-            tokio::task::spawn_blocking(move || pages.serve())
-        }
-        // Nothing lazy, or everything written already.
-        _ => tokio::task::spawn_blocking(|| Ok(LazyStats::default())),
+    let ranges_of = |p: i32| {
+        tasks
+            .iter()
+            .find(|t| t.pid == p)
+            .map_or(&[][..], |t| &t.ranges[..])
     };
-    Ok(Running { child, server })
+    let jobs: Vec<FillJob> = handovers
+        .into_iter()
+        .filter_map(|h| {
+            let uffd = h.uffd?;
+            Some((h.pid, uffd, subtract(ranges_of(h.pid), &h.present)))
+        })
+        .collect();
+    Ok(Running {
+        child,
+        server: serve(jobs, store),
+    })
 }
 
-/// Restores the tree in `dir`, whose image holds every page (no lazy
-/// pages), with `cr-migrate restore --detach`. Returns once the tree runs;
-/// `Err` holds the restorer's error message.
-pub async fn start_eager(dir: &Path, shell_job: bool) -> std::result::Result<Running, String> {
-    let mut child = restore_command(dir, shell_job, &[])?
-        .spawn()
-        .map_err(|e| format!("running cr-migrate restore: {e}"))?;
-    let stdout = child.stdout.take().expect("piped above");
-    let stderr = child.stderr.take().expect("piped above");
-    if !until_running(stdout).await {
-        return Err(failure(child, stderr, None).await);
+/// One address space to fill: the task's PID, the userfaultfd of its
+/// memory, and the ranges still to fill (at their dump-time addresses).
+type FillJob = (i32, OwnedFd, Vec<(u64, u64)>);
+
+/// Serves the lazy memory of every address space handed over with a
+/// userfaultfd, each on a thread of its own; returns the sum of their
+/// figures.
+fn serve(
+    jobs: Vec<FillJob>,
+    store: PageStore,
+) -> tokio::task::JoinHandle<std::result::Result<LazyStats, lazy::LazyError>> {
+    let mut jobs = jobs.into_iter();
+    let (first, rest) = (jobs.next(), jobs.collect::<Vec<_>>());
+    let Some((pid, uffd, todo)) = first else {
+        // Nothing lazy, or everything written already.
+        return tokio::task::spawn_blocking(|| Ok(LazyStats::default()));
+    };
+    if rest.is_empty() {
+        // One process: its pages straight from the store's frames.
+        let pages = LazyPages::new(pid, uffd, &todo, Box::new(StoreSource { pid, store }));
+        tracing::debug!("serving {} lazy pages of process {pid}", pages.pages());
+        return tokio::task::spawn_blocking(move || pages.serve());
     }
-    forward_stderr(stderr);
-    let server = tokio::task::spawn_blocking(|| Ok(LazyStats::default()));
-    Ok(Running { child, server })
+    let store = Arc::new(Mutex::new(store));
+    let servers: Vec<LazyPages> = std::iter::once((pid, uffd, todo))
+        .chain(rest)
+        .map(|(pid, uffd, todo)| {
+            let source = SharedStoreSource {
+                pid,
+                store: Arc::clone(&store),
+            };
+            LazyPages::new(pid, uffd, &todo, Box::new(source))
+        })
+        .collect();
+    let total: u64 = servers.iter().map(LazyPages::pages).sum();
+    tracing::debug!("serving {total} lazy pages of {} processes", servers.len());
+    tokio::task::spawn_blocking(move || {
+        let threads: Vec<_> = servers
+            .into_iter()
+            .map(|p| std::thread::spawn(move || p.serve()))
+            .collect();
+        let mut sum = LazyStats::default();
+        let mut failed = None;
+        for t in threads {
+            match t.join() {
+                Ok(Ok(s)) => sum.add(&s),
+                Ok(Err(e)) => {
+                    failed.get_or_insert(e);
+                }
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        failed.map_or(Ok(sum), Err)
+    })
 }
 
 /// `cr-migrate restore --detach --announce --images-dir DIR [--shell-job]
@@ -276,23 +362,55 @@ fn forward_stderr(stderr: tokio::process::ChildStderr) {
     });
 }
 
-/// Receives the hand-over and writes the already-present pages (their
-/// data where `lazy` has some, else zeros). `None`: nothing was handed over,
-/// which is right only when nothing is lazy.
-fn take_handover(
-    pid: i32,
+/// Receives the hand-over of every task of `tasks` that makes one, writes
+/// each one's already-present pages (their data where its lazy ranges have
+/// some, else zeros) and acknowledges it; a failure is acknowledged as
+/// such (the restorer then gives up) and returned.
+fn take_handovers(
     sock: &OwnedFd,
     store: &PageStore,
+    tasks: &[LazyTask],
+) -> Result<Vec<lazy::Handover>> {
+    let mut waiting: BTreeSet<i32> = tasks
+        .iter()
+        .filter(|t| t.hands_over)
+        .map(|t| t.pid)
+        .collect();
+    let mut got = Vec::new();
+    while !waiting.is_empty() {
+        let r = (|| {
+            let h = lazy::receive_handover(sock)
+                .context("receiving a userfaultfd from the restorer")?
+                .with_context(|| {
+                    format!("the restorer handed no memory over for processes {waiting:?}")
+                })?;
+            if !waiting.remove(&h.pid) {
+                bail!(
+                    "the restorer handed over the memory of process {}, which it should not",
+                    h.pid
+                );
+            }
+            let task = tasks
+                .iter()
+                .find(|t| t.pid == h.pid)
+                .expect("one of the tasks waited for");
+            write_present(h.pid, store, &task.ranges, &h)?;
+            Ok(h)
+        })();
+        let _ = lazy::ack_handover(sock, r.is_ok());
+        got.push(r?);
+    }
+    Ok(got)
+}
+
+/// Writes the pages of `h` already present in process `pid` (or, without
+/// a userfaultfd, every lazy page too) through `/proc/PID/mem`.
+fn write_present(
+    pid: i32,
+    store: &PageStore,
     lazy: &[(u64, u64)],
-) -> Result<Option<lazy::Handover>> {
-    let Some(h) =
-        lazy::receive_handover(sock).context("receiving the userfaultfd from the restorer")?
-    else {
-        if let Some(&(a, _)) = lazy.first() {
-            bail!("the restorer handed no userfaultfd over, but the memory at {a:#x} is to be filled lazily");
-        }
-        return Ok(None);
-    };
+    h: &lazy::Handover,
+) -> Result<()> {
     let inside = |a: u64| {
         let i = lazy.partition_point(|r| r.1 <= a);
         lazy.get(i).is_some_and(|r| r.0 <= a)
@@ -335,7 +453,7 @@ fn take_handover(
         }
     }
     tracing::debug!("wrote {n} pages of process {pid} before it runs");
-    Ok(Some(h))
+    Ok(())
 }
 
 #[cfg(test)]
