@@ -60,8 +60,10 @@ pub const PAGE: u64 = 4096;
 /// Bytes read from the target per batch.
 const BATCH: usize = 8 << 20;
 /// Bytes read per call for a sink that keeps pages: each buffer stays alive
-/// until the last batch cut from it is sent, so smaller than [`BATCH`].
-const OWNED_BATCH: usize = 2 << 20;
+/// until the last batch cut from it is sent, so smaller than [`BATCH`];
+/// and the size of a migration's page batch, so that a batch usually owns
+/// its buffer alone (a sealed channel then encrypts it in place).
+const OWNED_BATCH: usize = 1 << 20;
 /// Pagemap entries read per call.
 const PAGEMAP_BATCH: usize = 64 * 1024;
 

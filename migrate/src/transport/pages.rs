@@ -774,8 +774,13 @@ impl PageOut {
             }
             PageOut::Tcp(s, None) => write_parts(s, &[&prefix, &payload]).await,
             PageOut::Tcp(s, Some(sealer)) => match sealer.write(s, &mut prefix).await {
-                // Sealed in place: a copy unless the batch owns its buffer.
-                Ok(()) => sealer.write(s, &mut Vec::from(payload)).await,
+                // Sealed in place where the batch is the only owner of its
+                // buffer (the usual case: the source reads a batch per
+                // buffer); a copy otherwise.
+                Ok(()) => match payload.try_into_mut() {
+                    Ok(mut own) => sealer.write(s, &mut own).await,
+                    Err(shared) => sealer.write(s, &mut shared.to_vec()).await,
+                },
                 Err(e) => Err(e),
             },
         };
