@@ -52,6 +52,59 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
     u64::from_ne_bytes(b[off..off + 8].try_into().expect("8 bytes"))
 }
 
+/// The handler of every signal but SIGKILL and SIGSTOP, asked with
+/// `rt_sigaction` in the task: all in one go where the task can map a page
+/// of code ([`RemoteThread::syscalls`]), else one remote syscall each.
+fn dump_sigactions(
+    pid: i32,
+    main: &RemoteThread,
+    scratch: &Scratch,
+) -> Result<Vec<SigAction>, DumpError> {
+    const ACT: u64 = 32;
+    const RESULTS: u64 = 2048;
+    let signals: Vec<u32> = (1..=64u32)
+        .filter(|&s| s != libc::SIGKILL as u32 && s != libc::SIGSTOP as u32)
+        .collect();
+    let nr = libc::SYS_rt_sigaction as u64;
+    let at = |i: usize| scratch.addr + i as u64 * ACT;
+    let calls: Vec<(u64, [u64; 6])> = signals
+        .iter()
+        .enumerate()
+        .map(|(i, &sig)| (nr, [u64::from(sig), 0, at(i), 8, 0, 0]))
+        .collect();
+    let action = |sig: u32, a: &[u8]| SigAction {
+        signo: sig,
+        handler: u64_at(a, 0),
+        flags: u64_at(a, 8),
+        restorer: u64_at(a, 16),
+        mask: u64_at(a, 24),
+    };
+    if main.syscalls(&calls, scratch.addr + RESULTS)? {
+        let page = scratch.read(4096)?;
+        let mut out = Vec::with_capacity(signals.len());
+        for (i, &sig) in signals.iter().enumerate() {
+            let ret = u64_at(&page, RESULTS as usize + 8 * i) as i64;
+            if ret != 0 {
+                return Err(crate::remote::RemoteError::Failed {
+                    tid: pid,
+                    nr,
+                    source: std::io::Error::from_raw_os_error(-ret as i32),
+                }
+                .into());
+            }
+            let off = i * ACT as usize;
+            out.push(action(sig, &page[off..off + ACT as usize]));
+        }
+        return Ok(out);
+    }
+    let mut out = Vec::with_capacity(signals.len());
+    for &sig in &signals {
+        main.syscall(nr, [u64::from(sig), 0, scratch.addr, 8, 0, 0])?;
+        out.push(action(sig, &scratch.read(ACT as usize)?));
+    }
+    Ok(out)
+}
+
 /// Everything about one thread.
 fn dump_thread(
     pid: i32,
@@ -182,24 +235,7 @@ pub fn collect(
         threads.push(dump_thread(pid, t.tid, t.blocked, gadget, scratch)?);
     }
 
-    let mut sigactions = Vec::new();
-    for sig in 1..=64u32 {
-        if sig == libc::SIGKILL as u32 || sig == libc::SIGSTOP as u32 {
-            continue;
-        }
-        main.syscall(
-            libc::SYS_rt_sigaction as u64,
-            [sig as u64, 0, scratch.addr, 8, 0, 0],
-        )?;
-        let a = scratch.read(32)?;
-        sigactions.push(SigAction {
-            signo: sig,
-            handler: u64_at(&a, 0),
-            flags: u64_at(&a, 8),
-            restorer: u64_at(&a, 16),
-            mask: u64_at(&a, 24),
-        });
-    }
+    let sigactions = dump_sigactions(pid, &main, scratch)?;
 
     let mut itimers = Vec::new();
     for which in 0..3u32 {
