@@ -415,8 +415,10 @@ fn ranges(flat: &[u64]) -> Result<Vec<(u64, u64)>> {
     Ok(flat.chunks(2).map(|p| (p[0], p[1])).collect())
 }
 
-/// The end of a tree's migration: the whole image is written (no lazy
-/// pages for trees yet), restored, reported, and committed or killed.
+/// The end of a tree's migration: the image is written (records, shared
+/// memory and the pages lazy restore does not serve), the tree restored with
+/// each task's private memory filled lazily, reported, and committed or
+/// killed.
 async fn serve_tree(
     session: &Session,
     dir: &ImageDir,
