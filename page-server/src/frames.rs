@@ -12,10 +12,10 @@
 //! their pages are in the restored process now) are not reused: a chunk
 //! whose frames are all forgotten or free goes back to the system at once,
 //! so that the destination does not hold every page twice while it fills
-//! the restored process. (Transparent
-//! huge pages were tried: on a VM the kernel's compaction and zeroing of
-//! 2 MiB pages made the first touch of 1 GiB take 0.1 to 0.9 s instead of a
-//! steady 0.35 s.)
+//! the restored process. (Transparent huge pages were tried: on a VM
+//! whose balloon reports free memory to the host, 2 MiB pages come from
+//! blocks the host took back and must back again, and the first touch of
+//! 1 GiB took 0.05 to 2 s instead of a steady 0.3 s.)
 use crate::page_buf::{Mapping, OwnedPages};
 use crate::store::PAGE_SIZE;
 
