@@ -117,18 +117,9 @@ impl RemoteThread {
         r.rip = at;
         r.orig_rax = u64::MAX;
         ptrace::set_regs(tid, &r).map_err(perr)?;
-        let ran = (|| {
-            ptrace::cont(tid, 0).map_err(perr)?;
-            let (_, status) = ptrace::wait(tid, 0).map_err(perr)?;
-            if !libc::WIFSTOPPED(status) || libc::WSTOPSIG(status) != libc::SIGTRAP {
-                return Err(RemoteError::Unexpected {
-                    tid,
-                    nr: BATCH,
-                    what: format!("wait status {status:#x}"),
-                });
-            }
-            Ok(())
-        })();
+        let ran = ptrace::cont(tid, 0)
+            .map_err(perr)
+            .and_then(|()| self.wait_trap(BATCH));
         let restore = ptrace::set_regs(tid, &saved).map_err(perr);
         ran?;
         restore
@@ -138,7 +129,16 @@ impl RemoteThread {
         let tid = self.tid;
         let perr = |source| RemoteError::Ptrace { tid, nr, source };
         ptrace::singlestep(tid).map_err(perr)?;
-        let (_, status) = ptrace::wait(tid, 0).map_err(perr)?;
+        self.wait_trap(nr)?;
+        Ok(ptrace::get_regs(tid).map_err(perr)?.rax)
+    }
+
+    /// Waits for the thread's next stop, which must be a SIGTRAP (the end
+    /// of a single step, or an `int3`); `nr` names what it ran.
+    fn wait_trap(&self, nr: u64) -> Result<(), RemoteError> {
+        let tid = self.tid;
+        let (_, status) =
+            ptrace::wait(tid, 0).map_err(|source| RemoteError::Ptrace { tid, nr, source })?;
         if !libc::WIFSTOPPED(status) || libc::WSTOPSIG(status) != libc::SIGTRAP {
             return Err(RemoteError::Unexpected {
                 tid,
@@ -146,26 +146,28 @@ impl RemoteThread {
                 what: format!("wait status {status:#x}"),
             });
         }
-        Ok(ptrace::get_regs(tid).map_err(perr)?.rax)
+        Ok(())
     }
 }
 
 /// The "syscall number" errors of [`RemoteThread::syscalls`] name.
 const BATCH: u64 = u64::MAX;
 
+/// Opcodes of `movabs REG, imm64` for rax, rdi, rsi, rdx, r10, r8, r9: a
+/// syscall's number and six arguments.
+const MOVS: [[u8; 2]; 7] = [
+    [0x48, 0xb8],
+    [0x48, 0xbf],
+    [0x48, 0xbe],
+    [0x48, 0xba],
+    [0x49, 0xba],
+    [0x49, 0xb8],
+    [0x49, 0xb9],
+];
+
 /// x86-64 code making `calls` in order, storing each result (rax) at
 /// `results + 8 * i`, then `int3`.
 fn batch_code(calls: &[(u64, [u64; 6])], results: u64) -> Vec<u8> {
-    // movabs REG, imm64 for rax, rdi, rsi, rdx, r10, r8, r9.
-    const MOVS: [[u8; 2]; 7] = [
-        [0x48, 0xb8],
-        [0x48, 0xbf],
-        [0x48, 0xbe],
-        [0x48, 0xba],
-        [0x49, 0xba],
-        [0x49, 0xb8],
-        [0x49, 0xb9],
-    ];
     let mut code = Vec::with_capacity(calls.len() * 82 + 1);
     for (i, (nr, args)) in calls.iter().enumerate() {
         for (op, value) in MOVS.iter().zip(std::iter::once(nr).chain(args)) {
@@ -200,7 +202,8 @@ mod batch_tests {
         let code = batch_code(&[(13, [1, 2, 3, 4, 5, 6]), (39, [0; 6])], 0x7000);
         assert_eq!(code.len(), 2 * 82 + 1);
         let imm = |at: usize| u64::from_le_bytes(code[at..at + 8].try_into().unwrap());
-        // mov rax, 13; mov rdi, 1; ...; mov r9, 6
+        // mov rax, 13; mov rdi, 1; ...; mov r9, 6 (written out here, not
+        // taken from MOVS, so that the encoding is checked on its own).
         let ops: [[u8; 2]; 7] = [
             [0x48, 0xb8],
             [0x48, 0xbf],
