@@ -366,13 +366,8 @@ fn dump_pages_of(
                 let run_addr = addr + first as u64 * PAGE;
                 let len = (i - first) * PAGE as usize;
                 if owned {
-                    let mut fresh = Vec::with_capacity(len);
-                    let pinned = readable && pin;
-                    if read_pages_into(pid, target, &mem, pinned, run_addr, len, &mut fresh)? {
-                        stats.pages_scanned += (i - first) as u64;
-                        let fresh = Bytes::from(fresh);
-                        write_nonzero(writer, run_addr, &fresh, Some(&fresh), &mut stats, false)?;
-                    }
+                    let src = (pid, target, &mem, readable && pin);
+                    read_owned(src, run_addr, len, writer, &mut stats, false)?;
                     continue;
                 }
                 let chunk = &mut data[..len];
@@ -415,12 +410,8 @@ pub fn dump_ranges(
             while from < to {
                 let len = ((to - from) as usize).min(if owned { OWNED_BATCH } else { BATCH });
                 if owned {
-                    let mut fresh = Vec::with_capacity(len);
-                    if read_pages_into(pid, target, &mem, readable, from, len, &mut fresh)? {
-                        stats.pages_scanned += (len as u64) / PAGE;
-                        let fresh = Bytes::from(fresh);
-                        write_nonzero(sink, from, &fresh, Some(&fresh), &mut stats, true)?;
-                    }
+                    let src = (pid, target, &mem, readable);
+                    read_owned(src, from, len, sink, &mut stats, true)?;
                     from += len as u64;
                     continue;
                 }
@@ -612,6 +603,28 @@ fn vanished_is_skipped(
         }
         Err(e) => Err(e),
     }
+}
+
+/// Reads `len` bytes at `addr` into a fresh buffer and hands its non-zero
+/// runs to `sink` as slices of it (a sink that keeps pages: no copy).
+/// `src`: the task, whether it runs, its `/proc/PID/mem`, and whether
+/// `process_vm_readv` may read the range (see [`read_pages_into`]).
+fn read_owned(
+    src: (i32, Target, &File, bool),
+    addr: u64,
+    len: usize,
+    sink: &mut dyn PageSink,
+    stats: &mut MemStats,
+    report_zero: bool,
+) -> Result<(), DumpError> {
+    let (pid, target, mem, readable) = src;
+    let mut fresh = Vec::with_capacity(len);
+    if read_pages_into(pid, target, mem, readable, addr, len, &mut fresh)? {
+        stats.pages_scanned += (len as u64) / PAGE;
+        let fresh = Bytes::from(fresh);
+        write_nonzero(sink, addr, &fresh, Some(&fresh), stats, report_zero)?;
+    }
+    Ok(())
 }
 
 /// [`read_pages`] of `len` bytes into the empty `buf` (capacity `len`),
